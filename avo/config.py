@@ -1,0 +1,183 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+Each YAML option in conf/<group>/ names its schema in its defaults list, so a
+misspelled key or a value of the wrong type fails when the config is composed.
+Cross-field rules (a group that divides the head count, positive budgets) are
+checked by `validate`, which turns every problem into one line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line a person can act on."""
+
+
+# -- search ---------------------------------------------------------------------------------------
+@dataclass
+class StagnationConf:
+    no_commit_steps: int = 8          # steps in a row without a commit
+    consecutive_failures: int = 5     # evaluated attempts in a row that failed correctness/compile/run
+    repeated_source: int = 3          # the same source proposed this many times
+    max_redirects: int = 0            # stop after this many supervisor interventions (0: never stop)
+
+
+@dataclass
+class SearchConf:
+    max_steps: int = 100              # variation steps after the seed
+    max_hours: float = 168.0          # wall-clock budget for this run (all restarts together)
+    attempts_per_step: int = 3        # evaluated candidates per step before moving on
+    epsilon: float = 0.0              # commit iff score >= best * (1 + epsilon)
+    min_config_ratio: float = 0.0     # and every config >= ratio * best's (0: no per-config floor)
+    stagnation: StagnationConf = field(default_factory=StagnationConf)
+
+
+# -- agent (the variation operator) -----------------------------------------------------------------
+@dataclass
+class AgentConf:
+    name: str = MISSING
+    kind: str = MISSING               # "mutation" or "llm"
+    model: str = ""
+
+
+@dataclass
+class MutationAgentConf(AgentConf):
+    kind: str = "mutation"
+    max_changes: int = 2              # tunables changed per candidate (1..max_changes)
+    max_tries: int = 64               # draws before giving up on finding an untried variant
+
+
+# -- kernel variant (the problem) -----------------------------------------------------------------
+@dataclass
+class BenchSetConf:
+    tokens: int = 32768               # B * S for every benchmark shape
+    seqlens: list[int] = field(default_factory=lambda: [4096, 8192, 16384, 32768])
+    causal: list[bool] = field(default_factory=lambda: [False, True])
+
+
+@dataclass
+class CheckSetConf:
+    batch: int = 2
+    # (seqlen_q, seqlen_k) pairs; odd lengths on purpose
+    seqlens: list[list[int]] = field(default_factory=lambda: [[1, 1], [17, 17], [1000, 1000], [4097, 4097],
+                                                              [128, 300], [300, 128]])
+    causal: list[bool] = field(default_factory=lambda: [False, True])
+
+
+@dataclass
+class KernelConf:
+    name: str = MISSING               # mha | gqa
+    heads_q: int = 16
+    heads_kv: int = 16
+    head_dim: int = 128
+    bench: BenchSetConf = field(default_factory=BenchSetConf)
+    check: CheckSetConf = field(default_factory=CheckSetConf)
+
+
+# -- harness --------------------------------------------------------------------------------------
+@dataclass
+class HarnessConf:
+    name: str = MISSING               # gpu | compile
+    arch: str = "sm_90a"              # NVRTC target; "auto" (gpu only): the device's own
+    timeout_s: float = 600.0          # hard kill of one evaluation (process group)
+    cache_dir: str = "~/.cache/avo/cubin"
+    device: int = 0                   # CUDA device index the harness times on
+    check_seeds: int = 2              # fresh random inputs per check shape
+    err_mult: float = 2.0             # |out-ref| <= err_mult * |bf16 ref - ref| + atol
+    atol: float = 1e-4
+    warmup: int = 3
+    iters: int = 10
+    flush_l2: bool = True
+    baselines: list[str] = field(default_factory=lambda: ["cudnn", "flash"])
+    roofline_tflops: float = 989.4    # dense BF16 peak; any faster result is an error
+
+
+# -- launcher -------------------------------------------------------------------------------------
+@dataclass
+class LauncherConf:
+    name: str = MISSING               # local | slurm
+
+
+@dataclass
+class Config:
+    search: Any = MISSING
+    agent: Any = MISSING
+    kernel: Any = MISSING
+    harness: Any = MISSING
+    launcher: Any = MISSING
+    group: int = 1                    # GQA group size: query heads per KV head (not a Hydra config group)
+    seed: str = "sm80"                # seed kernel: a name in kernels_cuda/, a .cu path, or <run dir>[:<version>]
+    rng: int = 0                      # random seed of the operator
+    resume: str | None = None         # an existing run directory to continue
+    run_dir: str = "${hydra:runtime.output_dir}"
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="search", name="base_search", node=SearchConf)
+    cs.store(group="agent", name="base_mutation", node=MutationAgentConf)
+    cs.store(group="kernel", name="base_kernel", node=KernelConf)
+    cs.store(group="harness", name="base_harness", node=HarnessConf)
+    cs.store(group="launcher", name="base_launcher", node=LauncherConf)
+    _register_resolvers()
+    for extra in _EXTRA_SCHEMAS:
+        extra(cs)
+
+
+# Other modules (agent, launcher) add their schemas here without editing this file.
+_EXTRA_SCHEMAS: list = []
+
+
+def _div(a: int, b: int) -> int:
+    if b <= 0 or a % b:
+        raise ConfigError(f"group={b} does not divide the {a} query heads (choose a divisor of {a})")
+    return a // b
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("avo_div"):
+        OmegaConf.register_new_resolver("avo_div", _div)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Resolve the whole config and check cross-field rules; raise ConfigError with one line."""
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
+        raise ConfigError(str(cause) if cause else _one_line(e)) from None
+    k, s = cfg.kernel, cfg.search
+    if cfg.group < 1:
+        raise ConfigError(f"group={cfg.group} must be >= 1")
+    if k.name == "mha" and cfg.group != 1:
+        raise ConfigError(f"kernel=mha has one KV head per query head; use kernel=gqa for group={cfg.group}")
+    if k.heads_q % k.heads_kv:
+        raise ConfigError(f"kernel.heads_kv={k.heads_kv} does not divide kernel.heads_q={k.heads_q}")
+    if k.head_dim not in (64, 128):
+        raise ConfigError(f"kernel.head_dim={k.head_dim}: supported head dims are 64 and 128")
+    for name in ("max_steps", "attempts_per_step"):
+        if s[name] < 1 if name == "attempts_per_step" else s[name] < 0:
+            raise ConfigError(f"search.{name}={s[name]} must be {'>= 1' if name == 'attempts_per_step' else '>= 0'}")
+    if s.max_hours <= 0:
+        raise ConfigError(f"search.max_hours={s.max_hours} must be positive")
+    if s.epsilon < 0 or not 0 <= s.min_config_ratio <= 1:
+        raise ConfigError("search.epsilon must be >= 0 and search.min_config_ratio in [0, 1]")
+    for name, v in s.stagnation.items():
+        if v < 0:
+            raise ConfigError(f"search.stagnation.{name}={v} must be >= 0")
+    if k.bench.tokens < 1 or any(n < 1 or k.bench.tokens % n for n in k.bench.seqlens):
+        raise ConfigError(f"kernel.bench.seqlens {list(k.bench.seqlens)} must divide kernel.bench.tokens={k.bench.tokens}")
+    if cfg.harness.timeout_s <= 0 or cfg.harness.iters < 1:
+        raise ConfigError("harness.timeout_s must be positive and harness.iters >= 1")
+
+
+def _one_line(e: Exception) -> str:
+    msg = str(e).strip().splitlines()
+    return msg[0] if msg else type(e).__name__

@@ -1,0 +1,74 @@
+"""Harnesses evaluate candidate sources. The parent side here never imports CUDA."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict
+from pathlib import Path
+
+from avo.fsutil import atomic_write_json, atomic_write_text
+from avo.harness.sandbox import run_worker
+from avo.types import EvalResult, Harness, Problem
+
+
+class HarnessUnavailable(RuntimeError):
+    """The configured harness cannot run here (e.g. no GPU); the message says what to use instead."""
+
+
+class SandboxHarness:
+    """Writes a job directory and runs one worker process per evaluation."""
+    name = "sandbox"
+    ranks = False
+    mode = ""
+
+    def __init__(self, cfg, work_dir: Path):
+        self.cfg = cfg
+        self.work_dir = Path(work_dir)
+
+    def job(self, problem: Problem) -> dict:
+        return {"mode": self.mode, "problem": asdict(problem), "arch": self.cfg.arch,
+                "cache_dir": str(Path(self.cfg.cache_dir).expanduser()) if self.cfg.cache_dir else None,
+                "harness": self._cfg_dict()}
+
+    def _cfg_dict(self) -> dict:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(self.cfg, resolve=True) if OmegaConf.is_config(self.cfg) else dict(vars(self.cfg))
+
+    def evaluate(self, source: str, problem: Problem, mode: str | None = None) -> EvalResult:
+        """mode: the worker mode; None is the harness's full evaluation ("check" = correctness only)."""
+        job = self.job(problem)
+        job["mode"] = self.worker_mode(mode)
+        h = hashlib.sha256(source.encode()).hexdigest()[:16]
+        job_dir = self.work_dir / f"{h}-{job['mode']}"
+        atomic_write_text(job_dir / "source.cu", source)
+        atomic_write_json(job_dir / "job.json", job)
+        return run_worker(job_dir, self.cfg.timeout_s, env=self.env())
+
+    def worker_mode(self, mode: str | None) -> str:
+        return mode or self.mode
+
+    def env(self) -> dict[str, str]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class CompileHarness(SandboxHarness):
+    """Compiles with NVRTC and reports resources; ranks nothing (no GPU needed)."""
+    name = "compile"
+    ranks = False
+    mode = "compile"
+
+    def worker_mode(self, mode: str | None) -> str:
+        return "compile"  # every stage it offers is the compile stage
+
+
+def make_harness(cfg, work_dir: Path) -> Harness:
+    if cfg.name == "compile":
+        return CompileHarness(cfg, work_dir)
+    if cfg.name == "gpu":
+        from avo.harness.gpu import GpuHarness
+
+        return GpuHarness(cfg, work_dir)
+    raise ValueError(f"unknown harness {cfg.name!r}")

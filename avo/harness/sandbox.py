@@ -1,0 +1,59 @@
+"""Run a harness worker in its own process group with a hard, OS-level timeout."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from avo.types import EvalResult, Status
+
+RESULT = "result.json"
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def run_worker(job_dir: Path, timeout_s: float, env: dict[str, str] | None = None) -> EvalResult:
+    """`python -m avo.harness.worker job_dir`; the worker's only output is job_dir/result.json."""
+    job_dir = Path(job_dir)
+    (job_dir / RESULT).unlink(missing_ok=True)
+    log_path = job_dir / "worker.log"
+    t0 = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "avo.harness.worker", str(job_dir)],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env={**os.environ, **(env or {})})
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            return EvalResult(Status.TIMEOUT, error=f"killed after the {timeout_s:.0f} s hard timeout "
+                              f"(a hang, a deadlock, or far too slow)", log=_tail(log_path))
+        finally:
+            _kill_group(proc)  # stray children of the worker die with it
+    elapsed = time.monotonic() - t0
+    result_path = job_dir / RESULT
+    if not result_path.exists():
+        how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
+        return EvalResult(Status.CRASHED, error=f"worker died ({how}) after {elapsed:.1f} s without a result",
+                          log=_tail(log_path))
+    try:
+        return EvalResult.from_dict(json.loads(result_path.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        return EvalResult(Status.CRASHED, error=f"unreadable worker result: {e}", log=_tail(log_path))
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()

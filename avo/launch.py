@@ -1,0 +1,28 @@
+"""Entry point: python -m avo.launch [overrides]  (Hydra app; -m for sweeps)."""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from avo.config import ConfigError, register, validate
+
+register()
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(cfg: DictConfig):
+    from avo.errors import USER_ERRORS
+    from avo.launcher import launch
+
+    try:
+        validate(cfg)
+        return launch(cfg)
+    except (ConfigError, *USER_ERRORS) as e:
+        print(f"avo: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

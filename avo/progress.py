@@ -1,0 +1,47 @@
+"""What a person watching a run sees: one line per attempt and a closing summary."""
+from __future__ import annotations
+
+import sys
+
+import polars as pl
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    def __init__(self, run_id: str, ranked: bool, stream=None):
+        self.run_id, self.ranked = run_id, ranked
+        self.stream = stream or sys.stdout
+
+    def line(self, text: str) -> None:
+        print(f"[avo {self.run_id}] {text}", file=self.stream, flush=True)
+
+    def resumed(self, rows: pl.DataFrame, best) -> None:
+        self.line(f"resuming: {len(rows)} attempts on record, best is v{best.version} "
+                  f"(score {_fmt(best.score)}), last step {int(rows['step'].max())}")
+
+    def attempt(self, row: dict, best: float | None, elapsed: float) -> None:
+        unit = " TFLOPS" if row["ranked"] else ""
+        msg = (row["message"] or "").splitlines()[0][:60] if row["message"] else ""
+        err = f" | {row['error'].splitlines()[0][:100]}" if row["error"] and row["status"] != "ok" else ""
+        self.line(f"step {row['step']:>4}.{row['attempt']} | {row['status']:<13} | {row['decision']:<10} | "
+                  f"score {_fmt(row['score'])}{unit} | best {_fmt(best)} | {_clock(elapsed)} | {msg}{err}")
+
+    def summary(self, s, rows: pl.DataFrame, ranked: bool) -> None:
+        counts = rows.group_by("status").len().sort("status")
+        taxonomy = ", ".join(f"{r['status']} {r['len']}" for r in counts.iter_rows(named=True))
+        self.line(f"done: {s.stopped}")
+        self.line(f"{s.attempts} attempts over {s.steps} steps, {s.commits} commits, "
+                  f"best v{s.best_version} score {_fmt(s.best_score)}, elapsed {_clock(s.elapsed_s)}")
+        self.line(f"outcomes: {taxonomy}")
+        if not ranked:
+            self.line("this harness ranks nothing (no timing): candidates were compiled and recorded, "
+                      "none could be committed; use harness=gpu on a GPU node to search for speed")
+        self.line(f"lineage: {s.run_dir}/lineage")

@@ -1,0 +1,247 @@
+"""The single-lineage search: x0 -> x1 -> ... , a version committed only when correct and at least as fast.
+
+Everything the loop knows is read back from the lineage, so a restarted run continues
+where the last attempt that reached disk left off.
+"""
+from __future__ import annotations
+
+import json
+import random
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+from omegaconf import DictConfig, OmegaConf
+
+from avo import lineage
+from avo.commit import decide
+from avo.harness import make_harness
+from avo.operators import make_operator
+from avo.problem import problem_from_cfg
+from avo.progress import Progress
+from avo.seeds import Seed, resolve
+from avo.stagnation import detect
+from avo.types import (Attempt, ConfigResult, EvalResult, Problem, Proposal, ProposalError, Status, StepContext,
+                       Version)
+
+
+class SearchError(RuntimeError):
+    """The search cannot go on; the message says why. The lineage so far is intact."""
+
+
+@dataclass
+class Summary:
+    run_dir: str
+    run_id: str
+    steps: int
+    attempts: int
+    commits: int
+    best_version: int | None
+    best_score: float | None
+    stopped: str
+    elapsed_s: float
+
+
+def run_search(cfg: DictConfig) -> Summary:
+    run_dir = Path(cfg.resume or cfg.run_dir).expanduser().resolve()
+    problem = problem_from_cfg(cfg.kernel)
+    info = _open_run(cfg, run_dir, problem)
+    harness = make_harness(cfg.harness, run_dir / "work")
+    try:
+        operator = make_operator(cfg.agent, run_dir, problem)
+    except BaseException:
+        harness.close()
+        raise
+    try:
+        return Search(cfg, run_dir, info["run_id"], problem, harness, operator).run()
+    finally:
+        operator.close()
+        harness.close()
+
+
+def _open_run(cfg: DictConfig, run_dir: Path, problem: Problem) -> dict:
+    info = lineage.read_run_info(run_dir)
+    identity = {"kernel": problem.name, "heads_q": problem.heads_q, "heads_kv": problem.heads_kv,
+                "head_dim": problem.head_dim}
+    if info is None:
+        if cfg.resume:
+            raise SearchError(f"resume={cfg.resume}: no run.json there, so nothing to resume")
+        info = {"run_id": f"{run_dir.name}-{uuid.uuid4().hex[:6]}", **identity, "group": problem.group,
+                "agent": cfg.agent.name, "operator": cfg.agent.kind, "model": cfg.agent.get("model", ""),
+                "seed": str(cfg.seed), "harness": cfg.harness.name, "overrides": _overrides(),
+                "started_at": datetime.now(timezone.utc).isoformat(),
+                "config": OmegaConf.to_container(cfg, resolve=True)}
+        lineage.write_run_info(run_dir, info)
+        return info
+    clash = {k: (info.get(k), v) for k, v in identity.items() if info.get(k) != v}
+    if clash:
+        raise SearchError(f"{run_dir} holds a different problem ({clash}); start a new run directory instead")
+    return info
+
+
+def _overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return []
+
+
+class Search:
+    def __init__(self, cfg, run_dir: Path, run_id: str, problem: Problem, harness, operator):
+        self.cfg, self.s = cfg, cfg.search
+        self.run_dir, self.run_id, self.problem = run_dir, run_id, problem
+        self.harness, self.operator = harness, operator
+        self.rows = lineage.read_run(run_dir)
+        self.history: list[Version] = [self._version(r) for r in
+                                       self.rows.filter(pl.col("committed")).sort("version").iter_rows(named=True)]
+        self.tried = set(self.rows["source_sha"].to_list())
+        self.rng = random.Random(f"{cfg.rng}:{len(self.rows)}")
+        self.spent = float(self.rows.select((pl.col("finished_at") - pl.col("started_at")).dt.total_seconds(
+            fractional=True).sum()).item() or 0.0)
+        self.t0 = time.monotonic()
+        self.progress = Progress(run_id, harness.ranks)
+        self.directive = self._last_directive()
+
+    # -- state read back from the lineage ------------------------------------------------------
+    def _version(self, r: dict) -> Version:
+        return Version(r["version"], r["candidate_id"], lineage.read_source(self.run_dir, r["source_sha"]),
+                       r["score"], [ConfigResult(**c) for c in r["configs"] or []], r["message"] or "")
+
+    def _last_directive(self) -> str | None:
+        sup = lineage.scan_supervisor([self.run_dir]).collect()
+        return sup.sort("at")["directive"].to_list()[-1] if len(sup) else None
+
+    def _next_position(self) -> tuple[int, int]:
+        last = self.rows.sort("step", "attempt").tail(1).row(0, named=True)
+        if last["committed"] or last["attempt"] + 1 >= self.s.attempts_per_step or last["step"] == 0:
+            return last["step"] + 1, 0
+        return last["step"], last["attempt"] + 1
+
+    def elapsed(self) -> float:
+        return self.spent + time.monotonic() - self.t0
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> Summary:
+        if self.rows.is_empty() or not self.history:
+            self._seed()
+        else:
+            self.progress.resumed(self.rows, self.history[-1])
+        stopped = self._loop()
+        return self._summary(stopped)
+
+    def _seed(self) -> None:
+        seed: Seed = resolve(self.cfg.seed)
+        attempt = 0 if self.rows.is_empty() else int(self.rows["attempt"].max()) + 1
+        self.progress.line(f"evaluating the seed {seed.origin} on {self.problem.name} "
+                           f"(Hq={self.problem.heads_q}, Hkv={self.problem.heads_kv}, d={self.problem.head_dim})")
+        if seed.run_dir is not None:
+            from avo.transfer import carry_knowledge
+
+            carry_knowledge(seed.run_dir, self.run_dir)
+        started = datetime.now(timezone.utc)
+        result = self.harness.evaluate(seed.source, self.problem)
+        ok = result.ok
+        row = self._record(0, attempt, Proposal(seed.source, message=f"seed {seed.origin}"), result,
+                           "seed" if ok else "failed", None, started, 0.0)
+        if not ok:
+            raise SearchError(f"the seed {seed.origin} does not pass harness={self.harness.name} "
+                              f"({result.status.value}): {result.error.splitlines()[0] if result.error else ''}")
+        self.history.append(self._version(row))
+
+    def _loop(self) -> str:
+        while True:
+            step, attempt = self._next_position()
+            if step > self.s.max_steps:
+                return f"reached search.max_steps={self.s.max_steps}"
+            if self.elapsed() >= self.s.max_hours * 3600:
+                return f"reached search.max_hours={self.s.max_hours}"
+            row = self._attempt(step, attempt)
+            if row["committed"] or attempt + 1 >= self.s.attempts_per_step:
+                stop = self._supervise(step)
+                if stop:
+                    return stop
+
+    def _attempt(self, step: int, attempt: int) -> dict:
+        best = self.history[-1]
+        failures = [Attempt(r["candidate_id"], lineage.read_source(self.run_dir, r["source_sha"]), Status(r["status"]),
+                            r["decision"], r["score"], r["error"] or "", r["message"] or "")
+                    for r in self.rows.filter(pl.col("step") == step).iter_rows(named=True)]
+        ctx = StepContext(step, attempt, best, list(self.history), failures, self.problem, self.harness,
+                          self.run_dir, self.rng, set(self.tried), self.directive)
+        started = datetime.now(timezone.utc)
+        t = time.monotonic()
+        try:
+            proposal = self.operator.propose(ctx)
+            propose_s = time.monotonic() - t
+        except ProposalError as e:
+            proposal = e.proposal or Proposal("", message="")
+            result = EvalResult(Status.INVALID, error=str(e))
+            return self._record(step, attempt, proposal, result, "invalid", best, started, time.monotonic() - t)
+        result = self.harness.evaluate(proposal.source, self.problem)
+        decision = decide(result, best, self.s.epsilon, self.s.min_config_ratio)
+        row = self._record(step, attempt, proposal, result, decision, best, started, propose_s)
+        if decision == "committed":
+            self.history.append(self._version(row))
+        return row
+
+    def _record(self, step, attempt, proposal: Proposal, result: EvalResult, decision: str,
+                parent: Version | None, started, propose_s: float) -> dict:
+        committed = decision in ("committed", "seed")
+        sha = lineage.write_source(self.run_dir, proposal.source)
+        p = self.problem
+        row = {
+            "run_id": self.run_id, "step": step, "attempt": attempt, "candidate_id": f"{step:05d}.{attempt:02d}",
+            "parent_id": parent.candidate_id if parent else None,
+            "version": (self.history[-1].version + 1 if self.history else 0) if committed else None,
+            "committed": committed, "decision": decision, "status": result.status.value, "ranked": result.ranked,
+            "score": result.score, "best_before": parent.score if parent else None,
+            "configs": [vars(c) for c in result.configs], "source_sha": sha, "operator": self.operator.name,
+            "model": proposal.model or self.operator.model, "message": proposal.message, "error": result.error,
+            "propose_s": propose_s, "compile_s": result.compile_s, "verify_s": result.verify_s,
+            "bench_s": result.bench_s, "prompt_tokens": proposal.prompt_tokens,
+            "completion_tokens": proposal.completion_tokens, "llm_calls": proposal.llm_calls,
+            "registers": result.registers, "spill_bytes": result.spill_bytes, "stack_bytes": result.stack_bytes,
+            "smem_bytes": result.smem_bytes, "threads": result.threads, "gpu": result.gpu,
+            "sm_clock_mhz": result.sm_clock_mhz, "power_w": result.power_w, "kernel": p.name,
+            "heads_q": p.heads_q, "heads_kv": p.heads_kv, "head_dim": p.head_dim, "group": p.group,
+            "directive": self.directive, "started_at": started, "finished_at": datetime.now(timezone.utc),
+            "host": socket.gethostname(), "extra": json.dumps({"log_tail": result.log[-2000:], **proposal.meta},
+                                                              default=str),
+        }
+        lineage.append(self.run_dir, row)
+        self.rows = pl.concat([self.rows, lineage.to_frame([row])])
+        self.tried.add(sha)
+        self.progress.attempt(row, self.history[-1].score if self.history else None, self.elapsed())
+        return row
+
+    def _supervise(self, step: int) -> str | None:
+        sup = lineage.scan_supervisor([self.run_dir]).collect()
+        since = int(sup["step"].max()) if len(sup) else 0
+        reason = detect(self.rows, self.s.stagnation, since)
+        if reason is None:
+            return None
+        best = self.history[-1]
+        ctx = StepContext(step, 0, best, list(self.history), [], self.problem, self.harness, self.run_dir,
+                          self.rng, set(self.tried), self.directive)
+        directive = self.operator.redirect(ctx, reason)
+        lineage.append_supervisor(self.run_dir, {"run_id": self.run_id, "step": step, "reason": reason,
+                                                 "directive": directive or "", "operator": self.operator.name})
+        self.directive = directive or self.directive
+        self.progress.line(f"supervisor at step {step}: {reason}" + (f" -> {directive[:200]}" if directive else ""))
+        n = len(sup) + 1
+        if self.s.stagnation.max_redirects and n >= self.s.stagnation.max_redirects:
+            return f"stagnated: {n} supervisor interventions (search.stagnation.max_redirects)"
+        return None
+
+    def _summary(self, stopped: str) -> Summary:
+        best = max((v for v in self.history if v.score is not None), key=lambda v: v.score, default=self.history[-1])
+        s = Summary(str(self.run_dir), self.run_id, int(self.rows["step"].max()), len(self.rows),
+                    len(self.history) - 1, best.version, best.score, stopped, self.elapsed())
+        self.progress.summary(s, self.rows, self.harness.ranks)
+        return s

@@ -1,0 +1,199 @@
+"""The small data types every part of AVO passes around."""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Status(str, Enum):
+    OK = "ok"
+    INVALID = "invalid"              # the operator produced no usable source (bad edit, bad LLM output)
+    COMPILE_ERROR = "compile_error"  # NVRTC or the launch contract rejected it
+    INCORRECT = "incorrect"          # ran, but failed a correctness check
+    CRASHED = "crashed"              # worker died: illegal address, trap, abort
+    TIMEOUT = "timeout"              # worker killed after the hard timeout
+    ERROR = "error"                  # harness-side failure (e.g. result above the roofline)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One attention problem: (B, S, H, D) tensors, BF16."""
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    causal: bool
+
+    @property
+    def key(self) -> str:
+        s = f"{self.seqlen_q}" if self.seqlen_q == self.seqlen_k else f"{self.seqlen_q}x{self.seqlen_k}"
+        return (f"{'causal' if self.causal else 'full'}_b{self.batch}_s{s}"
+                f"_h{self.heads_q}-{self.heads_kv}_d{self.head_dim}")
+
+    @property
+    def flops(self) -> float:
+        """4·B·H·Sq·Sk·D, halved for causal (the FlashAttention convention)."""
+        f = 4.0 * self.batch * self.heads_q * self.seqlen_q * self.seqlen_k * self.head_dim
+        return f / 2 if self.causal else f
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A kernel variant: what the candidate must compute and where it is timed."""
+    name: str
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    bench: tuple[Shape, ...]
+    check: tuple[Shape, ...]
+
+    @property
+    def group(self) -> int:
+        return self.heads_q // self.heads_kv
+
+
+@dataclass
+class ConfigResult:
+    """Timing of one benchmark shape (TFLOPS from the median time)."""
+    key: str
+    tflops: float | None = None
+    ms: float | None = None
+    ms_p10: float | None = None
+    ms_p90: float | None = None
+    cudnn_tflops: float | None = None
+    fa2_tflops: float | None = None
+    max_err: float | None = None
+
+    @property
+    def vs_cudnn(self) -> float | None:
+        return self.tflops / self.cudnn_tflops if self.tflops and self.cudnn_tflops else None
+
+
+@dataclass
+class EvalResult:
+    status: Status
+    ranked: bool = False            # False: the score says nothing about speed (harness=compile)
+    score: float | None = None      # geometric mean TFLOPS over the benchmark shapes
+    configs: list[ConfigResult] = field(default_factory=list)
+    error: str = ""                 # one actionable paragraph
+    log: str = ""                   # compile/verify log, truncated
+    registers: int | None = None
+    spill_bytes: int | None = None
+    stack_bytes: int | None = None
+    smem_bytes: int | None = None
+    threads: int | None = None
+    compile_s: float = 0.0
+    verify_s: float = 0.0
+    bench_s: float = 0.0
+    gpu: str = ""
+    sm_clock_mhz: float | None = None
+    power_w: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.OK
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["status"] = self.status.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EvalResult":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["status"] = Status(d["status"])
+        d["configs"] = [ConfigResult(**c) for c in d.get("configs", [])]
+        return cls(**d)
+
+
+def geomean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    if not xs or any(x <= 0 for x in xs):
+        return None
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+@dataclass
+class Version:
+    """A committed version x_k of the lineage."""
+    version: int
+    candidate_id: str
+    source: str
+    score: float | None
+    configs: list[ConfigResult]
+    message: str = ""
+
+
+@dataclass
+class Attempt:
+    """An evaluated candidate that was not committed (shown to the operator)."""
+    candidate_id: str
+    source: str
+    status: Status
+    decision: str
+    score: float | None
+    error: str
+    message: str = ""
+
+
+@dataclass
+class StepContext:
+    step: int
+    attempt: int
+    best: Version                  # the version to improve on
+    history: list[Version]         # all committed versions, oldest first
+    failures: list[Attempt]        # this step's earlier attempts
+    problem: Problem
+    harness: "Harness"
+    run_dir: Path
+    rng: random.Random
+    tried: set[str]                # source hashes already evaluated in this run
+    directive: str | None = None   # the supervisor's latest redirection
+
+
+@dataclass
+class Proposal:
+    source: str
+    message: str = ""
+    model: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    llm_calls: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class ProposalError(Exception):
+    """The operator could not produce a candidate; recorded as an `invalid` attempt."""
+
+    def __init__(self, message: str, proposal: Proposal | None = None):
+        super().__init__(message)
+        self.proposal = proposal
+
+
+class Harness(Protocol):
+    name: str
+    ranks: bool  # does `score` measure speed?
+
+    def evaluate(self, source: str, problem: Problem) -> EvalResult: ...
+
+    def close(self) -> None: ...
+
+
+class Operator(Protocol):
+    name: str
+    model: str
+
+    def propose(self, ctx: StepContext) -> Proposal: ...
+
+    def redirect(self, ctx: StepContext, reason: str) -> str | None:
+        """Called by the search on stagnation; returns the recorded intervention, if any."""
+        ...
+
+    def close(self) -> None: ...
