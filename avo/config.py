@@ -30,6 +30,7 @@ class StagnationConf:
 
 @dataclass
 class SearchConf:
+    name: str = MISSING
     max_steps: int = 100              # variation steps after the seed
     max_hours: float = 168.0          # wall-clock budget for this run (all restarts together)
     attempts_per_step: int = 3        # evaluated candidates per step before moving on
@@ -51,6 +52,60 @@ class MutationAgentConf(AgentConf):
     kind: str = "mutation"
     max_changes: int = 2              # tunables changed per candidate (1..max_changes)
     max_tries: int = 64               # draws before giving up on finding an untried variant
+
+
+@dataclass
+class LlmServerConf:
+    mode: str = "managed"             # managed: start vLLM here; external: use base_url / url_file
+    python: str = "python"            # interpreter of the environment vLLM is installed in (managed)
+    model_path: str = ""              # what vLLM loads (folder or name); "" = agent.model
+    gpus: list[int] = field(default_factory=list)  # CUDA_VISIBLE_DEVICES of the server; [] = leave unset
+    tensor_parallel_size: int = 1
+    max_model_len: int = 32768
+    gpu_memory_utilization: float = 0.90
+    dtype: str = "auto"
+    tool_call_parser: str = "hermes"  # vLLM --tool-call-parser
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0                     # 0: a free port on 127.0.0.1
+    start_timeout_s: float = 900.0    # until /health answers, else one clear error
+    max_restarts: int = 3             # restarts with back-off after the server dies mid-run
+    base_url: str = ""                # external: e.g. http://node17:8000/v1
+    url_file: str = ""                # external: a file a server job publishes its base URL in
+    url_wait_s: float = 600.0         # how long to wait for url_file and /health
+    api_key_env: str = ""             # environment variable holding the API key ("" = none needed)
+
+
+@dataclass
+class LlmSamplingConf:
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 4096            # per reply
+    tool_choice: str = "auto"         # auto | required (small models never choose a tool under auto)
+    seed: int | None = None
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LlmBudgetConf:
+    max_turns: int = 40               # model replies per proposal
+    max_tokens: int = 400_000         # prompt + completion tokens per proposal
+    max_seconds: float = 3600.0       # wall time per proposal
+    request_timeout_s: float = 600.0  # one chat request
+    retries: int = 3                  # per request, on server errors and timeouts
+    tool_output_chars: int = 12_000   # longer tool results are truncated
+    supervisor_tokens: int = 2048     # reply budget of the supervisor
+
+
+@dataclass
+class LlmAgentConf(AgentConf):
+    kind: str = "llm"
+    server: LlmServerConf = field(default_factory=LlmServerConf)
+    sampling: LlmSamplingConf = field(default_factory=LlmSamplingConf)
+    budget: LlmBudgetConf = field(default_factory=LlmBudgetConf)
+    llm_supervisor: bool = True       # redirect with the LLM; False: rule-based directions only
+    knowledge_dirs: list[str] = field(default_factory=list)  # extra markdown folders to search
+    profiler: str = "ncu"             # Nsight Compute executable for the profile tool
 
 
 # -- kernel variant (the problem) -----------------------------------------------------------------
@@ -123,6 +178,7 @@ def register() -> None:
     cs.store(name="base_config", node=Config)
     cs.store(group="search", name="base_search", node=SearchConf)
     cs.store(group="agent", name="base_mutation", node=MutationAgentConf)
+    cs.store(group="agent", name="base_llm", node=LlmAgentConf)
     cs.store(group="kernel", name="base_kernel", node=KernelConf)
     cs.store(group="harness", name="base_harness", node=HarnessConf)
     cs.store(group="launcher", name="base_launcher", node=LauncherConf)
@@ -148,14 +204,15 @@ def _register_resolvers() -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Resolve the whole config and check cross-field rules; raise ConfigError with one line."""
+    if not isinstance(cfg.group, int) or cfg.group < 1:
+        raise ConfigError(f"group={cfg.group} must be an integer >= 1")
+    if "avo_div" in str(OmegaConf.to_container(cfg.kernel)):  # the group decides the KV heads
+        _div(cfg.kernel.heads_q, cfg.group)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
-        cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
-        raise ConfigError(str(cause) if cause else _one_line(e)) from None
+        raise ConfigError(_one_line(e)) from None
     k, s = cfg.kernel, cfg.search
-    if cfg.group < 1:
-        raise ConfigError(f"group={cfg.group} must be >= 1")
     if k.name == "mha" and cfg.group != 1:
         raise ConfigError(f"kernel=mha has one KV head per query head; use kernel=gqa for group={cfg.group}")
     if k.heads_q % k.heads_kv:

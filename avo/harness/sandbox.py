@@ -1,6 +1,7 @@
 """Run a harness worker in its own process group with a hard, OS-level timeout."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ def run_worker(job_dir: Path, timeout_s: float, env: dict[str, str] | None = Non
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "avo.harness.worker", str(job_dir)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, **(env or {})})
+                                start_new_session=True, preexec_fn=_die_with_parent, env={**os.environ, **(env or {})})
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -49,6 +50,14 @@ def run_worker(job_dir: Path, timeout_s: float, env: dict[str, str] | None = Non
         return EvalResult.from_dict(json.loads(result_path.read_text()))
     except (ValueError, KeyError, TypeError) as e:
         return EvalResult(Status.CRASHED, error=f"unreadable worker result: {e}", log=_tail(log_path))
+
+
+def _die_with_parent() -> None:
+    # PR_SET_PDEATHSIG: a search killed hard (SIGKILL, Slurm) takes its worker with it
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

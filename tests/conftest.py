@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from avo.config import register
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+DATA = Path(__file__).parent / "data"
+
+
+def make_cfg(*overrides: str, run_dir: Path | None = None) -> DictConfig:
+    """The config `python -m avo.launch <overrides>` would compose."""
+    register()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("config", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir) if run_dir else "unused"
+    return cfg
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    def factory(*overrides, run_dir=None):
+        return make_cfg(*overrides, run_dir=run_dir or tmp_path / "run")
+    return factory
