@@ -25,8 +25,7 @@ from avo.problem import problem_from_cfg
 from avo.progress import Progress
 from avo.seeds import Seed, resolve
 from avo.stagnation import detect
-from avo.types import (Attempt, ConfigResult, EvalResult, Problem, Proposal, ProposalError, Status, StepContext,
-                       Version)
+from avo.types import Attempt, ConfigResult, EvalResult, Problem, Proposal, ProposalError, Status, StepContext, Version
 
 
 class SearchError(RuntimeError):

@@ -50,7 +50,8 @@ def from_run(run_dir: Path, version: int | None) -> Seed:
         raise SeedError(f"seed={run_dir}: the run has no committed version")
     if version is None:
         ranked = committed.filter(pl.col("score").is_not_null())
-        row = (ranked.sort("score", "version").tail(1) if not ranked.is_empty() else committed.tail(1)).row(0, named=True)
+        pick = ranked.sort("score", "version") if not ranked.is_empty() else committed
+        row = pick.tail(1).row(0, named=True)
     else:
         rows = committed.filter(pl.col("version") == version)
         if rows.is_empty():

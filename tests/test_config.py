@@ -81,4 +81,5 @@ def test_multirun_runs_one_job_per_group(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     runs = {json.loads(p.read_text())["heads_kv"]: p.parent.name for p in tmp_path.glob("*/run.json")}
-    assert runs == {8: "group=4,harness=compile,kernel=gqa,seed=naive", 4: "group=8,harness=compile,kernel=gqa,seed=naive"}
+    assert runs == {8: "group=4,harness=compile,kernel=gqa,seed=naive",
+                    4: "group=8,harness=compile,kernel=gqa,seed=naive"}
