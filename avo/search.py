@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 from omegaconf import DictConfig, OmegaConf
 
-from avo import lineage
+from avo import lineage, transfer
 from avo.commit import decide
 from avo.harness import make_harness
 from avo.operators import make_operator
@@ -106,6 +106,9 @@ class Search:
         self.t0 = time.monotonic()
         self.progress = Progress(run_id, harness.ranks)
         self.directive = self._last_directive()
+        # a transferred seed that failed here: the operator adapts it until a candidate passes (-> v0)
+        pending = transfer.failed_seed(self.rows)
+        self.pending: Version | None = self._version(pending) if pending and not self.history else None
 
     # -- state read back from the lineage ------------------------------------------------------
     def _version(self, r: dict) -> Version:
@@ -127,9 +130,9 @@ class Search:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> Summary:
-        if self.rows.is_empty() or not self.history:
+        if not self.history and self.pending is None:
             self._seed()
-        else:
+        elif self.history:
             self.progress.resumed(self.rows, self.history[-1])
         stopped = self._loop()
         return self._summary(stopped)
@@ -146,8 +149,15 @@ class Search:
         started = datetime.now(timezone.utc)
         result = self.harness.evaluate(seed.source, self.problem)
         ok = result.ok
-        row = self._record(0, attempt, Proposal(seed.source, message=f"seed {seed.origin}"), result,
+        row = self._record(0, attempt, Proposal(seed.source, message=f"seed {seed.origin}",
+                                                meta=transfer.seed_meta(seed.run_dir, seed.version)), result,
                            "seed" if ok else "failed", None, started, 0.0)
+        if not ok and seed.run_dir is not None:
+            self.pending = self._version(row)
+            self.progress.line(f"the transferred seed {seed.origin} fails on {self.problem.name} "
+                               f"({result.status.value}); adapting it comes first: the first correct "
+                               "candidate becomes v0")
+            return
         if not ok:
             raise SearchError(f"the seed {seed.origin} does not pass harness={self.harness.name} "
                               f"({result.status.value}): {result.error.splitlines()[0] if result.error else ''}")
@@ -167,10 +177,13 @@ class Search:
                     return stop
 
     def _attempt(self, step: int, attempt: int) -> dict:
-        best = self.history[-1]
+        best = self.history[-1] if self.history else self.pending
+        seen = pl.col("step") == step
+        if not self.history:  # the failed transferred seed stays in view until v0 exists
+            seen = seen | (pl.col("candidate_id") == best.candidate_id)
         failures = [Attempt(r["candidate_id"], lineage.read_source(self.run_dir, r["source_sha"]), Status(r["status"]),
                             r["decision"], r["score"], r["error"] or "", r["message"] or "")
-                    for r in self.rows.filter(pl.col("step") == step).iter_rows(named=True)]
+                    for r in self.rows.filter(seen).iter_rows(named=True)]
         ctx = StepContext(step, attempt, best, list(self.history), failures, self.problem, self.harness,
                           self.run_dir, self.rng, set(self.tried), self.directive)
         started = datetime.now(timezone.utc)
@@ -183,9 +196,10 @@ class Search:
             result = EvalResult(Status.INVALID, error=str(e))
             return self._record(step, attempt, proposal, result, "invalid", best, started, time.monotonic() - t)
         result = self.harness.evaluate(proposal.source, self.problem)
-        decision = decide(result, best, self.s.epsilon, self.s.min_config_ratio)
+        decision = (decide(result, best, self.s.epsilon, self.s.min_config_ratio) if self.history
+                    else "seed" if result.ok else "failed")
         row = self._record(step, attempt, proposal, result, decision, best, started, propose_s)
-        if decision == "committed":
+        if decision in ("committed", "seed"):
             self.history.append(self._version(row))
         return row
 
@@ -225,7 +239,7 @@ class Search:
         reason = detect(self.rows, self.s.stagnation, since)
         if reason is None:
             return None
-        best = self.history[-1]
+        best = self.history[-1] if self.history else self.pending
         ctx = StepContext(step, 0, best, list(self.history), [], self.problem, self.harness, self.run_dir,
                           self.rng, set(self.tried), self.directive)
         directive = self.operator.redirect(ctx, reason)
@@ -239,8 +253,9 @@ class Search:
         return None
 
     def _summary(self, stopped: str) -> Summary:
-        best = max((v for v in self.history if v.score is not None), key=lambda v: v.score, default=self.history[-1])
+        best = max((v for v in self.history if v.score is not None), key=lambda v: v.score,
+                   default=self.history[-1] if self.history else None)
         s = Summary(str(self.run_dir), self.run_id, int(self.rows["step"].max()), len(self.rows),
-                    len(self.history) - 1, best.version, best.score, stopped, self.elapsed())
+                    max(0, len(self.history) - 1), best and best.version, best and best.score, stopped, self.elapsed())
         self.progress.summary(s, self.rows, self.harness.ranks)
         return s

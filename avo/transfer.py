@@ -1,14 +1,27 @@
-"""Transfer: what a new lineage seeded from another run takes along besides the source."""
+"""Transfer: what a new lineage seeded from another run takes along besides the source.
+
+The source run's agent notes (its persistent memory) are copied, and the lessons of its
+committed versions (what each changed and what it gained) are written as markdown into the new
+run's agent/ folder. A transferred seed that fails on the new variant (e.g. an MHA kernel that
+ignores the KV head mapping under GQA) does not stop the search: it is recorded as step 0,
+and the operator's first job is to adapt it (see `failed_seed`); the first correct candidate
+becomes v0 of the new lineage.
+"""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+
+import polars as pl
+
+from avo import lineage
 
 KNOWLEDGE_FILES = ("agent/notes.md",)
 
 
 def carry_knowledge(src_run: Path, dst_run: Path) -> list[Path]:
-    """Copy the source run's agent notes (its persistent memory) into the new run, once."""
+    """Copy the source run's notes and write its lessons into the new run, once each."""
     copied = []
     for rel in KNOWLEDGE_FILES:
         src, dst = Path(src_run) / rel, Path(dst_run) / rel
@@ -16,4 +29,74 @@ def carry_knowledge(src_run: Path, dst_run: Path) -> list[Path]:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
             copied.append(dst)
-    return copied
+    lessons = write_lessons(src_run, dst_run)
+    return copied + ([lessons] if lessons else [])
+
+
+def lessons_markdown(src_run: Path) -> tuple[str, str] | None:
+    """(source run id, markdown): one section per committed version, with its message and scores."""
+    rows = lineage.read_run(src_run).filter(pl.col("committed")).sort("version")
+    if rows.is_empty():
+        return None
+    info = lineage.read_run_info(src_run) or {}
+    run_id = info.get("run_id") or rows["run_id"][0]
+    first = rows.row(0, named=True)
+    out = [f"# Lessons from run {run_id}\n",
+           f"Committed versions of {first['kernel']} (Hq={first['heads_q']}, Hkv={first['heads_kv']}, "
+           f"d={first['head_dim']}) in {Path(src_run).resolve()}, oldest first. Each kept a correct kernel "
+           "and matched or beat the best before it; the messages say what changed.\n"]
+    prev = None
+    for r in rows.iter_rows(named=True):
+        gain = ""
+        if r["score"] is not None and prev is not None and prev["score"]:
+            gain = f" ({100 * (r['score'] / prev['score'] - 1):+.2f}% over v{prev['version']})"
+        score = f"{r['score']:.1f} TFLOPS{gain}" if r["score"] is not None else "not timed (unranked)"
+        out.append(f"## {run_id} v{r['version']}: {(r['message'] or '(no message)').splitlines()[0][:120]}\n")
+        out.append(f"Score: {score}. Registers {r['registers']}, spills {r['spill_bytes']} bytes, "
+                   f"shared memory {r['smem_bytes']} bytes, {r['threads']} threads.")
+        configs = [c for c in r["configs"] or [] if c.get("tflops")]
+        if configs:
+            out.append("Per config: " + ", ".join(
+                f"{c['key']} {c['tflops']:.1f}" + (f" (cuDNN {c['cudnn_tflops']:.1f})" if c.get("cudnn_tflops") else "")
+                for c in configs) + ".")
+        if r["message"] and "\n" in r["message"].strip():
+            out.append("\n" + r["message"].strip())
+        out.append("")
+        prev = r
+    return run_id, "\n".join(out)
+
+
+def write_lessons(src_run: Path, dst_run: Path) -> Path | None:
+    """<dst_run>/agent/lessons_from_<source run id>.md; an existing file is kept as it is."""
+    made = lessons_markdown(src_run)
+    if made is None:
+        return None
+    run_id, text = made
+    dst = Path(dst_run) / "agent" / f"lessons_from_{run_id}.md"
+    if dst.exists():
+        return None
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    from avo.fsutil import atomic_write_text
+
+    atomic_write_text(dst, text)
+    return dst
+
+
+def seed_meta(run_dir: Path | None, version: int | None) -> dict:
+    """What a step-0 row records (in `extra`) about the run a seed was transferred from."""
+    if run_dir is None:
+        return {}
+    info = lineage.read_run_info(run_dir) or {}
+    return {"transfer": {"run_dir": str(Path(run_dir).resolve()), "run_id": info.get("run_id"), "version": version,
+                         "kernel": info.get("kernel"), "group": info.get("group")}}
+
+
+def failed_seed(rows: pl.DataFrame) -> dict | None:
+    """The step-0 row of a transferred seed that failed here, while the lineage has no version yet."""
+    if rows.is_empty() or rows["committed"].any():
+        return None
+    seeds = rows.filter((pl.col("step") == 0) & (pl.col("decision") == "failed")).sort("attempt")
+    for r in reversed(list(seeds.iter_rows(named=True))):
+        if "transfer" in json.loads(r["extra"] or "{}"):
+            return r
+    return None
