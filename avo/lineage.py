@@ -24,6 +24,7 @@ from avo.fsutil import atomic_write_bytes, atomic_write_text
 
 SCHEMA_VERSION = 1
 COMPACT_EVERY = 64
+MERGE_CHUNKS = 16
 
 CONFIG_STRUCT = pa.struct([("key", pa.string()), ("tflops", pa.float64()), ("ms", pa.float64()),
                            ("ms_p10", pa.float64()), ("ms_p90", pa.float64()), ("cudnn_tflops", pa.float64()),
@@ -100,23 +101,34 @@ def append_supervisor(run_dir: str | Path, row: dict) -> None:
     atomic_write_bytes(path, _to_parquet([row], SUPERVISOR_SCHEMA))
 
 
-def compact(run_dir: str | Path) -> Path | None:
-    """Merge part files into one chunk: write the chunk atomically, then remove the parts.
+def compact(run_dir: str | Path, full: bool = False) -> Path | None:
+    """Merge part files into one chunk, and chunks into one once there are MERGE_CHUNKS of them
+    (or always, with full=True: a finished run then reads as one file).
 
-    A crash between the two leaves duplicates, which readers drop by candidate_id.
+    Each merge writes the new file atomically, then removes its inputs; a crash between the two
+    leaves duplicates, which readers drop by candidate_id. Few, larger files keep sweep scans fast.
     """
-    parts = sorted(lineage_dir(run_dir).glob("part-*.parquet"))
-    good = [p for p in parts if _readable(p)]
+    out = _merge(sorted(lineage_dir(run_dir).glob("part-*.parquet")), run_dir)
+    chunks = sorted(lineage_dir(run_dir).glob("chunk-*.parquet"))
+    if len(chunks) >= (2 if full else MERGE_CHUNKS):
+        out = _merge(chunks, run_dir)
+    return out
+
+
+def _merge(files: list[Path], run_dir) -> Path | None:
+    good = [p for p in files if _readable(p)]
     if not good:
         return None
     table = pa.concat_tables([pq.read_table(p) for p in good], promote_options="permissive")
-    first, last = good[0].stem.removeprefix("part-"), good[-1].stem.removeprefix("part-")
+    names = [p.stem.split("-", 1)[1] for p in good]  # part-sXXXXX-aYY / chunk-<first>-<last>
+    first, last = names[0][:10], names[-1][-10:]  # sXXXXX-aYY
     out = lineage_dir(run_dir) / f"chunk-{first}-{last}.parquet"
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     atomic_write_bytes(out, buf.getvalue())
     for p in good:
-        p.unlink(missing_ok=True)
+        if p != out:
+            p.unlink(missing_ok=True)
     return out
 
 

@@ -60,6 +60,7 @@ def run_search(cfg: DictConfig) -> Summary:
     finally:
         operator.close()
         harness.close()
+        lineage.compact(run_dir, full=True)
 
 
 def _open_run(cfg: DictConfig, run_dir: Path, problem: Problem) -> dict:

@@ -1,0 +1,192 @@
+"""Reports: Markdown (with PNG files beside it), self-contained HTML (images embedded) or CSV tables."""
+from __future__ import annotations
+
+import base64
+import difflib
+import html
+import re
+from pathlib import Path
+
+import polars as pl
+
+from avo import lineage
+from avo.analysis import plots, tables
+from avo.analysis.reader import Lineage
+
+MAX_DIFF_LINES = 600
+
+
+def run_table(runs: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """The per-run summary as a reader wants it: rounded, taxonomy in columns, short names."""
+    r = runs
+    return r.select(
+        pl.col("name").alias("run"), *[pl.col(k) for k in keys if k in r.columns],
+        "steps", "attempts", "commits", (pl.col("acceptance") * 100).round(1).alias("accept_%"),
+        pl.col("compile_error").alias("compile"), "incorrect", "crashed", "timeout", "invalid", "error",
+        (pl.col("not_faster") + pl.col("regression") + pl.col("unranked")).alias("not_faster"),
+        pl.col("best_version").alias("best_v"), pl.col("best_score").round(1).alias("best_tflops"),
+        pl.col("speedup").round(2).alias("x_seed"), pl.col("vs_cudnn").round(3), pl.col("vs_fa2").round(3),
+        pl.col("hours").round(2), pl.col("best_hours").round(2).alias("h_to_best"),
+        pl.col("best_tokens").alias("tokens_to_best"), pl.col("interventions").alias("redirects"))
+
+
+def sweep_table(sweep: pl.DataFrame, by: list[str]) -> pl.DataFrame:
+    return sweep.select(
+        *by, "runs", "attempts", "commits", (pl.col("acceptance") * 100).round(1).alias("accept_%"),
+        pl.col("compile_error").alias("compile"), "incorrect", "crashed", "timeout", "invalid",
+        pl.col("best_mean").round(1), pl.col("best_std").round(1), pl.col("best_max").round(1),
+        pl.col("speedup_mean").round(2).alias("x_seed"), pl.col("vs_cudnn_mean").round(3).alias("vs_cudnn"),
+        pl.col("vs_fa2_mean").round(3).alias("vs_fa2"), pl.col("best_hours_median").round(2).alias("h_to_best"))
+
+
+def commit_table(c: pl.DataFrame) -> pl.DataFrame:
+    return c.select("version", "step", "attempt", pl.col("score").round(2),
+                    (pl.col("gain") * 100).round(1).alias("gain_%"), pl.col("n").alias("attempts"),
+                    pl.col("hours").round(3), pl.col("cum_tokens").alias("tokens"),
+                    pl.col("message").str.replace_all(r"\s+", " ").str.slice(0, 160))
+
+
+def config_table(b: pl.DataFrame) -> pl.DataFrame:
+    return b.select("key", pl.col("tflops").round(1), pl.col("cudnn_tflops").round(1).alias("cudnn"),
+                    pl.col("fa2_tflops").round(1).alias("fa2"), pl.col("vs_cudnn").round(3),
+                    pl.col("vs_fa2").round(3), pl.col("ms").round(4), pl.col("max_err"))
+
+
+def markdown(df: pl.DataFrame) -> str:
+    cell = lambda v: "" if v is None else str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.iter_rows()]
+    return "\n".join(lines)
+
+
+def html_table(df: pl.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{'' if v is None else html.escape(str(v))}</td>" for v in row) + "</tr>"
+                   for row in df.iter_rows())
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def best_diff(lin: Lineage, run_id: str) -> str:
+    """Unified diff of the best committed version against the seed (x_0)."""
+    c = tables.commits(lin).filter(pl.col("run_id") == run_id).collect()
+    b = tables.best(lin).filter(pl.col("run_id") == run_id).collect()
+    if c.is_empty() or b.is_empty():
+        return "(no committed version)"
+    seed, best = c.row(0, named=True), b.row(0, named=True)
+    if best["version"] == seed["version"]:
+        return "(the seed is still the best version)"
+    if not seed["source_sha"] or not best["source_sha"]:
+        return "(diff unavailable: the lineage records no source_sha)"
+    try:
+        a = lineage.read_source(seed["run_dir"], seed["source_sha"]).splitlines(keepends=True)
+        z = lineage.read_source(best["run_dir"], best["source_sha"]).splitlines(keepends=True)
+    except FileNotFoundError as e:
+        return f"(diff unavailable: {e})"
+    diff = list(difflib.unified_diff(a, z, f"v{seed['version']} (seed)", f"v{best['version']} (best)"))
+    if len(diff) > MAX_DIFF_LINES:
+        diff = diff[:MAX_DIFF_LINES] + [f"\n... {len(diff) - MAX_DIFF_LINES} more lines\n"]
+    return "".join(diff) or "(identical sources)"
+
+
+class _Doc:
+    """Accumulates sections; images become files (Markdown) or data URIs (HTML)."""
+
+    def __init__(self, fmt: str, out: Path):
+        self.fmt, self.out, self.parts = fmt, out, []
+
+    def h(self, level: int, text: str) -> None:
+        self.parts.append(f"{'#' * level} {text}" if self.fmt == "md" else f"<h{level}>{html.escape(text)}</h{level}>")
+
+    def p(self, text: str) -> None:
+        self.parts.append(text if self.fmt == "md" else f"<p>{html.escape(text)}</p>")
+
+    def table(self, df: pl.DataFrame) -> None:
+        self.parts.append(markdown(df) if self.fmt == "md" else html_table(df))
+
+    def code(self, text: str, lang: str = "") -> None:
+        self.parts.append(f"```{lang}\n{text}\n```" if self.fmt == "md" else f"<pre>{html.escape(text)}</pre>")
+
+    def image(self, path: Path | None) -> None:
+        if path is None:
+            return
+        if self.fmt == "md":
+            self.parts.append(f"![{path.stem}]({path.relative_to(self.out).as_posix()})")
+        else:
+            data = base64.b64encode(path.read_bytes()).decode()
+            self.parts.append(f'<img alt="{path.stem}" src="data:image/png;base64,{data}">')
+
+    def text(self) -> str:
+        body = "\n\n".join(self.parts) + "\n"
+        if self.fmt == "md":
+            return body
+        style = ("body{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em}table{border-collapse:collapse;"
+                 "font-size:12px;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+                 "pre{background:#f6f8fa;padding:.6em;overflow-x:auto;font-size:11px}img{max-width:100%}")
+        return f"<!doctype html><html><head><meta charset='utf-8'><title>AVO lineage report</title>" \
+               f"<style>{style}</style></head><body>\n{body}</body></html>\n"
+
+
+def detail_runs(runs: pl.DataFrame, limit: int) -> list[str]:
+    """The runs given a section of their own: all when few, else the best by score."""
+    ordered = runs.sort("best_score", descending=True, nulls_last=True)
+    return ordered["run_id"].head(limit).to_list()
+
+
+def write(lin: Lineage, out: Path, fmt: str = "md", by: list[str] | None = None, plot: bool = True,
+          detail: int = 12, log=print) -> Path:
+    """Write tables (CSV always), figures and report.{md,html} into `out`; returns the report path."""
+    out.mkdir(parents=True, exist_ok=True)
+    runs = tables.runs_summary(lin)
+    by = by or lin.sweep_keys
+    sweep = tables.sweep_summary(lin, by or None, runs) if len(runs) > 1 else None
+    commits = tables.commits(lin).collect()
+    best = tables.best_configs(lin).collect()
+    runs.write_csv(out / "runs.csv")
+    commits.drop("configs").write_csv(out / "commits.csv")
+    best.write_csv(out / "best_configs.csv")
+    if sweep is not None:
+        sweep.write_csv(out / "sweep.csv")
+    log(f"tables: {out}/runs.csv, commits.csv, best_configs.csv" + (", sweep.csv" if sweep is not None else ""))
+    if fmt == "csv":
+        return out / "runs.csv"
+    doc = _Doc(fmt, out)
+    doc.h(1, f"AVO lineage report: {len(runs)} run(s)")
+    for w in lin.warnings:
+        doc.p(f"Warning: {w}")
+    doc.h(2, "Runs")
+    doc.table(run_table(runs, by or []))
+    if sweep is not None:
+        doc.h(2, "Sweep by " + ", ".join(by or ["kernel", "group", "agent"]))
+        doc.table(sweep_table(sweep, by or ["kernel", "group", "agent"]))
+        if plot:
+            doc.image(plots.sweep(lin, out / "plots" / "sweep.png", by or None, runs))
+    chosen = detail_runs(runs, detail)
+    if len(chosen) < len(runs):
+        doc.p(f"Sections below: the {len(chosen)} runs with the highest best score (--detail).")
+    sup = lin.supervisor.collect()
+    for i, run_id in enumerate(chosen, 1):
+        r = runs.filter(pl.col("run_id") == run_id).row(0, named=True)
+        log(f"[{i}/{len(chosen)}] report section for {r['name']} ({run_id})")
+        doc.h(2, f"Run {r['name']} ({run_id})")
+        doc.p(f"{r['run_dir']}: kernel {r['kernel']}, group {r['group']}, agent {r['agent']}, "
+              f"{r['attempts']} attempts, {r['commits']} commits, best v{r['best_version']} "
+              f"at {r['best_score'] or float('nan'):.1f} TFLOPS.")
+        if plot:
+            d = out / "plots" / re.sub(r"[^\w.-]", "_", run_id)
+            for name, draw in (("trajectory", plots.trajectory), ("progress", plots.progress),
+                               ("configs", plots.config_bars), ("outcomes", plots.outcomes)):
+                doc.image(draw(lin, run_id, d / f"{name}.png"))
+        doc.h(3, "Best version against cuDNN and FA2")
+        doc.table(config_table(best.filter(pl.col("run_id") == run_id)))
+        doc.h(3, "Committed versions")
+        doc.table(commit_table(commits.filter(pl.col("run_id") == run_id)))
+        s = sup.filter(pl.col("run_id") == run_id).sort("at")
+        doc.h(3, f"Supervisor interventions ({len(s)})")
+        if len(s):
+            doc.table(s.select("step", "reason", pl.col("directive").str.slice(0, 300), "operator", "at"))
+        doc.h(3, "Best version against the seed")
+        doc.code(best_diff(lin, run_id), "diff")
+    path = out / f"report.{fmt}"
+    path.write_text(doc.text())
+    log(f"report: {path}")
+    return path

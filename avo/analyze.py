@@ -1,0 +1,58 @@
+"""Tables, plots and a report from the lineage of runs or sweeps.
+
+    python -m avo.analyze outputs/2026-01-01/12-00-00 [more run or sweep dirs] [--out DIR] [--format md|csv|html]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+
+from avo.analysis import AnalysisError, load, report, tables
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m avo.analyze", description=__doc__.splitlines()[0])
+    p.add_argument("paths", nargs="+", help="run directories or sweep directories (searched recursively)")
+    p.add_argument("--out", type=Path, help="output directory (default: <first path>/analysis)")
+    p.add_argument("--format", choices=("md", "html", "csv"), default="md",
+                   help="md: report.md with PNG files; html: one self-contained file; csv: tables only")
+    p.add_argument("--by", help="comma-separated override keys to group a sweep by (default: those that vary)")
+    p.add_argument("--detail", type=int, default=12, help="runs given their own report section (best first)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    t0 = time.perf_counter()
+    try:
+        lin = load(args.paths)
+        by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else None
+        runs = tables.runs_summary(lin)
+        unknown = [k for k in by or [] if k not in runs.columns]
+        if unknown:
+            raise AnalysisError(f"--by {','.join(unknown)}: no such override or run column "
+                                f"(override keys here: {', '.join(lin.override_keys) or 'none'})")
+        print(f"avo.analyze: {len(runs)} run(s), {int(runs['attempts'].sum())} attempts "
+              f"read in {time.perf_counter() - t0:.2f}s")
+        with pl.Config(tbl_rows=50, tbl_cols=-1, tbl_width_chars=200, tbl_hide_column_data_types=True,
+                       tbl_hide_dataframe_shape=True, fmt_str_lengths=40):
+            print(report.run_table(runs, by or lin.sweep_keys))
+            if len(runs) > 1:
+                keys = by or lin.sweep_keys or ["kernel", "group", "agent"]
+                print(report.sweep_table(tables.sweep_summary(lin, keys, runs), keys))
+        out = args.out or Path(args.paths[0]) / "analysis"
+        report.write(lin, out, args.format, by, plot=not args.no_plots, detail=args.detail)
+    except AnalysisError as e:
+        print(f"avo.analyze: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    print(f"avo.analyze: done in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Analysis tables, plots, report and CLI on lineages written with avo.lineage's own writer."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from avo import lineage
+from avo.analysis import AnalysisError, load, tables
+
+ROOT = Path(__file__).resolve().parents[1]
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+KEYS = ("full_b4_s4096_h32-8_d128", "causal_b4_s4096_h32-8_d128")
+# (step, attempt, status, decision, score): the scripted history of one run, one minute per attempt.
+HISTORY = [
+    (0, 0, "ok", "seed", 100.0),
+    (1, 0, "compile_error", "failed", None), (1, 1, "ok", "not_faster", 90.0), (1, 2, "ok", "committed", 120.0),
+    (2, 0, "incorrect", "failed", None), (2, 1, "timeout", "failed", None), (2, 2, "crashed", "failed", None),
+    (3, 0, "invalid", "invalid", None), (3, 1, "ok", "committed", 150.0),
+    (4, 0, "ok", "regression", 160.0),
+]
+
+
+def write_run(run_dir: Path, run_id: str, overrides: list[str], scale: float = 1.0,
+              history=HISTORY) -> None:
+    """A run through the real writer: sources, attempts (compacted when enough), run.json, supervisor."""
+    lineage.write_run_info(run_dir, {"run_id": run_id, "kernel": "gqa", "group": 4, "agent": "mutation",
+                                     "operator": "mutation", "model": "", "seed": "naive",
+                                     "overrides": overrides, "started_at": T0.isoformat()})
+    version, parent = 0, None
+    for i, (step, attempt, status, decision, score) in enumerate(history):
+        committed = decision in ("seed", "committed")
+        score = score * scale if score else None
+        source = f"// version of step {step} attempt {attempt}\n__global__ void k() {{ int x = {i}; }}\n"
+        cid = f"{step:05d}.{attempt:02d}"
+        configs = [{"key": k, "tflops": score * (0.9 + 0.2 * j) if score else None, "ms": 1.0, "ms_p10": 0.9,
+                    "ms_p90": 1.1, "cudnn_tflops": 200.0 + 100 * j, "fa2_tflops": 150.0 + 50 * j, "max_err": 1e-3}
+                   for j, k in enumerate(KEYS)] if score else []
+        lineage.append(run_dir, {
+            "run_id": run_id, "step": step, "attempt": attempt, "candidate_id": cid, "parent_id": parent,
+            "version": (version if decision == "seed" else version + 1) if committed else None,
+            "committed": committed, "decision": decision, "status": status, "ranked": True, "score": score,
+            "best_before": None, "configs": configs, "source_sha": lineage.write_source(run_dir, source),
+            "operator": "mutation", "model": "", "message": f"change {i}", "error": "",
+            "prompt_tokens": 0 if step == 0 else 1000, "completion_tokens": 0 if step == 0 else 200,
+            "llm_calls": 0 if step == 0 else 1, "kernel": "gqa", "heads_q": 32, "heads_kv": 8, "head_dim": 128,
+            "group": 4, "started_at": T0 + timedelta(minutes=i), "finished_at": T0 + timedelta(minutes=i + 1)})
+        if committed:
+            version = version if decision == "seed" else version + 1
+            parent = cid
+    lineage.append_supervisor(run_dir, {"run_id": run_id, "step": 2, "reason": "3 consecutive failures",
+                                        "directive": "try a smaller tile", "operator": "mutation"})
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "sweep"
+    write_run(root / "0", "r0", ["agent=mutation", "group=4", "run_dir=/x", "rng=0"], 1.0)
+    write_run(root / "1", "r1", ["agent=mutation", "group=8", "run_dir=/y", "rng=1"], 2.0)
+    lineage.compact(root / "1")  # one run compacted, one not: both layouts read alike
+    return root
+
+
+def one(df: pl.DataFrame, run_id: str) -> dict:
+    return df.filter(pl.col("run_id") == run_id).row(0, named=True)
+
+
+def test_run_summary_counts_the_taxonomy_and_the_best_version(sweep):
+    runs = tables.runs_summary(load(sweep))
+    r = one(runs, "r0")
+    assert (r["steps"], r["attempts"], r["commits"]) == (4, 9, 2)
+    assert r["acceptance"] == pytest.approx(2 / 9)
+    assert {k: r[k] for k in tables.OUTCOMES[1:]} == {
+        "not_faster": 1, "regression": 1, "unranked": 0, "compile_error": 1, "incorrect": 1, "crashed": 1,
+        "timeout": 1, "invalid": 1, "error": 0}
+    assert (r["best_version"], r["best_score"], r["seed_score"]) == (2, 150.0, 100.0)
+    assert r["speedup"] == pytest.approx(1.5)
+    # the regression (160) is faster on average but was never committed, so it is not the best
+    assert r["vs_cudnn"] == pytest.approx(150.0 / (200.0 * 300.0) ** 0.5)
+    assert r["vs_fa2"] == pytest.approx(150.0 / (150.0 * 200.0) ** 0.5)
+    assert r["best_hours"] == pytest.approx(9 / 60) and r["hours"] == pytest.approx(10 / 60)
+    assert (r["best_tokens"], r["tokens"], r["interventions"]) == (8 * 1200, 9 * 1200, 1)
+    assert one(runs, "r1")["best_score"] == 300.0
+    assert set(runs["group"]) == {"4", "8"} and runs["agent"].to_list() == ["mutation"] * 2
+
+
+def test_commits_carry_the_attempts_hours_and_tokens_spent_to_reach_them(sweep):
+    c = tables.commits(load(sweep)).filter(pl.col("run_id") == "r0").collect()
+    assert c["version"].to_list() == [0, 1, 2]
+    assert c["n"].to_list() == [0, 3, 8]
+    assert c["hours"].to_list() == pytest.approx([1 / 60, 4 / 60, 9 / 60])
+    assert c["cum_tokens"].to_list() == [0, 3 * 1200, 8 * 1200]
+    assert c["gain"].to_list()[1:] == pytest.approx([0.2, 0.25]) and c["gain"][0] is None
+    assert c["message"].to_list() == ["change 0", "change 3", "change 8"]
+
+
+def test_best_configs_compare_each_config_with_the_baselines(sweep):
+    b = tables.best_configs(load(sweep)).filter(pl.col("run_id") == "r1").collect()
+    assert b["key"].to_list() == list(KEYS)
+    assert b["tflops"].to_list() == pytest.approx([270.0, 330.0])
+    assert b["vs_cudnn"].to_list() == pytest.approx([1.35, 1.1])
+    assert b["vs_fa2"].to_list() == pytest.approx([1.8, 1.65])
+
+
+def test_sweep_groups_by_the_overrides_that_vary(sweep):
+    lin = load(sweep)
+    assert lin.sweep_keys == ["group"]  # agent is the same everywhere, run_dir and rng say nothing
+    s = tables.sweep_summary(lin)
+    assert s["group"].to_list() == ["4", "8"] and s["runs"].to_list() == [1, 1]
+    assert s["best_mean"].to_list() == [150.0, 300.0] and s["acceptance"].to_list() == pytest.approx([2 / 9] * 2)
+    both = tables.sweep_summary(lin, ["agent"])
+    assert both["runs"].to_list() == [2] and both["compile_error"].to_list() == [2]
+    assert both["best_mean"].to_list() == [225.0]
+
+
+def test_a_corrupt_part_file_is_reported_and_the_rest_still_counts(sweep):
+    bad = sweep / "0" / "lineage" / "part-s00099-a00.parquet"
+    bad.write_bytes(b"PAR1 truncated")
+    warnings = []
+    r = one(tables.runs_summary(load(sweep, warn=warnings.append)), "r0")
+    assert any(str(bad) in w and "unreadable" in w for w in warnings)
+    assert (r["attempts"], r["commits"], r["best_score"]) == (9, 2, 150.0)
+
+
+def test_files_of_another_schema_version_are_read_with_a_warning(sweep):
+    """A file from before a column existed, one with a column this reader does not know, one retyped."""
+    run = sweep / "0"
+    part = sorted((run / "lineage").glob("part-*.parquet"))
+    old = pq.read_table(part[1]).drop_columns(["power_w", "extra"])
+    pq.write_table(old, part[1])
+    new = pq.read_table(part[2])
+    pq.write_table(new.append_column("l2_hit_rate", pa.array([0.5])), part[2])
+    retyped = pq.read_table(part[3])
+    pq.write_table(retyped.set_column(retyped.schema.get_field_index("step"), "step",
+                                      retyped["step"].cast(pa.int64())), part[3])
+    warnings = []
+    lin = load(sweep, warn=warnings.append)
+    r = one(tables.runs_summary(lin), "r0")
+    assert (r["attempts"], r["commits"], r["compile_error"], r["best_score"]) == (9, 2, 1, 150.0)
+    text = "\n".join(warnings)
+    assert "missing power_w, extra" in text and "extra l2_hit_rate" in text and "other types for step" in text
+    a = lin.attempts.filter(pl.col("run_id") == "r0").collect()
+    assert a["power_w"].null_count() == 10 and a["step"].dtype == pl.Int32 and len(a) == 10
+
+
+def test_a_run_without_run_json_takes_its_id_from_the_lineage(sweep):
+    (sweep / "1" / "run.json").unlink()
+    warnings = []
+    lin = load(sweep, warn=warnings.append)
+    assert any("no readable run.json" in w for w in warnings)
+    assert set(lin.runs["run_id"]) == {"r0", "r1"}
+    assert one(tables.runs_summary(lin), "r1")["best_score"] == 300.0
+
+
+def test_no_lineage_is_one_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AnalysisError, match="no lineage found"):
+        load([tmp_path / "empty", tmp_path / "missing"], warn=lambda m: None)
+    p = subprocess.run([sys.executable, "-m", "avo.analyze", str(tmp_path / "empty")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "holds no lineage" in p.stderr and "no lineage found" in p.stderr
+
+
+def test_markdown_report_has_figures_diff_messages_and_interventions(sweep, tmp_path):
+    from avo.analysis import report
+
+    path = report.write(load(sweep), tmp_path / "out", "md", log=lambda m: None)
+    text = path.read_text()
+    assert "+__global__ void k() { int x = 8; }" in text and "-__global__ void k() { int x = 0; }" in text
+    assert "| 2 | 3 | 1 | 150.0 | 25.0 | 8 | 0.15 | 9600 | change 8 |" in text
+    assert "try a smaller tile" in text and "3 consecutive failures" in text
+    pngs = sorted((tmp_path / "out" / "plots").rglob("*.png"))
+    assert len(pngs) == 9  # four per run and the sweep comparison
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png.relative_to(tmp_path / 'out')})" in text
+    runs = pl.read_csv(tmp_path / "out" / "runs.csv")
+    assert runs.sort("run_id")["best_score"].to_list() == [150.0, 300.0]
+
+
+def test_cli_html_report_is_self_contained(sweep, tmp_path):
+    out = tmp_path / "html"
+    p = subprocess.run([sys.executable, "-m", "avo.analyze", str(sweep), "--out", str(out), "--format", "html"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "2 run(s), 18 attempts" in p.stdout
+    text = (out / "report.html").read_text()
+    assert text.count("data:image/png;base64,") == 9 and "src=\"plots/" not in text
+    assert "x = 8; }" in text and "change 8" in text
+
+
+def test_cli_rejects_an_unknown_group_key(sweep):
+    p = subprocess.run([sys.executable, "-m", "avo.analyze", str(sweep), "--by", "agnet", "--no-plots"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--by agnet" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_analysis_of_a_real_search_run(cfg_factory, tmp_path):
+    """run_search with the NVRTC compile harness on CPU, then the tables agree with its summary."""
+    from avo.search import run_search
+
+    summary = run_search(cfg_factory("harness=compile", "seed=naive", "search=smoke", run_dir=tmp_path / "run"))
+    r = tables.runs_summary(load(tmp_path)).row(0, named=True)
+    assert r["run_id"] == summary.run_id and r["attempts"] == summary.attempts - 1
+    assert r["commits"] == summary.commits and r["kernel"] == "mha"
+    assert r["unranked"] + r["invalid"] == r["attempts"] - r["commits"]
+
+
+def test_rows_left_twice_by_an_interrupted_compaction_count_once(sweep):
+    run = sweep / "0" / "lineage"
+    parts = {p.name: p.read_bytes() for p in run.glob("part-*.parquet")}
+    lineage.compact(sweep / "0")
+    for name, data in list(parts.items())[:4]:  # as if the process died before deleting these parts
+        (run / name).write_bytes(data)
+    r = one(tables.runs_summary(load(sweep)), "r0")
+    assert (r["attempts"], r["commits"], r["compile_error"]) == (9, 2, 1)
+
+
+def test_runs_with_nothing_to_plot_still_get_tables_and_a_report(tmp_path):
+    write_run(tmp_path / "failed_seed", "fs", ["group=4"], history=[(0, 0, "compile_error", "failed", None)])
+    write_run(tmp_path / "seed_only", "so", ["group=8"], history=[(0, 0, "ok", "seed", 100.0)])
+    write_run(tmp_path / "unranked", "un", ["group=2"],
+              history=[(0, 0, "ok", "seed", None), (1, 0, "ok", "unranked", None), (1, 1, "ok", "committed", None)])
+    from avo.analysis import report
+
+    lin = load(tmp_path)
+    runs = tables.runs_summary(lin)
+    fs, so, un = one(runs, "fs"), one(runs, "so"), one(runs, "un")
+    assert (fs["attempts"], fs["acceptance"], fs["best_version"], fs["best_score"]) == (0, None, None, None)
+    assert (so["attempts"], so["best_version"], so["best_score"], so["speedup"]) == (0, 0, 100.0, 1.0)
+    # harness=compile: nothing is timed, so the best is the latest committed version
+    assert (un["attempts"], un["commits"], un["unranked"], un["best_version"]) == (2, 1, 1, 1)
+    text = report.write(lin, tmp_path / "out", "md", log=lambda m: None).read_text()
+    assert "(no committed version)" in text and "(the seed is still the best version)" in text
+    plots = tmp_path / "out" / "plots"
+    assert sorted(p.relative_to(plots).as_posix() for p in plots.rglob("*.png")) == [
+        "so/configs.png", "so/progress.png", "so/trajectory.png", "sweep.png", "un/outcomes.png"]
+
+
+def test_a_file_whose_data_pages_are_damaged_is_skipped_after_the_footer_check(sweep):
+    """The footer reads (so the schema check passes), but a column's pages do not decode."""
+    f = sorted((sweep / "0" / "lineage").glob("part-*.parquet"))[2]  # step 1 attempt 1: not_faster
+    data = bytearray(f.read_bytes())
+    col = pq.read_metadata(f).row_group(0).column(1)
+    start = col.dictionary_page_offset or col.data_page_offset
+    data[start:start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
+    f.write_bytes(bytes(data))
+    warnings = []
+    r = one(tables.runs_summary(load(sweep, warn=warnings.append)), "r0")
+    assert any("skipping damaged lineage file" in w and str(f) in w for w in warnings)
+    assert (r["attempts"], r["not_faster"], r["commits"], r["best_score"]) == (8, 0, 2, 150.0)
