@@ -106,6 +106,8 @@ class LlmAgentConf(AgentConf):
     llm_supervisor: bool = True       # redirect with the LLM; False: rule-based directions only
     knowledge_dirs: list[str] = field(default_factory=list)  # extra markdown folders to search
     profiler: str = "ncu"             # Nsight Compute executable for the profile tool
+    source_in_prompt: bool = True     # put the best source in the first message (off for tiny contexts)
+    tools: list[str] = field(default_factory=list)  # tools offered to the model ([] = all of them)
 
 
 # -- kernel variant (the problem) -----------------------------------------------------------------
@@ -148,6 +150,7 @@ class HarnessConf:
     atol: float = 1e-4
     warmup: int = 3
     iters: int = 10
+    bench_budget_s: float = 2.0       # per benchmark shape: fewer iterations (>= 2) when a kernel is slow
     flush_l2: bool = True
     baselines: list[str] = field(default_factory=lambda: ["cudnn", "flash"])
     roofline_tflops: float = 989.4    # dense BF16 peak; any faster result is an error
@@ -157,6 +160,33 @@ class HarnessConf:
 @dataclass
 class LauncherConf:
     name: str = MISSING               # local | slurm
+    job: str = "search"               # search: run the search; server: serve agent's model (vLLM) for other jobs
+    server_url_file: str = "outputs/servers/${agent.name}.url"  # job=server publishes its base URL here
+    harness_gpus: int = 0             # >0: the last N of CUDA_VISIBLE_DEVICES time kernels, the rest serve vLLM
+
+
+@dataclass
+class SlurmLauncherConf(LauncherConf):
+    """One Slurm job per run (per sweep combination), submitted through submitit; see slurm/README.md."""
+    name: str = "slurm"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    timeout_min: int = 2880           # per job; on the time limit the job checkpoints and requeues itself
+    signal_delay_s: int = 120         # SIGUSR2 this long before the limit (keep it + ~30 s under timeout_min)
+    max_requeues: int = 1000          # time-limit requeues per run (preemptions do not count)
+    gpus_per_node: int = 0
+    harness_gpus: int = 1             # the last N allocated GPUs time kernels; the others serve the model
+    cpus_per_task: int = 8
+    mem_gb: float = 64.0
+    max_parallel: int = 0             # >0: at most this many jobs of one sweep run at once (singleton lanes)
+    setup: list[str] = field(default_factory=list)        # shell lines before the job: module load, venv
+    python: str | None = None         # how the job starts Python, e.g. "apptainer exec --nv avo.sif python"
+    additional_parameters: dict[str, Any] = field(default_factory=dict)  # any other #SBATCH --key=value
+    srun_args: list[str] = field(default_factory=list)
+    wait: bool = False                # block until the job ends (tests, short runs); else submit and return
+    poll_s: float = 10.0              # state polling period while waiting
 
 
 @dataclass
@@ -182,6 +212,7 @@ def register() -> None:
     cs.store(group="kernel", name="base_kernel", node=KernelConf)
     cs.store(group="harness", name="base_harness", node=HarnessConf)
     cs.store(group="launcher", name="base_launcher", node=LauncherConf)
+    cs.store(group="launcher", name="base_slurm", node=SlurmLauncherConf)
     _register_resolvers()
     for extra in _EXTRA_SCHEMAS:
         extra(cs)
@@ -230,7 +261,8 @@ def validate(cfg: DictConfig) -> None:
         if v < 0:
             raise ConfigError(f"search.stagnation.{name}={v} must be >= 0")
     if k.bench.tokens < 1 or any(n < 1 or k.bench.tokens % n for n in k.bench.seqlens):
-        raise ConfigError(f"kernel.bench.seqlens {list(k.bench.seqlens)} must divide kernel.bench.tokens={k.bench.tokens}")
+        raise ConfigError(f"kernel.bench.seqlens {list(k.bench.seqlens)} must divide "
+                          f"kernel.bench.tokens={k.bench.tokens}")
     if cfg.harness.timeout_s <= 0 or cfg.harness.iters < 1:
         raise ConfigError("harness.timeout_s must be positive and harness.iters >= 1")
 

@@ -23,9 +23,10 @@ class SandboxHarness:
     def __init__(self, cfg, work_dir: Path):
         self.cfg = cfg
         self.work_dir = Path(work_dir)
+        self.arch = cfg.arch  # NVRTC target; the GPU harness resolves "auto" to the device's own
 
     def job(self, problem: Problem) -> dict:
-        return {"mode": self.mode, "problem": asdict(problem), "arch": self.cfg.arch,
+        return {"mode": self.mode, "problem": asdict(problem), "arch": self.arch,
                 "cache_dir": str(Path(self.cfg.cache_dir).expanduser()) if self.cfg.cache_dir else None,
                 "harness": self._cfg_dict()}
 
@@ -36,12 +37,18 @@ class SandboxHarness:
 
     def evaluate(self, source: str, problem: Problem, mode: str | None = None) -> EvalResult:
         """mode: the worker mode; None is the harness's full evaluation ("check" = correctness only)."""
+        return self.run_job(self.write_job(source, problem, mode))
+
+    def write_job(self, source: str, problem: Problem, mode: str | None = None) -> Path:
         job = self.job(problem)
         job["mode"] = self.worker_mode(mode)
         h = hashlib.sha256(source.encode()).hexdigest()[:16]
         job_dir = self.work_dir / f"{h}-{job['mode']}"
         atomic_write_text(job_dir / "source.cu", source)
         atomic_write_json(job_dir / "job.json", job)
+        return job_dir
+
+    def run_job(self, job_dir: Path) -> EvalResult:
         return run_worker(job_dir, self.cfg.timeout_s, env=self.env())
 
     def worker_mode(self, mode: str | None) -> str:

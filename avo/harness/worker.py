@@ -1,4 +1,4 @@
-"""The child side of the harness: python -m avo.harness.worker JOB_DIR.
+"""The child side of the harness: python -m avo.harness.worker JOB_DIR (or --standby).
 
 Reads JOB_DIR/job.json and JOB_DIR/source.cu, writes JOB_DIR/result.json atomically.
 Everything that touches candidate code (NVRTC, the CUDA context) happens here.
@@ -12,8 +12,8 @@ import traceback
 from pathlib import Path
 
 from avo.fsutil import atomic_write_json
-from avo.harness.sandbox import RESULT
 from avo.harness.nvrtc import compile_source
+from avo.harness.sandbox import RESULT
 from avo.types import EvalResult, Problem, Shape, Status
 
 
@@ -34,20 +34,80 @@ def compile_only(source: str, job: dict) -> EvalResult:
     return EvalResult(Status.OK, ranked=False, smem_bytes=c.launch.smem, threads=c.launch.threads, **common)
 
 
-MODES = {"compile": compile_only}
+def _log(line: str) -> None:
+    print(line, flush=True)  # the worker's stdout is JOB_DIR/worker.log
+
+
+def gpu_evaluate(source: str, job: dict, check_only: bool = False) -> EvalResult:
+    from avo.harness.evaluate import evaluate
+
+    return evaluate(source, problem_from_dict(job["problem"]), job["harness"], job["arch"],
+                    job.get("cache_dir"), check_only, _log)
+
+
+def gpu_check(source: str, job: dict) -> EvalResult:
+    return gpu_evaluate(source, job, check_only=True)
+
+
+def gpu_bench(source: str, job: dict) -> EvalResult:
+    """Several named sources (job["sources"]: name -> path), verified, then timed interleaved.
+
+    Writes JOB_DIR/bench.json (name -> EvalResult); the returned result summarises the batch.
+    """
+    from avo.harness.evaluate import benchmark, device_arch, finish, prepare, run_checks
+
+    problem, hc = problem_from_dict(job["problem"]), job["harness"]
+    arch = device_arch(hc.get("device", 0)) if job["arch"] == "auto" else job["arch"]
+    results, kernels = {}, {}
+    for name, path in job["sources"].items():
+        _log(f"== {name}: compile and verify")
+        kernel, res = prepare(Path(path).read_text(), problem, hc, arch, job.get("cache_dir"), False, _log)
+        results[name] = res
+        if kernel is not None and run_checks(kernel, problem, hc, res, _log):
+            kernels[name] = kernel
+    if kernels:
+        _log(f"== timing {', '.join(kernels)} with baselines {', '.join(hc['baselines'])}")
+        t0 = time.perf_counter()
+        configs, errors, sensed = benchmark(kernels, problem, hc, _log)
+        for name in kernels:
+            finish(results[name], configs[name], errors.get(name), sensed, time.perf_counter() - t0)
+    atomic_write_json(Path(job["job_dir"]) / "bench.json", {n: r.to_dict() for n, r in results.items()})
+    bad = [n for n, r in results.items() if not r.ok]
+    return EvalResult(Status.ERROR if bad else Status.OK, error=f"not ok: {', '.join(bad)}" if bad else "")
+
+
+MODES = {"compile": compile_only, "evaluate": gpu_evaluate, "check": gpu_check, "bench": gpu_bench}
 
 
 def main(job_dir: str) -> int:
     job_dir = Path(job_dir)
     job = json.loads((job_dir / "job.json").read_text())
-    source = (job_dir / "source.cu").read_text()
+    job["job_dir"] = str(job_dir)
+    source_path = job_dir / "source.cu"
+    source = source_path.read_text() if source_path.exists() else ""
     try:
         result = MODES[job["mode"]](source, job)
     except Exception as e:  # noqa: BLE001 - everything is reported to the parent as a result
-        result = EvalResult(Status.CRASHED, error=f"{type(e).__name__}: {e}", log=traceback.format_exc()[-8000:])
+        first = (str(e).strip().splitlines() or [""])[0]  # torch appends paragraphs of advice
+        result = EvalResult(Status.CRASHED, error=f"{type(e).__name__}: {first}", log=traceback.format_exc()[-8000:])
     atomic_write_json(job_dir / RESULT, result.to_dict())
     return 0
 
 
+def standby(device: int) -> int:
+    """`--standby`: pay for the torch import and CUDA start-up now, then run the job whose
+    directory arrives on stdin (EOF: exit). The GPU harness keeps one such spare ready."""
+    t0 = time.perf_counter()
+    import torch
+
+    import avo.harness.evaluate  # noqa: F401 - the import is the point: it is the slow part
+
+    torch.cuda.set_device(device)
+    torch.empty(1, device="cuda")
+    _log(f"standby: torch and CUDA ready in {time.perf_counter() - t0:.2f} s")
+    job_dir = sys.stdin.readline().strip()
+    return main(job_dir) if job_dir else 0
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(standby(int(sys.argv[2])) if sys.argv[1] == "--standby" else main(sys.argv[1]))

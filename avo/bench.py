@@ -1,0 +1,158 @@
+"""Benchmark seed kernels against cuDNN and FlashAttention-2 with the search's own harness.
+
+    python -m avo.bench kernel=mha seed=naive
+    python -m avo.bench kernel=gqa group=8 seeds=[naive,sm80] out=outputs/bench/x
+
+Every other argument is a Hydra override of conf/config.yaml, so the shapes, tolerances and
+timing protocol are exactly those a search with the same overrides would use. All seeds are
+verified, then timed interleaved with the baselines in one worker process. Writes bench.json
+and bench.parquet (one row per seed and shape) to `out`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+from avo.fsutil import atomic_write_json, atomic_write_text
+from avo.types import EvalResult
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels_cuda"
+
+
+def _split_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+    seeds, out, rest = [], None, []
+    for a in argv:
+        if a.startswith("seeds="):
+            seeds = [s.strip() for s in a[len("seeds="):].strip("[]").split(",") if s.strip()]
+        elif a.startswith("out="):
+            out = a[len("out="):]
+        else:
+            rest.append(a)
+    return seeds, out, rest
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from avo.config import register
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return hydra_compose("config", overrides=overrides)
+
+
+def seed_source(spec: str) -> str:
+    path = KERNELS_DIR / spec / f"{spec}.cu"
+    if path.exists():
+        return path.read_text()
+    if spec.endswith(".cu") and Path(spec).is_file():
+        return Path(spec).read_text()
+    from avo.seeds import resolve  # a run directory: needs the lineage reader
+
+    return resolve(spec).source
+
+
+def _follow(path: Path, done: threading.Event) -> None:
+    """Echo the worker's log as it grows (the worker prints one line per step)."""
+    pos = 0
+    while True:
+        finished = done.is_set()
+        if path.exists():
+            with open(path, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos += len(chunk)
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+        if finished:
+            return
+        done.wait(0.5)
+
+
+def print_table(problem, results: dict[str, EvalResult]) -> None:
+    names = [n for n, r in results.items() if r.configs]
+    head = f"{'shape':<36}" + "".join(f"{n[:14]:>15}" for n in names) + f"{'cuDNN':>9}{'FA2':>9}" + \
+        "".join(f"{'/cuDNN ' + n[:7]:>15}" for n in names)
+    print(head)
+    print("-" * len(head))
+    for i, shape in enumerate(problem.bench):
+        cfgs = [results[n].configs[i] if i < len(results[n].configs) else None for n in names]
+        ref = next((c for c in cfgs if c is not None), None)
+        fmt = lambda x: f"{x:.1f}" if x is not None else "-"  # noqa: E731
+        print(f"{shape.key:<36}" + "".join(f"{fmt(c.tflops if c else None):>15}" for c in cfgs)
+              + f"{fmt(ref.cudnn_tflops if ref else None):>9}{fmt(ref.fa2_tflops if ref else None):>9}"
+              + "".join(f"{(f'{c.vs_cudnn:.3f}' if c and c.vs_cudnn else '-'):>15}" for c in cfgs))
+    for n, r in results.items():
+        score = f"{r.score:.1f} TFLOPS geomean" if r.score else "no score"
+        print(f"{n}: {r.status.value}, {score}; compile {r.compile_s:.2f} s, verify {r.verify_s:.2f} s, "
+              f"bench {r.bench_s:.2f} s" + (f"; {r.error}" if r.error else ""))
+
+
+def write_outputs(out: Path, problem, results: dict[str, EvalResult], meta: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    atomic_write_json(out / "bench.json", {"meta": meta, "results": {n: r.to_dict() for n, r in results.items()}})
+    rows = []
+    for n, r in results.items():
+        for c in r.configs:
+            rows.append({"seed": n, "status": r.status.value, "gpu": r.gpu, "key": c.key, "tflops": c.tflops,
+                         "ms": c.ms, "ms_p10": c.ms_p10, "ms_p90": c.ms_p90, "cudnn_tflops": c.cudnn_tflops,
+                         "fa2_tflops": c.fa2_tflops, "vs_cudnn": c.vs_cudnn, "sm_clock_mhz": r.sm_clock_mhz,
+                         "power_w": r.power_w, **{k: v for k, v in meta.items() if k != "seeds"}})
+    if rows:
+        pq.write_table(pa.Table.from_pylist(rows), out / "bench.parquet")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from avo.harness.gpu import GpuHarness
+    from avo.harness.sandbox import run_worker
+    from avo.problem import problem_from_cfg
+
+    seeds, out, overrides = _split_args(sys.argv[1:] if argv is None else argv)
+    cfg = compose(overrides)
+    seeds = seeds or [str(cfg.seed)]
+    problem = problem_from_cfg(cfg.kernel)
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    out = Path(out or f"outputs/bench/{stamp}_{problem.name}_g{cfg.group}")
+    print(f"bench: {problem.name} ({problem.heads_q}/{problem.heads_kv} heads, d{problem.head_dim}), "
+          f"{len(problem.bench)} shapes, seeds {seeds} -> {out}", flush=True)
+    harness = GpuHarness(cfg.harness, out / "jobs", spare=False)
+    job = harness.job(problem)
+    job["mode"] = "bench"
+    job_dir = out / "jobs" / ("bench-" + hashlib.sha256(json.dumps([seeds, overrides]).encode()).hexdigest()[:12])
+    job["sources"] = {}
+    for s in seeds:
+        path = job_dir / f"{Path(s).stem}.cu"
+        atomic_write_text(path, seed_source(s))
+        job["sources"][Path(s).stem] = str(path.resolve())
+    atomic_write_json(job_dir / "job.json", job)
+    print(f"bench: worker log at {job_dir / 'worker.log'}", flush=True)
+    done = threading.Event()
+    tail = threading.Thread(target=_follow, args=(job_dir / "worker.log", done), daemon=True)
+    tail.start()
+    try:
+        summary = run_worker(job_dir, cfg.harness.timeout_s * len(seeds), env=harness.env())
+    finally:
+        done.set()
+        tail.join()
+    if not (job_dir / "bench.json").exists():
+        print(f"bench: the worker failed: {summary.status.value}: {summary.error}", file=sys.stderr)
+        return 1
+    results = {n: EvalResult.from_dict(d) for n, d in json.loads((job_dir / "bench.json").read_text()).items()}
+    meta = {"kernel": problem.name, "group": int(cfg.group), "arch": harness.arch, "seeds": seeds,
+            "timestamp": stamp}
+    write_outputs(out, problem, results, meta)
+    print_table(problem, results)
+    print(f"bench: wrote {out / 'bench.json'} and {out / 'bench.parquet'}")
+    return 0 if summary.ok else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""CPU tests of the GPU harness's logic: ABI layout, static gate, reference, checks, timing stats."""
+from __future__ import annotations
+
+import ctypes
+import io
+import math
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from avo.harness.check import compare
+from avo.harness.launch import FIELD_NAMES, AvoAttnParams
+from avo.harness.reference import attention_ref
+from avo.harness.static import check_source
+from avo.harness.timing import _quantile, hidden_work
+
+ROOT = Path(__file__).resolve().parents[1]
+NAIVE = (ROOT / "kernels_cuda" / "naive" / "naive.cu").read_text()
+
+
+def _device_ints(cubin: bytes, symbol: str) -> list[int]:
+    from elftools.elf.elffile import ELFFile
+
+    elf = ELFFile(io.BytesIO(cubin))
+    sym = elf.get_section_by_name(".symtab").get_symbol_by_name(symbol)[0]
+    data = elf.get_section(sym["st_shndx"]).data()[sym["st_value"]:sym["st_value"] + sym["st_size"]]
+    return list(struct.unpack(f"<{len(data) // 4}i", data))
+
+
+def test_params_layout_matches_the_header():
+    """offsetof/sizeof of every AvoAttnParams field, as NVRTC lays it out, equal the ctypes struct."""
+    pytest.importorskip("cuda.core")
+    from cuda.core import Program, ProgramOptions
+
+    from avo.harness.nvrtc import INCLUDE_DIR, cuda_include_dir
+
+    entries = ["sizeof(AvoAttnParams)", "alignof(AvoAttnParams)"] + \
+              [f"__builtin_offsetof(AvoAttnParams, {n})" for n in FIELD_NAMES]
+    src = ("#include <avo/attention.cuh>\n"
+           f"extern \"C\" __device__ const int avo_layout[{len(entries)}] = {{{', '.join(entries)}}};\n"
+           "extern \"C\" __global__ void probe(int* out) { out[0] = avo_layout[threadIdx.x]; }\n")
+    opts = ProgramOptions(arch="sm_90a", std="c++17", include_path=[str(INCLUDE_DIR), cuda_include_dir()])
+    cubin = Program(src, "c++", options=opts).compile("cubin").code
+    got = _device_ints(cubin, "avo_layout")
+    want = [ctypes.sizeof(AvoAttnParams), 64] + [getattr(AvoAttnParams, n).offset for n in FIELD_NAMES]
+    assert dict(zip(entries, got, strict=True)) == dict(zip(entries, want, strict=True))
+
+
+@pytest.mark.parametrize("snippet, rule", [
+    ("cudaStream_t s; cudaStreamCreate(&s);", "streams"),
+    ("kernel<<<1, 32>>>(p);", "launches"),
+    ('asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));', "clocks"),
+    ("long long t = clock64();", "clocks"),
+    ('asm("exit;");', "exit"),
+    ("attr.accessPolicyWindow.num_bytes = 1;", "L2"),
+    ("void* x = malloc(16);", "allocates"),
+    ("#include <cstdio>", "header"),
+    ('printf("%d", 1);', "printf"),
+])
+def test_static_gate_rejects(snippet, rule):
+    why = check_source(NAIVE + "\n" + snippet + "\n")
+    assert why is not None and rule in why
+    assert why.startswith(f"line {NAIVE.count(chr(10)) + 2}:")
+
+
+def test_static_gate_accepts_seed_and_comments():
+    assert check_source(NAIVE) is None
+    assert check_source(NAIVE + "\n// no cudaStreamCreate or printf( here\n/* clock64() */\n") is None
+    assert check_source('printf("debug %d", 1);', allow_printf=True) is None
+
+
+def _manual(q, k, v, causal):
+    sq, sk, d = q.shape[1], k.shape[1], q.shape[3]
+    g = q.shape[2] // k.shape[2]
+    kk, vv = k.float().repeat_interleave(g, 2), v.float().repeat_interleave(g, 2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), kk) / math.sqrt(d)
+    if causal:
+        s = s.masked_fill(torch.arange(sk)[None] > torch.arange(sq)[:, None] + sk - sq, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1).nan_to_num(0), vv), torch.logsumexp(s, -1)
+
+
+@pytest.mark.parametrize("sq, sk, hq, hkv, causal", [(17, 17, 4, 2, True), (30, 50, 4, 4, True),
+                                                      (50, 30, 4, 1, True), (33, 33, 2, 2, False)])
+def test_reference_matches_plain_softmax(sq, sk, hq, hkv, causal):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, s, h, 64, generator=g).bfloat16() for s, h in ((sq, hq), (sk, hkv), (sk, hkv)))
+    o, lse = attention_ref(q, k, v, causal)
+    mo, mlse = _manual(q, k, v, causal)
+    assert (o - mo).abs().max() < 1e-5
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(mlse))
+    fin = ~torch.isneginf(mlse)
+    assert (lse[fin] - mlse[fin]).abs().max() < 1e-5
+    if sq > sk and causal:  # bottom-right aligned: the first sq - sk rows see no key
+        assert torch.isneginf(lse[:, :, : sq - sk]).all() and (o[:, : sq - sk] == 0).all()
+    rows = torch.tensor([0, sq // 2, sq - 1])
+    ro, rl = attention_ref(q, k, v, causal, rows=rows)
+    assert torch.allclose(ro, o[:, rows], atol=1e-6) and torch.allclose(rl, lse[:, :, rows], atol=1e-6, equal_nan=True)
+
+
+@pytest.fixture
+def case():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 70, 2, 64, generator=g).bfloat16() for _ in range(3))
+    o, lse = attention_ref(q, k, v, True)
+    return q, k, v, o.bfloat16(), lse
+
+
+def test_compare_accepts_a_bf16_rounded_reference(case):
+    q, k, v, o, lse = case
+    ok, err, msg = compare(o, lse, q, k, v, True, 2.0, 1e-4, 1e-3)
+    assert ok, msg
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda o, lse: o.view(-1).__setitem__(5, float("nan")), "NaN"),
+    (lambda o, lse: lse.view(-1).__setitem__(3, float("nan")), "NaN"),
+    (lambda o, lse: o.view(-1).__setitem__(7, float("inf")), "Inf"),
+    (lambda o, lse: o.mul_(1.05), "max|O - ref|"),
+    (lambda o, lse: lse.add_(0.01), "LSE"),
+    (lambda o, lse: lse.view(-1).__setitem__(0, float("-inf")), "-inf"),
+    (lambda o, lse: o.zero_(), "max|O - ref|"),
+])
+def test_compare_rejects(case, damage, words):
+    q, k, v, o, lse = case
+    damage(o, lse)
+    ok, _, msg = compare(o, lse, q, k, v, True, 2.0, 1e-4, 1e-3)
+    assert not ok and words in msg
+
+
+def test_quantile_and_hidden_work():
+    xs = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert (_quantile(xs, 0.5), _quantile(xs, 0.0), _quantile(xs, 1.0), _quantile(xs, 0.1)) == (3.0, 1.0, 5.0, 1.4)
+    assert not hidden_work(10.0, 10.2)     # launch overhead
+    assert hidden_work(0.01, 5.0)          # events saw almost nothing, the device was busy
+
+
+def test_arch_of():
+    from avo.harness.gpu import arch_of
+
+    assert [arch_of(c) for c in ([9, 0], [10, 0], [8, 6])] == ["sm_90a", "sm_100a", "sm_86"]
+
+
+def test_gpu_harness_unavailable_names_the_cpu_alternative(tmp_path):
+    from avo.harness import HarnessUnavailable
+    from avo.harness.gpu import probe_gpu
+
+    has_gpu = subprocess.run([sys.executable, "-c", "import torch; assert torch.cuda.is_available()"]).returncode == 0
+    if has_gpu:
+        pytest.skip("a GPU is visible here")
+    with pytest.raises(HarnessUnavailable, match="harness=compile"):
+        probe_gpu(0)
+
+
+def test_bench_arguments_split_from_hydra_overrides():
+    from avo.bench import _split_args
+
+    seeds, out, rest = _split_args(["kernel=gqa", "seeds=[naive, sm80]", "out=/tmp/b", "group=8"])
+    assert (seeds, out, rest) == (["naive", "sm80"], "/tmp/b", ["kernel=gqa", "group=8"])
+
+
+def test_bench_composes_the_search_config():
+    from avo.bench import compose
+    from avo.problem import problem_from_cfg
+
+    cfg = compose(["kernel=gqa", "group=8", "harness.bench_budget_s=1.5"])
+    p = problem_from_cfg(cfg.kernel)
+    assert (p.heads_q, p.heads_kv, cfg.harness.name, cfg.harness.arch) == (32, 4, "gpu", "auto")
+    assert cfg.harness.bench_budget_s == 1.5 and len(p.bench) == 8
+
+
+ADVERSARIAL = sorted((ROOT / "tests" / "gpu" / "adversarial").glob("*.cu"))
+
+
+@pytest.mark.parametrize("path", ADVERSARIAL, ids=lambda p: p.stem)
+def test_adversarial_kernels_reach_the_stage_they_target(path):
+    """Those expected to be rejected statically are; all others pass the gate and compile, so the
+    GPU suite really exercises the correctness, crash and timeout defences."""
+    pytest.importorskip("cuda.core")
+    from avo.harness.nvrtc import compile_source
+
+    source = path.read_text()
+    why = check_source(source)
+    if "// expect: compile_error" in source:
+        assert why is not None
+    else:
+        assert why is None
+        c = compile_source(source, "sm_90a", 128)
+        assert c.ok, c.log
+
+
+def test_pack_params_fills_pointers_strides_and_scale():
+    from avo.contract import LaunchSpec
+    from avo.harness.launch import pack_params
+
+    q = torch.zeros(2, 5, 4, 64, dtype=torch.bfloat16)
+    k, v = torch.zeros(2, 7, 2, 64, dtype=torch.bfloat16), torch.zeros(2, 7, 2, 64, dtype=torch.bfloat16)
+    o, lse, tc = torch.zeros_like(q), torch.zeros(2, 4, 5), torch.zeros(1, dtype=torch.int32)
+    spec = LaunchSpec(128, 0, 64, 0, 0, 0, 1, 1)
+    p = pack_params(q, k, v, o, lse, True, 132, tc, spec)
+    assert (p.q, p.k, p.v, p.o, p.lse, p.tile_counter) == tuple(t.data_ptr() for t in (q, k, v, o, lse, tc))
+    assert (p.q_batch_stride, p.q_row_stride, p.q_head_stride) == (5 * 4 * 64, 4 * 64, 64)
+    assert (p.k_batch_stride, p.k_row_stride, p.k_head_stride) == (7 * 2 * 64, 2 * 64, 64)
+    assert (p.lse_batch_stride, p.lse_head_stride) == (20, 5)
+    assert (p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k, p.head_dim, p.causal, p.num_sms) == \
+        (2, 4, 2, 5, 7, 64, 1, 132)
+    assert p.softmax_scale == pytest.approx(0.125) and p.softmax_scale_log2 == pytest.approx(0.125 * math.log2(math.e))
+    assert bytes(p.tma_q) == bytes(128)  # no tensor maps unless the launch spec asks for them
