@@ -197,7 +197,7 @@ class Config:
     harness: Any = MISSING
     launcher: Any = MISSING
     group: int = 1                    # GQA group size: query heads per KV head (not a Hydra config group)
-    seed: str = "sm80"                # seed kernel: a name in kernels_cuda/, a .cu path, or <run dir>[:<version>]
+    seed: str = "sm90"                # seed kernel: a name in kernels_cuda/, a .cu path, or <run dir>[:<version>]
     rng: int = 0                      # random seed of the operator
     resume: str | None = None         # an existing run directory to continue
     run_dir: str = "${hydra:runtime.output_dir}"

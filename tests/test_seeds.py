@@ -47,3 +47,9 @@ def test_unsupported_head_dim_is_a_compile_error_not_a_wrong_answer():
         if 64 not in spec["head_dims"]:
             c = compile_source((KERNELS_DIR / name / f"{name}.cu").read_text(), "sm_90a", 64)
             assert not c.ok
+
+
+def test_sm90_rejects_a_register_budget_over_the_file():
+    src = (KERNELS_DIR / "sm90" / "sm90.cu").read_text()
+    c = compile_source(set_tunables(src, {"PRODUCER_REGS": "40", "CONSUMER_REGS": "240"}), "sm_90a", 128)
+    assert not c.ok and "static assertion" in c.log
