@@ -138,8 +138,9 @@ class GpuHarness(SandboxHarness):
             spare[1].unlink(missing_ok=True)
 
     def worker_mode(self, mode: str | None) -> str:
-        if mode not in (None, "evaluate", "check"):
-            raise ValueError(f"mode={mode!r}: use None (full evaluation) or 'check' (correctness only)")
+        if mode not in (None, "evaluate", "check", "compile"):
+            raise ValueError(f"mode={mode!r}: use None (full evaluation), 'check' (correctness only) "
+                             "or 'compile' (NVRTC and resources only)")
         return mode or self.mode
 
     def env(self) -> dict[str, str]:

@@ -1,0 +1,285 @@
+"""The agent's tools: schemas offered to the model and their implementations over one proposal's state.
+
+Every tool returns text for the model. Bad arguments, failed edits and harness failures come back as
+tool results the model can act on; nothing here raises into the conversation loop.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from avo.agent.edits import Edit, EditError, apply_edits, unified_diff
+from avo.agent.knowledge import KnowledgeBase
+from avo.agent.memory import Notes
+from avo.lineage import sha256
+from avo.types import EvalResult, StepContext
+
+
+def _fn(name: str, description: str, props: dict[str, dict] | None = None, required: list[str] | None = None):
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": props or {}, "required": required or [], "additionalProperties": False}}}
+
+
+_REF = {"type": "string", "description": "current (your working copy), best, v<k> (committed version k), "
+                                         "or attempt<i> (an earlier failed attempt of this step)"}
+SCHEMAS = [
+    _fn("view_source", "Show a kernel source with line numbers.",
+        {"which": _REF, "start_line": {"type": "integer"}, "end_line": {"type": "integer"}}),
+    _fn("diff", "Unified diff between two sources.", {"a": _REF, "b": _REF}, ["a", "b"]),
+    _fn("lineage", "The committed versions (score, message) and this step's failed attempts."),
+    _fn("edit", "Replace one exact, unique piece of the working copy. `search` is copied verbatim from it.",
+        {"search": {"type": "string"}, "replace": {"type": "string"}}, ["search", "replace"]),
+    _fn("rewrite", "Replace the whole working copy with a complete kernel source.",
+        {"source": {"type": "string"}}, ["source"]),
+    _fn("compile", "Compile the working copy: errors, registers, spills, shared memory, threads."),
+    _fn("test", "Correctness check of the working copy on small shapes (fast)."),
+    _fn("benchmark", "Full evaluation of the working copy: correctness, then TFLOPS per benchmark config "
+                     "and the ratio to cuDNN (slow)."),
+    _fn("profile", "Nsight Compute summary of the working copy, where a profiler is available."),
+    _fn("search_knowledge", "Search the knowledge base (Hopper, PTX, FlashAttention, the kernel contract, "
+                            "this run's lessons).", {"query": {"type": "string"}}, ["query"]),
+    _fn("read_notes", "Read your notes from earlier steps."),
+    _fn("write_note", "Save a note for later steps (what worked, what failed, ideas).",
+        {"text": {"type": "string"}}, ["text"]),
+    _fn("submit", "Submit the working copy as this step's candidate; the harness decides whether it is committed. "
+                  "Ends the step.", {"message": {"type": "string", "description": "what changed and why"}},
+        ["message"]),
+]
+NAMES = [s["function"]["name"] for s in SCHEMAS]
+EDITING = ("edit", "rewrite")
+
+
+@dataclass
+class ToolResult:
+    text: str
+    ok: bool
+    source_changed: bool = False
+
+
+def truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    head = limit * 2 // 3
+    tail = limit - head
+    return f"{text[:head]}\n... [{len(text) - limit} characters cut] ...\n{text[-tail:]}"
+
+
+@dataclass
+class Workbench:
+    """One proposal's state: the working copy and what the harness said about it."""
+    ctx: StepContext
+    notes: Notes
+    knowledge: KnowledgeBase
+    profiler: str = "ncu"
+    output_chars: int = 12_000
+    offered: tuple[str, ...] = tuple(NAMES)
+    source: str = ""
+    compiled_ok: str | None = None      # the last working copy that compiled
+    checked_ok: str | None = None       # the last working copy that passed the correctness check
+    submitted: tuple[str, str] | None = None  # (source, message)
+    calls: dict[str, int] = field(default_factory=dict)
+    errors: int = 0
+    _evals: dict[tuple[str, str], EvalResult] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.source = self.source or self.ctx.best.source
+        self.versions = {f"v{v.version}": v for v in self.ctx.history}
+
+    # -- dispatch --------------------------------------------------------------------------------
+    def call(self, name: str, raw_args: str | dict | None) -> ToolResult:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        impl: Callable[..., ToolResult] | None = getattr(self, f"t_{name}", None) if name in self.offered else None
+        if impl is None:
+            return self._err(f"unknown tool {name!r}; the tools are: {', '.join(self.offered)}")
+        try:
+            args = raw_args if isinstance(raw_args, dict) else json.loads(raw_args or "{}")
+        except ValueError as e:
+            return self._err(f"the arguments of {name} are not valid JSON ({e}); send one JSON object")
+        if not isinstance(args, dict):
+            return self._err(f"the arguments of {name} must be a JSON object, got {type(args).__name__}")
+        spec = SCHEMAS[NAMES.index(name)]["function"]["parameters"]
+        missing = [k for k in spec["required"] if k not in args]
+        unknown = [k for k in args if k not in spec["properties"]]
+        if missing or unknown:
+            return self._err(f"{name}: " + "; ".join(
+                ([f"missing {', '.join(missing)}"] if missing else []) +
+                ([f"unknown argument {', '.join(unknown)}"] if unknown else [])) +
+                f" (parameters: {', '.join(spec['properties']) or 'none'})")
+        try:
+            r = impl(**args)
+        except (TypeError, ValueError, KeyError, EditError) as e:
+            return self._err(f"{name}: {e}")
+        if not r.ok:
+            self.errors += 1
+        return ToolResult(truncate(r.text, self.output_chars), r.ok, r.source_changed)
+
+    def _err(self, text: str) -> ToolResult:
+        self.errors += 1
+        return ToolResult(text, False)
+
+    def resolve(self, ref: str | None) -> str:
+        ref = (ref or "current").strip().lower()
+        if ref == "current":
+            return self.source
+        if ref == "best":
+            return self.ctx.best.source
+        if ref in self.versions:
+            return self.versions[ref].source
+        if ref.startswith("attempt") and ref[7:].isdigit() and int(ref[7:]) < len(self.ctx.failures):
+            return self.ctx.failures[int(ref[7:])].source
+        known = ["current", "best", *self.versions, *(f"attempt{i}" for i in range(len(self.ctx.failures)))]
+        raise KeyError(f"unknown source {ref!r}; known: {', '.join(known)}")
+
+    # -- viewing ---------------------------------------------------------------------------------
+    def t_view_source(self, which: str = "current", start_line: int = 1, end_line: int | None = None) -> ToolResult:
+        lines = self.resolve(which).splitlines()
+        lo = max(1, int(start_line))
+        hi = min(len(lines), int(end_line) if end_line else len(lines))
+        body = "\n".join(f"{i:4d}  {lines[i - 1]}" for i in range(lo, hi + 1))
+        return ToolResult(f"{which} lines {lo}-{hi} of {len(lines)}:\n{body}", True)
+
+    def t_diff(self, a: str, b: str) -> ToolResult:
+        return ToolResult(unified_diff(self.resolve(a), self.resolve(b), a, b), True)
+
+    def t_lineage(self) -> ToolResult:
+        return ToolResult(lineage_text(self.ctx), True)
+
+    # -- editing ---------------------------------------------------------------------------------
+    def t_edit(self, search: str, replace: str) -> ToolResult:
+        return self._apply("edit", {"search": search, "replace": replace}, "edit applied")
+
+    def t_rewrite(self, source: str) -> ToolResult:
+        return self._apply("rewrite", {"source": source}, "source replaced")
+
+    def _apply(self, name: str, args: dict, what: str) -> ToolResult:
+        try:
+            new = apply_tool_edit(self.source, name, args)
+        except EditError as e:
+            return ToolResult(f"{name} not applied: {e}", False)
+
+        old, self.source = self.source, new
+        d = unified_diff(old, new, "before", "after", context=1)
+        return ToolResult(f"{what} ({len(new.splitlines())} lines). Diff:\n{truncate(d, 3000)}", True, True)
+
+    # -- the harness -----------------------------------------------------------------------------
+    def _evaluate(self, mode: str | None) -> EvalResult:
+        key = (sha256(self.source), mode or "full")
+        if key not in self._evals:
+            self._evals[key] = self.ctx.harness.evaluate(self.source, self.ctx.problem, mode=mode)
+        r = self._evals[key]
+        if r.ok:
+            self.compiled_ok = self.source
+            # a compile-only harness checks nothing, whatever mode it was asked for
+            if mode != "compile" and getattr(self.ctx.harness, "name", "") != "compile":
+                self.checked_ok = self.source
+        return r
+
+    def t_compile(self) -> ToolResult:
+        r = self._evaluate("compile")
+        return ToolResult(format_eval(r, "compile", self.ctx), r.ok)
+
+    def t_test(self) -> ToolResult:
+        r = self._evaluate("check")
+        return ToolResult(format_eval(r, "test", self.ctx), r.ok)
+
+    def t_benchmark(self) -> ToolResult:
+        r = self._evaluate(None)
+        return ToolResult(format_eval(r, "benchmark", self.ctx), r.ok)
+
+    def t_profile(self) -> ToolResult:
+        harness = self.ctx.harness
+        if callable(getattr(harness, "profile", None)):
+            return ToolResult(str(harness.profile(self.source, self.ctx.problem)), True)
+        if shutil.which(self.profiler) is None:
+            return ToolResult(f"profiling is not available here: Nsight Compute ({self.profiler}) is not installed. "
+                              "Use compile (registers, spills, shared memory) and benchmark instead.", False)
+        return ToolResult(f"profiling is not available with harness={getattr(harness, 'name', '?')}: it offers no "
+                          "profiling run. Use compile and benchmark instead.", False)
+
+    # -- knowledge and notes ---------------------------------------------------------------------
+    def t_search_knowledge(self, query: str) -> ToolResult:
+        return ToolResult(self.knowledge.render(str(query)), True)
+
+    def t_read_notes(self) -> ToolResult:
+        return ToolResult(self.notes.recent() or "(no notes yet)", True)
+
+    def t_write_note(self, text: str) -> ToolResult:
+        return ToolResult(self.notes.add(self.ctx.step, str(text)), True)
+
+    # -- the end ---------------------------------------------------------------------------------
+    def t_submit(self, message: str) -> ToolResult:
+        problem = self.rejects(self.source)
+        if problem:
+            return ToolResult(f"not submitted: {problem}", False)
+        self.submitted = (self.source, str(message).strip() or "(no message)")
+        return ToolResult("submitted; the harness will evaluate it", True)
+
+    def rejects(self, source: str) -> str | None:
+        """Why this source cannot be this step's candidate, or None."""
+        if source == self.ctx.best.source:
+            return "the working copy is identical to the best version; change something first"
+        sha = sha256(source)
+        if sha in self.ctx.tried or any(sha256(a.source) == sha for a in self.ctx.failures):
+            return "this exact source was already evaluated in this run; change something first"
+        return None
+
+
+def apply_tool_edit(source: str, name: str, args: dict) -> str:
+    """The working copy after an `edit` or `rewrite` call (shared with replay, so both agree exactly)."""
+    if name == "edit":
+        return apply_edits(source, [Edit(str(args["search"]), str(args["replace"]))])
+    new = str(args["source"])
+    if "avo_attention" not in new or "AVO_LAUNCH" not in new:
+        raise EditError("a complete kernel defines `avo_attention` and states its geometry with AVO_LAUNCH(...) "
+                        "(see kernels_cuda/CONTRACT.md)")
+    return new if new.endswith("\n") else new + "\n"
+
+
+def lineage_text(ctx: StepContext, last: int = 12) -> str:
+    rows = [f"v{v.version}: {f'{v.score:.1f} TFLOPS' if v.score is not None else 'unranked'} - "
+            f"{(v.message or '').splitlines()[0][:160] if v.message else ''}" for v in ctx.history[-last:]]
+    head = f"(showing the last {last} of {len(ctx.history)} versions)\n" if len(ctx.history) > last else ""
+    text = "Committed versions (oldest first):\n" + head + "\n".join(rows)
+    if ctx.failures:
+        text += "\n\nThis step's earlier attempts (not committed):\n" + "\n".join(
+            f"attempt{i}: {a.status.value}/{a.decision}"
+            f"{f', {a.score:.1f} TFLOPS' if a.score is not None else ''} - {a.message[:120]}"
+            f"{' | ' + a.error.splitlines()[0][:300] if a.error else ''}" for i, a in enumerate(ctx.failures))
+    return text
+
+
+def format_eval(r: EvalResult, what: str, ctx: StepContext) -> str:
+    name = getattr(ctx.harness, "name", "?")
+    note = ""
+    if what == "test":
+        note = (" (harness=compile compiles only: nothing was checked)" if name == "compile"
+                else " (correctness on the check shapes)")
+    elif what == "benchmark" and not r.ranked:
+        note = f" (harness={name} does not time kernels)"
+    lines = [f"{what}: {r.status.value}{note}"]
+    res = {"registers": r.registers, "spill_bytes": r.spill_bytes, "stack_bytes": r.stack_bytes,
+           "smem_bytes": r.smem_bytes, "threads": r.threads}
+    known = ", ".join(f"{k}={v}" for k, v in res.items() if v is not None)
+    if known:
+        lines.append(f"resources: {known}")
+    if r.error:
+        lines.append(f"error: {r.error}")
+    if not r.ok and r.log:
+        lines.append(f"log:\n{truncate(r.log, 4000)}")
+    if r.ranked and r.score is not None:
+        best = {c.key: c.tflops for c in ctx.best.configs}
+        ref = f" (best v{ctx.best.version}: {ctx.best.score:.1f})" if ctx.best.score else ""
+        lines.append(f"score: {r.score:.1f} TFLOPS geometric mean{ref}")
+        lines.append("config | TFLOPS | best | vs cuDNN")
+        for c in r.configs:
+            b = best.get(c.key)
+            lines.append(f"{c.key} | {c.tflops or 0:.1f} | {f'{b:.1f}' if b else '-'} | "
+                         f"{f'{c.vs_cudnn:.3f}' if c.vs_cudnn else '-'}")
+    return "\n".join(lines)
+
+
+def describe(args: Any, limit: int = 200) -> str:
+    text = args if isinstance(args, str) else json.dumps(args)
+    return text if len(text) <= limit else text[:limit] + "..."
