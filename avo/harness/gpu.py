@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from avo.harness import HarnessUnavailable, SandboxHarness
-from avo.harness.sandbox import RESULT, _kill_group, _tail, run_worker
+from avo.harness.sandbox import RESULT, _die_with_parent, _kill_group, _tail, run_worker
 from avo.types import EvalResult, Problem, Status
 
 _PROBE = """
@@ -88,7 +88,7 @@ class GpuHarness(SandboxHarness):
         log = open(log_path, "wb")
         proc = subprocess.Popen([sys.executable, "-m", "avo.harness.worker", "--standby", str(self.cfg.device)],
                                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **self.env()})
+                                preexec_fn=_die_with_parent, env={**os.environ, **self.env()})
         self._spare = (proc, log_path, log)
 
     def run_job(self, job_dir: Path) -> EvalResult:
