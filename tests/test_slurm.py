@@ -185,7 +185,8 @@ def _processes_mentioning(text: str) -> list[str]:
 
 def test_hard_killed_job_leaves_no_workers_and_a_new_job_resumes(seed, tmp_path):
     run = tmp_path / "run"
-    args = base(seed, tmp_path, "group=4", "search.max_steps=8", f"hydra.run.dir={run}")
+    budget = 60  # far more than runs before the kill, so the kill always lands mid-run
+    args = base(seed, tmp_path, "group=4", f"search.max_steps={budget}", f"hydra.run.dir={run}")
     assert launch(*args).returncode == 0
     job_id = record(run)["job_id"]
     wait_for("a running harness worker", lambda: parts(run) >= 3 and any(
@@ -196,17 +197,19 @@ def test_hard_killed_job_leaves_no_workers_and_a_new_job_resumes(seed, tmp_path)
     wait_for("the job to leave the node", lambda: subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True,
                                                                    text=True).stdout.strip() == "", timeout=60)
     assert _processes_mentioning(str(run)) == []  # the job's search and harness workers are gone
-    killed_at = parts(run)
-    assert 3 <= killed_at < 1 + 8 * ATTEMPTS
+    killed = lineage.read_run(run)
+    assert 3 <= len(killed) < 1 + budget * ATTEMPTS
+    last = int(killed["step"].max())
 
-    p = launch(*base(seed, tmp_path, "group=4", "search.max_steps=8", f"resume={run}", "launcher.wait=true",
-                     f"hydra.run.dir={tmp_path}/other"), timeout=240)
+    p = launch(*base(seed, tmp_path, "group=4", f"search.max_steps={last + 2}", f"resume={run}",
+                     "launcher.wait=true", f"hydra.run.dir={tmp_path}/other"), timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
-    check_lineage(run, 8)
+    check_lineage(run, last + 2)
     # the same overrides (same run dir) with a larger budget continue the same run
-    p = launch(*args[:-1], "search.max_steps=9", "launcher.wait=true", f"hydra.run.dir={run}", timeout=240)
+    p = launch(*args[:-2], f"search.max_steps={last + 3}", "launcher.wait=true", f"hydra.run.dir={run}",
+               timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
-    check_lineage(run, 9)
+    check_lineage(run, last + 3)
 
 
 @pytest.mark.parametrize("extra, message", [
