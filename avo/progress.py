@@ -38,8 +38,9 @@ class Progress:
         counts = rows.group_by("status").len().sort("status")
         taxonomy = ", ".join(f"{r['status']} {r['len']}" for r in counts.iter_rows(named=True))
         self.line(f"done: {s.stopped}")
+        best = "no version committed yet" if s.best_version is None else f"best v{s.best_version}"
         self.line(f"{s.attempts} attempts over {s.steps} steps, {s.commits} commits, "
-                  f"best v{s.best_version} score {_fmt(s.best_score)}, elapsed {_clock(s.elapsed_s)}")
+                  f"{best} score {_fmt(s.best_score)}, elapsed {_clock(s.elapsed_s)}")
         self.line(f"outcomes: {taxonomy}")
         if not ranked:
             self.line("this harness ranks nothing (no timing): candidates were compiled and recorded, "

@@ -28,3 +28,19 @@ def cfg_factory(tmp_path):
     def factory(*overrides, run_dir=None):
         return make_cfg(*overrides, run_dir=run_dir or tmp_path / "run")
     return factory
+
+
+def open_gpu_harness(tmp_path_factory, timeout_s: float):
+    """A real GpuHarness on device 0, or a skip that says why (no GPU here)."""
+    from omegaconf import OmegaConf
+
+    from avo.config import HarnessConf
+    from avo.harness import HarnessUnavailable
+    from avo.harness.gpu import GpuHarness
+
+    cfg = OmegaConf.structured(HarnessConf(name="gpu", arch="auto", timeout_s=timeout_s,
+                                           cache_dir=str(tmp_path_factory.mktemp("cubin"))))
+    try:
+        return GpuHarness(cfg, tmp_path_factory.mktemp("jobs"))
+    except HarnessUnavailable as e:
+        pytest.skip(str(e))

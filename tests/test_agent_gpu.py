@@ -10,6 +10,7 @@ from avo.agent.knowledge import KnowledgeBase
 from avo.agent.memory import Notes
 from avo.agent.tools import Workbench
 from avo.types import ConfigResult, Problem, Shape, StepContext, Version
+from tests.conftest import open_gpu_harness
 
 ROOT = Path(__file__).resolve().parents[1]
 NAIVE = (ROOT / "kernels_cuda" / "naive" / "naive.cu").read_text()
@@ -19,18 +20,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    from omegaconf import OmegaConf
-
-    from avo.config import HarnessConf
-    from avo.harness import HarnessUnavailable
-    from avo.harness.gpu import GpuHarness
-
-    cfg = OmegaConf.structured(HarnessConf(name="gpu", arch="auto", timeout_s=120,
-                                           cache_dir=str(tmp_path_factory.mktemp("cubin"))))
-    try:
-        h = GpuHarness(cfg, tmp_path_factory.mktemp("jobs"))
-    except HarnessUnavailable as e:
-        pytest.skip(str(e))
+    h = open_gpu_harness(tmp_path_factory, timeout_s=120)
     yield h
     h.close()
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from avo.types import Problem, Shape, Status
+from tests.conftest import open_gpu_harness
 
 ROOT = Path(__file__).resolve().parents[2]
 ADVERSARIAL = sorted((Path(__file__).parent / "adversarial").glob("*.cu"))
@@ -28,18 +29,7 @@ GQA = _problem(8, 2)
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    from omegaconf import OmegaConf
-
-    from avo.config import HarnessConf
-    from avo.harness import HarnessUnavailable
-    from avo.harness.gpu import GpuHarness
-
-    cfg = OmegaConf.structured(HarnessConf(name="gpu", arch="auto", timeout_s=45,
-                                           cache_dir=str(tmp_path_factory.mktemp("cubin"))))
-    try:
-        h = GpuHarness(cfg, tmp_path_factory.mktemp("jobs"))
-    except HarnessUnavailable as e:
-        pytest.skip(str(e))
+    h = open_gpu_harness(tmp_path_factory, timeout_s=45)
     yield h
     h.close()
 
