@@ -83,3 +83,13 @@ def test_multirun_runs_one_job_per_group(tmp_path):
     runs = {json.loads(p.read_text())["heads_kv"]: p.parent.name for p in tmp_path.glob("*/run.json")}
     assert runs == {8: "group=4,harness=compile,kernel=gqa,seed=naive",
                     4: "group=8,harness=compile,kernel=gqa,seed=naive"}
+
+
+def test_default_gpu_harness_without_a_gpu_names_the_cpu_alternative(tmp_path):
+    import shutil
+
+    if shutil.which("nvidia-smi"):
+        pytest.skip("a GPU driver is present here")
+    r = _launch("search=smoke", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "avo: error:" in r.stderr and "use harness=compile" in r.stderr
