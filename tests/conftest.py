@@ -44,3 +44,14 @@ def open_gpu_harness(tmp_path_factory, timeout_s: float):
         return GpuHarness(cfg, tmp_path_factory.mktemp("jobs"))
     except HarnessUnavailable as e:
         pytest.skip(str(e))
+
+
+ADVERSARIAL_DIR = Path(__file__).parent / "gpu" / "adversarial"
+
+
+def adversarial_sources() -> dict[str, str]:
+    """Each cheating candidate: the naive seed with the SEARCH/REPLACE edits of its .edit file."""
+    from avo.agent.edits import apply_edits, parse_blocks
+
+    naive = (ROOT / "kernels_cuda" / "naive" / "naive.cu").read_text()
+    return {p.stem: apply_edits(naive, parse_blocks(p.read_text())) for p in sorted(ADVERSARIAL_DIR.glob("*.edit"))}

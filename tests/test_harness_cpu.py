@@ -17,6 +17,7 @@ from avo.harness.launch import FIELD_NAMES, AvoAttnParams
 from avo.harness.reference import attention_ref
 from avo.harness.static import check_source
 from avo.harness.timing import _quantile, hidden_work
+from tests.conftest import adversarial_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 NAIVE = (ROOT / "kernels_cuda" / "naive" / "naive.cu").read_text()
@@ -172,17 +173,17 @@ def test_bench_composes_the_search_config():
     assert cfg.harness.bench_budget_s == 1.5 and len(p.bench) == 8
 
 
-ADVERSARIAL = sorted((ROOT / "tests" / "gpu" / "adversarial").glob("*.cu"))
+ADVERSARIAL = adversarial_sources()
 
 
-@pytest.mark.parametrize("path", ADVERSARIAL, ids=lambda p: p.stem)
-def test_adversarial_kernels_reach_the_stage_they_target(path):
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+def test_adversarial_kernels_reach_the_stage_they_target(name):
     """Those expected to be rejected statically are; all others pass the gate and compile, so the
     GPU suite really exercises the correctness, crash and timeout defences."""
     pytest.importorskip("cuda.core")
     from avo.harness.nvrtc import compile_source
 
-    source = path.read_text()
+    source = ADVERSARIAL[name]
     why = check_source(source)
     if "// expect: compile_error" in source:
         assert why is not None
