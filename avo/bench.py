@@ -2,11 +2,13 @@
 
     python -m avo.bench kernel=mha seed=naive
     python -m avo.bench kernel=gqa group=8 seeds=[naive,sm80] out=outputs/bench/x
+    python -m avo.bench kernel=mha seed=sm90 profile=first   # Nsight Compute instead of timing
 
 Every other argument is a Hydra override of conf/config.yaml, so the shapes, tolerances and
 timing protocol are exactly those a search with the same overrides would use. All seeds are
 verified, then timed interleaved with the baselines in one worker process. Writes bench.json
-and bench.parquet (one row per seed and shape) to `out`.
+and bench.parquet (one row per seed and shape) to `out`. `profile=<shape key>` (or `first`) prints the
+agent's profile summary of each seed on that shape and keeps ncu's report in `out/jobs`.
 """
 from __future__ import annotations
 
@@ -24,16 +26,18 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels_cuda"
 
 
-def _split_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
-    seeds, out, rest = [], None, []
+def _split_args(argv: list[str]) -> tuple[list[str], str | None, str | None, list[str]]:
+    seeds, out, profile, rest = [], None, None, []
     for a in argv:
         if a.startswith("seeds="):
             seeds = [s.strip() for s in a[len("seeds="):].strip("[]").split(",") if s.strip()]
         elif a.startswith("out="):
             out = a[len("out="):]
+        elif a.startswith("profile="):
+            profile = a[len("profile="):]
         else:
             rest.append(a)
-    return seeds, out, rest
+    return seeds, out, profile, rest
 
 
 def compose(overrides: list[str]):
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from avo.harness.sandbox import run_worker
     from avo.problem import problem_from_cfg
 
-    seeds, out, overrides = _split_args(sys.argv[1:] if argv is None else argv)
+    seeds, out, profile, overrides = _split_args(sys.argv[1:] if argv is None else argv)
     cfg = compose(overrides)
     seeds = seeds or [str(cfg.seed)]
     problem = problem_from_cfg(cfg.kernel)
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: {problem.name} ({problem.heads_q}/{problem.heads_kv} heads, d{problem.head_dim}), "
           f"{len(problem.bench)} shapes, seeds {seeds} -> {out}", flush=True)
     harness = GpuHarness(cfg.harness, out / "jobs", spare=False)
+    if profile:
+        return _profile(harness, problem, seeds, None if profile == "first" else profile)
     job = harness.job(problem)
     job["mode"] = "bench"
     job_dir = out / "jobs" / ("bench-" + hashlib.sha256(json.dumps([seeds, overrides]).encode()).hexdigest()[:12])
@@ -152,6 +158,21 @@ def main(argv: list[str] | None = None) -> int:
     print_table(problem, results)
     print(f"bench: wrote {out / 'bench.json'} and {out / 'bench.parquet'}")
     return 0 if summary.ok else 2
+
+
+def _profile(harness, problem, seeds: list[str], shape: str | None) -> int:
+    from avo.harness.profile import ProfileError
+
+    failed = 0
+    for s in seeds:
+        print(f"== {s}", flush=True)
+        try:
+            print(harness.profile(seed_source(s), problem, shape))
+        except ProfileError as e:
+            print(f"bench: no profile of {s}: {e}", file=sys.stderr)
+            failed += 1
+    print(f"bench: ncu reports (profile.ncu-rep) under {harness.work_dir}")
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

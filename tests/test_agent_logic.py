@@ -92,12 +92,6 @@ def test_submit_refuses_an_already_evaluated_source(tmp_path):
     assert "attempt0: incorrect/failed" in bench.call("lineage", {}).text
 
 
-def test_profile_is_honest_without_a_profiler(tmp_path):
-    bench = Workbench(ctx(tmp_path), Notes(tmp_path), KnowledgeBase(), profiler="no-such-ncu-binary")
-    r = bench.call("profile", {})
-    assert not r.ok and "not available here" in r.text
-
-
 def test_long_tool_output_is_truncated(tmp_path):
     assert len(truncate("x" * 10_000, 1000)) < 1100
     bench = Workbench(ctx(tmp_path, source="AVO_LAUNCH avo_attention\n" + "int a;\n" * 5000), Notes(tmp_path),

@@ -159,8 +159,8 @@ def test_gpu_harness_unavailable_names_the_cpu_alternative(tmp_path):
 def test_bench_arguments_split_from_hydra_overrides():
     from avo.bench import _split_args
 
-    seeds, out, rest = _split_args(["kernel=gqa", "seeds=[naive, sm80]", "out=/tmp/b", "group=8"])
-    assert (seeds, out, rest) == (["naive", "sm80"], "/tmp/b", ["kernel=gqa", "group=8"])
+    split = _split_args(["kernel=gqa", "seeds=[naive, sm80]", "out=/tmp/b", "group=8", "profile=first"])
+    assert split == (["naive", "sm80"], "/tmp/b", "first", ["kernel=gqa", "group=8"])
 
 
 def test_bench_composes_the_search_config():

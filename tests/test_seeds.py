@@ -1,5 +1,4 @@
 """Every seed compiles with NVRTC for Hopper, states its geometry, and rejects bad tunables at compile time."""
-from pathlib import Path
 
 import pytest
 import yaml

@@ -118,7 +118,7 @@ class LlmOperator:
 
     def _conversation(self, ctx: StepContext, tr: Transcript, path: Path) -> Proposal:
         kb = KnowledgeBase(list(self.cfg.knowledge_dirs), ctx.history)
-        bench = Workbench(ctx, self.notes, kb, self.cfg.profiler, self.cfg.budget.tool_output_chars,
+        bench = Workbench(ctx, self.notes, kb, self.cfg.budget.tool_output_chars,
                           tuple(s["function"]["name"] for s in self.schemas))
         messages = [{"role": "system", "content": render.text("system")},
                     {"role": "user", "content": self.step_prompt(ctx)}]

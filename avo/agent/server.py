@@ -164,7 +164,25 @@ class ManagedVllm:
             except (ProcessLookupError, PermissionError):
                 pass
             break
-        _log("vLLM stopped")
+        # SIGKILLed members take a moment to exit (unmapping gigabytes); return once they have
+        deadline = time.monotonic() + 10.0
+        while _group_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = _group_members(proc.pid)
+        _log("vLLM stopped" if not left else f"vLLM stopped; pids {left} of its group are still exiting")
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            found.append(int(stat.parent.name))
+    return found
 
 
 class External:

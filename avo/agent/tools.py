@@ -6,13 +6,13 @@ tool results the model can act on; nothing here raises into the conversation loo
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from avo.agent.edits import Edit, EditError, apply_edits, unified_diff
 from avo.agent.knowledge import KnowledgeBase
 from avo.agent.memory import Notes
+from avo.harness.profile import ProfileError
 from avo.lineage import sha256
 from avo.types import EvalResult, StepContext
 
@@ -37,7 +37,9 @@ SCHEMAS = [
     _fn("test", "Correctness check of the working copy on small shapes (fast)."),
     _fn("benchmark", "Full evaluation of the working copy: correctness, then TFLOPS per benchmark config "
                      "and the ratio to cuDNN (slow)."),
-    _fn("profile", "Nsight Compute summary of the working copy, where a profiler is available."),
+    _fn("profile", "Nsight Compute summary of one launch of the working copy (throughput, occupancy, warp "
+                   "stalls, ncu's findings), where a profiler is available. Not a correctness check.",
+        {"shape": {"type": "string", "description": "a benchmark config key (default: the first one)"}}),
     _fn("search_knowledge", "Search the knowledge base (Hopper, PTX, FlashAttention, the kernel contract, "
                             "this run's lessons).", {"query": {"type": "string"}}, ["query"]),
     _fn("read_notes", "Read your notes from earlier steps."),
@@ -72,7 +74,6 @@ class Workbench:
     ctx: StepContext
     notes: Notes
     knowledge: KnowledgeBase
-    profiler: str = "ncu"
     output_chars: int = 12_000
     offered: tuple[str, ...] = tuple(NAMES)
     source: str = ""
@@ -188,15 +189,15 @@ class Workbench:
         r = self._evaluate(None)
         return ToolResult(format_eval(r, "benchmark", self.ctx), r.ok)
 
-    def t_profile(self) -> ToolResult:
+    def t_profile(self, shape: str = "") -> ToolResult:
         harness = self.ctx.harness
-        if callable(getattr(harness, "profile", None)):
-            return ToolResult(str(harness.profile(self.source, self.ctx.problem)), True)
-        if shutil.which(self.profiler) is None:
-            return ToolResult(f"profiling is not available here: Nsight Compute ({self.profiler}) is not installed. "
-                              "Use compile (registers, spills, shared memory) and benchmark instead.", False)
-        return ToolResult(f"profiling is not available with harness={getattr(harness, 'name', '?')}: it offers no "
-                          "profiling run. Use compile and benchmark instead.", False)
+        if not callable(getattr(harness, "profile", None)):
+            return ToolResult(f"profiling is not available with harness={getattr(harness, 'name', '?')}: it runs no "
+                              "kernel. Use compile (registers, spills, shared memory) instead.", False)
+        try:
+            return ToolResult(harness.profile(self.source, self.ctx.problem, str(shape) or None), True)
+        except ProfileError as e:
+            return ToolResult(f"profile: {e}", False)
 
     # -- knowledge and notes ---------------------------------------------------------------------
     def t_search_knowledge(self, query: str) -> ToolResult:

@@ -39,8 +39,8 @@ class SandboxHarness:
         """mode: the worker mode; None is the harness's full evaluation ("check" = correctness only)."""
         return self.run_job(self.write_job(source, problem, mode))
 
-    def write_job(self, source: str, problem: Problem, mode: str | None = None) -> Path:
-        job = self.job(problem)
+    def write_job(self, source: str, problem: Problem, mode: str | None = None, **extra) -> Path:
+        job = {**self.job(problem), **extra}
         job["mode"] = self.worker_mode(mode)
         h = hashlib.sha256(source.encode()).hexdigest()[:16]
         job_dir = self.work_dir / f"{h}-{job['mode']}"

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from avo.harness import HarnessUnavailable, SandboxHarness
+from avo.harness.profile import ProfileError, export_csv, find_ncu, ncu_command, summarise
 from avo.harness.sandbox import RESULT, _die_with_parent, _kill_group, _tail, run_worker
 from avo.types import EvalResult, Problem, Status
 
@@ -137,7 +138,27 @@ class GpuHarness(SandboxHarness):
             spare[2].close()
             spare[1].unlink(missing_ok=True)
 
+    def profile(self, source: str, problem: Problem, shape: str | None = None) -> str:
+        """Nsight Compute summary of one launch on a benchmark shape (default: the first).
+
+        Raises ProfileError with one actionable line when there is no profile to give."""
+        ncu = find_ncu(self.cfg.profiler)
+        if ncu is None:
+            raise ProfileError(f"Nsight Compute ({self.cfg.profiler}) is not installed here; set harness.profiler "
+                               "to its path, or use compile (registers, spills) and benchmark instead")
+        keys = [s.key for s in problem.bench]
+        key = shape or keys[0]
+        if key not in keys:
+            raise ProfileError(f"unknown shape {key!r}; profile one of: {', '.join(keys)}")
+        job_dir = self.write_job(source, problem, "profile", shape=key)
+        result = run_worker(job_dir, self.cfg.timeout_s, env=self.env(), prefix=ncu_command(ncu, job_dir))
+        if not result.ok:
+            raise ProfileError(f"no profile: {result.status.value}: {result.error}\n{result.log[-1500:]}".rstrip())
+        return summarise(*export_csv(ncu, job_dir), key)
+
     def worker_mode(self, mode: str | None) -> str:
+        if mode == "profile":
+            return mode
         if mode not in (None, "evaluate", "check", "compile"):
             raise ValueError(f"mode={mode!r}: use None (full evaluation), 'check' (correctness only) "
                              "or 'compile' (NVRTC and resources only)")

@@ -22,14 +22,17 @@ def _tail(path: Path, n: int = 4000) -> str:
         return ""
 
 
-def run_worker(job_dir: Path, timeout_s: float, env: dict[str, str] | None = None) -> EvalResult:
-    """`python -m avo.harness.worker job_dir`; the worker's only output is job_dir/result.json."""
+def run_worker(job_dir: Path, timeout_s: float, env: dict[str, str] | None = None,
+               prefix: list[str] | None = None) -> EvalResult:
+    """`python -m avo.harness.worker job_dir`; the worker's only output is job_dir/result.json.
+
+    prefix: a command the worker runs under (a profiler); the timeout kills both."""
     job_dir = Path(job_dir)
     (job_dir / RESULT).unlink(missing_ok=True)
     log_path = job_dir / "worker.log"
     t0 = time.monotonic()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "avo.harness.worker", str(job_dir)],
+        proc = subprocess.Popen([*(prefix or []), sys.executable, "-m", "avo.harness.worker", str(job_dir)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, preexec_fn=_die_with_parent, env={**os.environ, **(env or {})})
         try:

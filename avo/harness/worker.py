@@ -13,7 +13,7 @@ from pathlib import Path
 
 from avo.fsutil import atomic_write_json
 from avo.harness.nvrtc import compile_source
-from avo.harness.sandbox import RESULT
+from avo.harness.sandbox import RESULT, _die_with_parent
 from avo.types import EvalResult, Problem, Shape, Status
 
 
@@ -76,7 +76,32 @@ def gpu_bench(source: str, job: dict) -> EvalResult:
     return EvalResult(Status.ERROR if bad else Status.OK, error=f"not ok: {', '.join(bad)}" if bad else "")
 
 
-MODES = {"compile": compile_only, "evaluate": gpu_evaluate, "check": gpu_check, "bench": gpu_bench}
+def gpu_profile(source: str, job: dict) -> EvalResult:
+    """Compile, then launch twice on job["shape"]: the profiler records the second launch."""
+    import torch
+
+    from avo.harness.check import Outputs, random_inputs
+    from avo.harness.evaluate import device_arch, prepare
+
+    problem, hc = problem_from_dict(job["problem"]), job["harness"]
+    shape = next(s for s in problem.bench if s.key == job["shape"])
+    arch = device_arch(hc.get("device", 0)) if job["arch"] == "auto" else job["arch"]
+    kernel, res = prepare(source, problem, hc, arch, job.get("cache_dir"), False, _log)
+    if kernel is None:
+        return res
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(0)
+    q, k, v = random_inputs(shape, gen)
+    out = Outputs(shape)
+    for _ in range(2):
+        kernel(q, k, v, out.o, out.lse, shape.causal)
+    torch.cuda.synchronize()
+    _log(f"launched twice on {shape.key}")
+    return res
+
+
+MODES = {"compile": compile_only, "evaluate": gpu_evaluate, "check": gpu_check, "bench": gpu_bench,
+         "profile": gpu_profile}
 
 
 def main(job_dir: str) -> int:
@@ -110,4 +135,5 @@ def standby(device: int) -> int:
 
 
 if __name__ == "__main__":
+    _die_with_parent()  # also under a profiler, which is then the parent the search's kill reaches
     sys.exit(standby(int(sys.argv[2])) if sys.argv[1] == "--standby" else main(sys.argv[1]))
