@@ -89,7 +89,9 @@ def test_find_ncu_takes_a_path_or_a_name_on_path(tmp_path, monkeypatch):
 
 
 def test_ncu_records_the_second_launch_of_the_kernel_at_benchmark_clocks(tmp_path):
+    (tmp_path / "profile.ncu-rep").write_text("an earlier run's report")
     cmd = ncu_command("/x/ncu", tmp_path)
+    assert not (tmp_path / "profile.ncu-rep").exists()
     joined = " ".join(cmd)
     assert cmd[0] == "/x/ncu" and f"--export {tmp_path}/profile" in joined
     for part in ("--clock-control none", "--kernel-name avo_attention", "--launch-skip 1", "--launch-count 1",
@@ -143,7 +145,8 @@ def test_real_ncu_reads_a_report_into_a_summary(tmp_path):
         if os.environ.get("AVO_REQUIRE_NCU") == "1":
             pytest.fail("AVO_REQUIRE_NCU=1 but AVO_NCU/AVO_NCU_REPORT are unset: eval \"$(scripts/setup_ncu_cpu.sh)\"")
         pytest.skip("no Nsight Compute here: eval \"$(scripts/setup_ncu_cpu.sh)\"")
-    with pytest.raises(ProfileError, match="recorded no launch"):
+    (tmp_path / "worker.log").write_text("==PROF== Connected\n==ERROR== Failed to initialize the profiler\n")
+    with pytest.raises(ProfileError, match="recorded no launch of avo_attention: ==ERROR== Failed to init"):
         export_csv(ncu, tmp_path)
     shutil.copy(report, tmp_path / f"{REPORT}.ncu-rep")
     details_csv, raw_csv = export_csv(ncu, tmp_path)

@@ -18,6 +18,8 @@ import subprocess
 from pathlib import Path
 
 from avo.contract import ENTRY
+from avo.fsutil import atomic_write_text
+from avo.harness.sandbox import _tail
 
 SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis",
             "SchedulerStats", "WarpStateStats")
@@ -46,7 +48,11 @@ def find_ncu(profiler: str) -> str | None:
 
 
 def ncu_command(ncu: str, job_dir: Path) -> list[str]:
-    """The prefix that runs the worker under ncu and records the kernel's second launch."""
+    """The prefix that runs the worker under ncu and records the kernel's second launch.
+
+    Clears the job's earlier report, so a run that records nothing cannot pass for one that did."""
+    for name in (f"{REPORT}.ncu-rep", "details.csv", "raw.csv"):
+        (Path(job_dir) / name).unlink(missing_ok=True)
     sections = [a for s in SECTIONS for a in ("--section", s)]
     return [ncu, "--export", str(Path(job_dir) / REPORT), "--force-overwrite", "--clock-control", "none",
             "--target-processes", "all", "--kernel-name", ENTRY, "--launch-skip", "1", "--launch-count", "1",
@@ -57,7 +63,9 @@ def export_csv(ncu: str, job_dir: Path) -> tuple[str, str]:
     """(details page, raw page) of the job's report as CSV text; also written beside the report."""
     report = Path(job_dir) / f"{REPORT}.ncu-rep"
     if not report.exists():
-        raise ProfileError(f"ncu recorded no launch of {ENTRY} (no {report.name})")
+        said = [ln.strip() for ln in _tail(Path(job_dir) / "worker.log").splitlines()
+                if ln.startswith(("==ERROR==", "==WARNING=="))]
+        raise ProfileError(f"ncu recorded no launch of {ENTRY}" + (": " + " ".join(said[-3:]) if said else ""))
     pages = []
     for page in ("details", "raw"):
         try:
@@ -67,7 +75,7 @@ def export_csv(ncu: str, job_dir: Path) -> tuple[str, str]:
             raise ProfileError(f"`ncu --import` hung for {IMPORT_TIMEOUT_S} s on {report}") from None
         if p.returncode != 0:
             raise ProfileError(f"`ncu --import --page {page}` failed: {(p.stderr or p.stdout).strip()[-400:]}")
-        (Path(job_dir) / f"{page}.csv").write_text(p.stdout)
+        atomic_write_text(Path(job_dir) / f"{page}.csv", p.stdout)
         pages.append(p.stdout)
     return pages[0], pages[1]
 
