@@ -7,6 +7,7 @@ checked by `validate`, which turns every problem into one line.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,9 +229,19 @@ def _div(a: int, b: int) -> int:
     return a // b
 
 
+def flat_dirname(name: str, limit: int = 200) -> str:
+    """One folder name for a sweep job: path-valued overrides (seed=/a/run) would nest folders."""
+    flat = str(name).replace("/", "_")
+    if len(flat) <= limit:
+        return flat
+    return f"{flat[:limit - 9]}-{hashlib.sha256(flat.encode()).hexdigest()[:8]}"
+
+
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("avo_div"):
         OmegaConf.register_new_resolver("avo_div", _div)
+    if not OmegaConf.has_resolver("avo_dirname"):
+        OmegaConf.register_new_resolver("avo_dirname", flat_dirname)
 
 
 def validate(cfg: DictConfig) -> None:

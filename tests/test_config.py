@@ -85,6 +85,25 @@ def test_multirun_runs_one_job_per_group(tmp_path):
                     4: "group=8,harness=compile,kernel=gqa,seed=naive"}
 
 
+def test_a_path_valued_override_makes_one_sweep_folder_not_a_tree(tmp_path):
+    seed = ROOT / "kernels_cuda" / "naive" / "naive.cu"
+    r = subprocess.run([sys.executable, "-m", "avo.launch", "-m", "group=1,2", "kernel=gqa", "harness=compile",
+                        f"seed={seed}", "search.max_steps=0", f"hydra.sweep.dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    flat = str(seed).replace("/", "_")
+    assert sorted(p.parent.name for p in tmp_path.glob("*/run.json")) == [
+        f"group={g},harness=compile,kernel=gqa,seed={flat}" for g in (1, 2)]
+
+
+def test_long_sweep_folder_names_stay_within_file_name_limits():
+    from avo.config import flat_dirname
+
+    names = {flat_dirname(f"seed=/{'x' * 300}/{i}") for i in range(2)}
+    assert len(names) == 2 and all(len(n) == 200 and "/" not in n for n in names)
+    assert flat_dirname("group=4,seed=sm90") == "group=4,seed=sm90"
+
+
 def test_default_gpu_harness_without_a_gpu_names_the_cpu_alternative(tmp_path):
     import shutil
 

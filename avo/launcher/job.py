@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from avo.config import ConfigError
+from avo.config import ConfigError, register
 from avo.fsutil import atomic_write_text
 
 LOCK = ".avo-run.lock"
@@ -94,6 +94,7 @@ def _restore_hydra(hydra_cfg: DictConfig | None) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
+        register()  # its resolvers (the sweep's folder name) are needed wherever hydra_cfg resolves
         HydraConfig.instance().set_config(OmegaConf.create({"hydra": hydra_cfg}))
 
 
