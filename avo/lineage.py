@@ -45,7 +45,10 @@ SCHEMA = pa.schema([
     ("started_at", TS), ("finished_at", TS), ("host", pa.string()), ("extra", pa.string()),
 ])
 SUPERVISOR_SCHEMA = pa.schema([("run_id", pa.string()), ("step", pa.int32()), ("reason", pa.string()),
-                               ("directive", pa.string()), ("operator", pa.string()), ("at", TS)])
+                               ("directive", pa.string()), ("operator", pa.string()), ("at", TS),
+                               ("model", pa.string()), ("prompt_tokens", pa.int64()),
+                               ("completion_tokens", pa.int64()), ("llm_calls", pa.int64()),
+                               ("latency_s", pa.float64())])
 
 
 def lineage_dir(run_dir: str | Path) -> Path:
@@ -173,7 +176,8 @@ def scan_supervisor(paths, warn=None) -> pl.LazyFrame:
     files = lineage_files(paths, "supervisor/*.parquet", warn)
     if not files:
         return pl.LazyFrame(schema=pl.from_arrow(SUPERVISOR_SCHEMA.empty_table()).schema)
-    return pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore")
+    return pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore",
+                           schema=pl.from_arrow(SUPERVISOR_SCHEMA.empty_table()).schema)
 
 
 def read_run(run_dir: str | Path, warn=None) -> pl.DataFrame:

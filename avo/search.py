@@ -10,7 +10,7 @@ import random
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,7 +25,18 @@ from avo.problem import problem_from_cfg
 from avo.progress import Progress
 from avo.seeds import Seed, resolve
 from avo.stagnation import detect
-from avo.types import Attempt, ConfigResult, EvalResult, Problem, Proposal, ProposalError, Status, StepContext, Version
+from avo.types import (
+    Attempt,
+    ConfigResult,
+    EvalResult,
+    Problem,
+    Proposal,
+    ProposalError,
+    Redirect,
+    Status,
+    StepContext,
+    Version,
+)
 
 
 class SearchError(RuntimeError):
@@ -243,9 +254,10 @@ class Search:
         best = self.history[-1] if self.history else self.pending
         ctx = StepContext(step, 0, best, list(self.history), [], self.problem, self.harness, self.run_dir,
                           self.rng, set(self.tried), self.directive)
-        directive = self.operator.redirect(ctx, reason)
+        r = self.operator.redirect(ctx, reason) or Redirect("")
+        directive = r.directive
         lineage.append_supervisor(self.run_dir, {"run_id": self.run_id, "step": step, "reason": reason,
-                                                 "directive": directive or "", "operator": self.operator.name})
+                                                 "operator": self.operator.name, **asdict(r)})
         self.directive = directive or self.directive
         self.progress.line(f"supervisor at step {step}: {reason}" + (f" -> {directive[:200]}" if directive else ""))
         n = len(sup) + 1

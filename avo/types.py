@@ -186,13 +186,24 @@ class Harness(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass
+class Redirect:
+    """A supervisor intervention: the directive for the next steps and what producing it cost."""
+    directive: str
+    model: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    llm_calls: int = 0
+    latency_s: float = 0.0
+
+
 class Operator(Protocol):
     name: str
     model: str
 
     def propose(self, ctx: StepContext) -> Proposal: ...
 
-    def redirect(self, ctx: StepContext, reason: str) -> str | None:
+    def redirect(self, ctx: StepContext, reason: str) -> Redirect | None:
         """Called by the search on stagnation; returns the recorded intervention, if any."""
         ...
 

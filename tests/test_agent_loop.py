@@ -36,6 +36,8 @@ def reply(*calls, content="", finish="tool_calls"):
 class Scripted:
     """Returns the given replies (or raises the given exceptions) in order; records what it was sent."""
 
+    model = "scripted"
+
     def __init__(self, *script):
         self.script, self.sent = list(script), []
 
@@ -164,7 +166,11 @@ def test_supervisor_uses_good_directions_and_survives_garbage(cfg, setup, tmp_pa
         notes = Notes(tmp_path)
         sup = Supervisor(cfg.agent, tmp_path, Scripted(*script), notes)
         _, ctx = setup()
-        text = sup.review(ctx, "no commit in 8 steps")
+        r = sup.review(ctx, "no commit in 8 steps")
+        text = r.directive
+        replied = not isinstance(script[0], LlmError)  # two failed requests: two calls, no tokens
+        assert (r.model, r.llm_calls, r.prompt_tokens, r.completion_tokens) == (
+            ("scripted", 1, 100, 10) if replied else ("scripted", 2, 0, 0))
         assert text.startswith(f"Supervisor ({source}") and "no commit in 8 steps" in text
         assert len([ln for ln in text.splitlines() if ln[:2] in ("1.", "2.", "3.")]) == n
         if source == "llm":

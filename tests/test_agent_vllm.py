@@ -105,8 +105,10 @@ def test_agent_steps_against_the_real_model(tmp_path):
             assert p.model == "smollm2-135m-instruct" and 1 <= p.llm_calls <= 4
             assert p.prompt_tokens > 500 and p.completion_tokens > 0
             check_transcript(tmp_path / p.meta["transcript"], outcome)
-        directive = op.redirect(ctx, "no commit in 2 steps")
-        assert directive.startswith("Supervisor (") and len(re.findall(r"^\d+\. ", directive, re.M)) >= 2
+        r = op.redirect(ctx, "no commit in 2 steps")
+        assert r.directive.startswith("Supervisor (") and len(re.findall(r"^\d+\. ", r.directive, re.M)) >= 2
+        assert r.model == "smollm2-135m-instruct" and 1 <= r.llm_calls <= 2  # its cost goes to the lineage
+        assert r.prompt_tokens > 100 and r.completion_tokens > 0 and r.latency_s > 0
         assert (tmp_path / "transcripts" / "supervisor00002-a00.jsonl").exists()
     finally:
         op.close()
@@ -130,4 +132,5 @@ def test_small_search_with_the_real_model(tmp_path):
         check_transcript(path, "invalid" if r["status"] == "invalid" else read(path)[-1]["outcome"])
     sup = lineage.scan_supervisor([tmp_path]).collect()
     assert len(sup) >= 1 and sup["directive"][0].startswith("Supervisor (")
+    assert sup["model"][0] == "smollm2-135m-instruct" and sup["llm_calls"][0] >= 1 and sup["prompt_tokens"][0] > 0
     assert not server_processes(tmp_path), "the vLLM server outlived the search"

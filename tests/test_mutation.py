@@ -56,8 +56,8 @@ def test_source_without_tunables_is_a_proposal_error():
 
 def test_redirect_widens_the_mutation():
     o = op(1)
-    msg = o.redirect(ctx(SRC), "no commit in 8 steps")
-    assert "up to 2" in msg
+    r = o.redirect(ctx(SRC), "no commit in 8 steps")
+    assert "up to 2" in r.directive and r.llm_calls == 0 and r.prompt_tokens == 0
     seen = {len([n for n in tunables(SRC) if tunables(o.propose(ctx(SRC, seed=s)).source)[n].value
                  != tunables(SRC)[n].value]) for s in range(40)}
     assert seen == {1, 2}

@@ -91,6 +91,7 @@ def test_stagnation_calls_the_supervisor_and_can_stop(cfg_factory, tmp_path):
     sup = lineage.scan_supervisor([tmp_path]).collect()
     assert len(sup) == 2 and summary.stopped.startswith("stagnated")
     assert all("widening" in d for d in sup["directive"])
+    assert sup["llm_calls"].to_list() == [0, 0] and sup["model"].to_list() == ["", ""]  # no LLM: no cost
     df = lineage.read_run(tmp_path)
     assert df.filter(pl.col("step") > sup["step"][0])["directive"].str.contains("widening").all()
 

@@ -23,7 +23,7 @@ from avo.agent.supervisor import Supervisor
 from avo.agent.tools import NAMES, SCHEMAS, Workbench, lineage_text
 from avo.agent.transcript import Transcript, transcript_path
 from avo.lineage import sha256
-from avo.types import Proposal, ProposalError, StepContext
+from avo.types import Proposal, ProposalError, Redirect, StepContext
 
 _TEXT_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
 
@@ -103,7 +103,7 @@ class LlmOperator:
         with Transcript(path) as tr:
             return self._conversation(ctx, tr, path)
 
-    def redirect(self, ctx: StepContext, reason: str) -> str | None:
+    def redirect(self, ctx: StepContext, reason: str) -> Redirect:
         return self.supervisor.review(ctx, reason)
 
     def close(self) -> None:

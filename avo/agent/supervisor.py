@@ -17,7 +17,7 @@ from avo.agent import render
 from avo.agent.client import LlmError
 from avo.agent.memory import Notes
 from avo.agent.transcript import Transcript, transcript_path
-from avo.types import StepContext
+from avo.types import Redirect, StepContext
 
 MIN_CHARS, MAX_CHARS = 15, 600
 # Structured output where the endpoint supports it (vLLM does); the lenient parser still runs on the text.
@@ -92,11 +92,12 @@ class Supervisor:
         message = (r["message"] or "")[:150]
         return f"step {r['step']}.{r['attempt']}: {r['decision']}/{r['status']}{score} - {message}{error}"
 
-    def review(self, ctx: StepContext, reason: str) -> str:
+    def review(self, ctx: StepContext, reason: str) -> Redirect:
         previous = self.previous()
         action, directions, source = "redirect", [], "rules"
+        cost = Redirect("")
         if self.cfg.llm_supervisor:
-            action, directions = self._ask(ctx, reason, previous)
+            action, directions = self._ask(ctx, reason, previous, cost)
             source = "llm" if directions else "rules (the LLM's reply was unusable)"
         if len(directions) < 2:
             pool = self._fallback(ctx, previous + directions)
@@ -109,9 +110,11 @@ class Supervisor:
         head = (f"Supervisor ({source}) after: {reason}. "
                 + (f"Restart from the best version v{ctx.best.version}. " if action == "reset" else "")
                 + "Pick one of these directions, preferring one not yet tried:")
-        return head + "\n" + "\n".join(f"{i}. {d}" for i, d in enumerate(directions, 1))
+        cost.directive = head + "\n" + "\n".join(f"{i}. {d}" for i, d in enumerate(directions, 1))
+        return cost
 
-    def _ask(self, ctx: StepContext, reason: str, previous: list[str]) -> tuple[str, list[str]]:
+    def _ask(self, ctx: StepContext, reason: str, previous: list[str], cost: Redirect) -> tuple[str, list[str]]:
+        """The LLM's action and directions; what the requests cost is added to `cost`."""
         versions, attempts = self.trajectory(ctx)
         prompt = render.render("supervisor", reason=reason, versions=versions, attempts=attempts, n=self.n,
                                previous="\n".join(f"- {p}" for p in previous[-12:]) or "(none)")
@@ -119,7 +122,9 @@ class Supervisor:
         with Transcript(transcript_path(self.run_dir, ctx.step, 0, kind="supervisor")) as tr:
             tr.event("request", new=messages, n_messages=1)
             reply = None
+            cost.model = self.client.model
             for fmt in (REPLY_SCHEMA, None):  # an endpoint without structured output gets a plain request
+                cost.llm_calls += 1
                 try:
                     reply = self.client.chat(messages, temperature=self.cfg.sampling.temperature,
                                              max_tokens=self.cfg.budget.supervisor_tokens, response_format=fmt)
@@ -128,6 +133,8 @@ class Supervisor:
                     tr.event("note", kind="llm_error", error=str(e), response_format=fmt is not None)
             if reply is None:
                 return "redirect", []
+            cost.prompt_tokens, cost.completion_tokens = reply.prompt_tokens, reply.completion_tokens
+            cost.latency_s = reply.latency_s
             tr.event("response", message=reply.message, finish_reason=reply.finish_reason,
                      prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
                      latency_s=round(reply.latency_s, 3))

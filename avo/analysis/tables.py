@@ -116,11 +116,14 @@ def runs_summary(lin: Lineage) -> pl.DataFrame:
                  worst_vs_cudnn=pl.col("vs_cudnn").min()))
     b = b.select("run_id", best_version="version", best_score="score", best_n="n", best_hours="hours",
                  best_tokens="cum_tokens")
-    sup = lin.supervisor.group_by("run_id").agg(interventions=pl.len())
+    sup = lin.supervisor.group_by("run_id").agg(
+        interventions=pl.len(), supervisor_tokens=(pl.col("prompt_tokens").fill_null(0)
+                                                   + pl.col("completion_tokens").fill_null(0)).sum())
     out = (totals.join(counts, on="run_id", how="left").join(seed, on="run_id", how="left")
            .join(b, on="run_id", how="left").join(base, on="run_id", how="left")
            .join(sup, on="run_id", how="left")
-           .with_columns(pl.col("steps", "attempts", "commits", "interventions", *OUTCOMES[1:]).fill_null(0))
+           .with_columns(pl.col("steps", "attempts", "commits", "interventions", "supervisor_tokens",
+                                *OUTCOMES[1:]).fill_null(0))
            .with_columns(acceptance=pl.when(pl.col("attempts") > 0).then(pl.col("commits") / pl.col("attempts")),
                          speedup=pl.col("best_score") / pl.col("seed_score"),
                          vs_cudnn=pl.col("best_score") / pl.col("cudnn"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from avo.contract import set_tunables, tunables
 from avo.lineage import sha256
-from avo.types import Proposal, ProposalError, StepContext
+from avo.types import Proposal, ProposalError, Redirect, StepContext
 
 
 class MutationOperator:
@@ -38,10 +38,11 @@ class MutationOperator:
         raise ProposalError(f"no untried variant of the best version in {self.max_tries} draws "
                             f"({len(names)} tunables): the neighbourhood is exhausted")
 
-    def redirect(self, ctx: StepContext, reason: str) -> str | None:
+    def redirect(self, ctx: StepContext, reason: str) -> Redirect:
         # A mutation operator cannot reason about the trajectory; widen the jumps instead.
         self.boost += 1
-        return f"{reason}: widening mutations to up to {self.max_changes + self.boost} tunables per candidate"
+        return Redirect(f"{reason}: widening mutations to up to {self.max_changes + self.boost} tunables "
+                        "per candidate")
 
     def close(self) -> None:
         pass
