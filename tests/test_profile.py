@@ -139,12 +139,27 @@ def test_the_hard_timeout_kills_the_profiler_and_its_worker(tmp_path):
     assert marker not in ps and "sleep 120" not in ps
 
 
-def test_real_ncu_reads_a_report_into_a_summary(tmp_path):
+def real_ncu() -> tuple[str, str]:
     ncu, report = os.environ.get("AVO_NCU"), os.environ.get("AVO_NCU_REPORT")
     if not (ncu and report):
         if os.environ.get("AVO_REQUIRE_NCU") == "1":
             pytest.fail("AVO_REQUIRE_NCU=1 but AVO_NCU/AVO_NCU_REPORT are unset: eval \"$(scripts/setup_ncu_cpu.sh)\"")
         pytest.skip("no Nsight Compute here: eval \"$(scripts/setup_ncu_cpu.sh)\"")
+    return ncu, report
+
+
+def test_real_ncu_accepts_the_profile_command_line(tmp_path):
+    ncu, _ = real_ncu()
+    p = subprocess.run([*ncu_command(ncu, tmp_path), sys.executable, "-c", "pass"], capture_output=True, text=True,
+                       timeout=120)
+    said = p.stdout + p.stderr
+    for refusal in ("--help", "did not match any section", "nrecogni", "invalid"):
+        assert refusal not in said, said
+    assert "No kernels were profiled" in said  # it got as far as running the program
+
+
+def test_real_ncu_reads_a_report_into_a_summary(tmp_path):
+    ncu, report = real_ncu()
     (tmp_path / "worker.log").write_text("==PROF== Connected\n==ERROR== Failed to initialize the profiler\n")
     with pytest.raises(ProfileError, match="recorded no launch of avo_attention: ==ERROR== Failed to init"):
         export_csv(ncu, tmp_path)
