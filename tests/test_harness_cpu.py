@@ -210,3 +210,14 @@ def test_pack_params_fills_pointers_strides_and_scale():
         (2, 4, 2, 5, 7, 64, 1, 132)
     assert p.softmax_scale == pytest.approx(0.125) and p.softmax_scale_log2 == pytest.approx(0.125 * math.log2(math.e))
     assert bytes(p.tma_q) == bytes(128)  # no tensor maps unless the launch spec asks for them
+
+
+def test_worker_that_dies_or_writes_garbage_is_reported_as_crashed(tmp_path):
+    from avo.harness.sandbox import RESULT, run_worker
+    from avo.types import Status
+
+    died = run_worker(tmp_path, 30, prefix=[sys.executable, "-c", "import sys; print('dying'); sys.exit(3)"])
+    assert died.status == Status.CRASHED and "worker died (exit code 3)" in died.error and "dying" in died.log
+    garbage = f"open({str(tmp_path / RESULT)!r}, 'w').write('{{not json')"
+    bad = run_worker(tmp_path, 30, prefix=[sys.executable, "-c", garbage])
+    assert bad.status == Status.CRASHED and bad.error.startswith("unreadable worker result")

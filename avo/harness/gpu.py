@@ -23,8 +23,8 @@ from pathlib import Path
 
 from avo.harness import HarnessUnavailable, SandboxHarness
 from avo.harness.profile import ProfileError, export_csv, find_ncu, ncu_command, summarise
-from avo.harness.sandbox import RESULT, _die_with_parent, _kill_group, _tail, run_worker
-from avo.types import EvalResult, Problem, Status
+from avo.harness.sandbox import RESULT, _die_with_parent, _kill_group, run_worker, wait_worker
+from avo.types import EvalResult, Problem
 
 _PROBE = """
 import json
@@ -112,24 +112,12 @@ class GpuHarness(SandboxHarness):
         try:
             proc.stdin.write(f"{job_dir.resolve()}\n".encode())
             proc.stdin.close()
-            rc = proc.wait(timeout=self.cfg.timeout_s)
-        except subprocess.TimeoutExpired:
-            return EvalResult(Status.TIMEOUT, error=f"killed after the {self.cfg.timeout_s:.0f} s hard timeout "
-                              "(a hang, a deadlock, or far too slow)", log=_tail(job_dir / "worker.log"))
         except BrokenPipeError:
-            rc = proc.wait()
-        finally:
-            _kill_group(proc)
-            log.close()
-        result_path = job_dir / RESULT
-        if not result_path.exists():
-            how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
-            return EvalResult(Status.CRASHED, error=f"worker died ({how}) after {time.monotonic() - t0:.1f} s "
-                              "without a result", log=_tail(job_dir / "worker.log"))
+            pass  # it died getting ready; wait_worker says how
         try:
-            return EvalResult.from_dict(json.loads(result_path.read_text()))
-        except (ValueError, KeyError, TypeError) as e:
-            return EvalResult(Status.CRASHED, error=f"unreadable worker result: {e}", log=_tail(job_dir / "worker.log"))
+            return wait_worker(proc, job_dir, self.cfg.timeout_s, t0)
+        finally:
+            log.close()
 
     def close(self) -> None:
         spare, self._spare, self.use_spare = self._spare, None, False
