@@ -5,16 +5,14 @@ See kernels_cuda/CONTRACT.md.
 from __future__ import annotations
 
 import io
-import math
 import re
 import struct
 from dataclasses import dataclass
 
 from elftools.elf.elffile import ELFFile
 
-ABI_VERSION = 1
-ENTRY = "avo_attention"
-LAUNCH_SYMBOL = "avo_launch"
+# the ABI's names and grid rule live once, in the self-contained half that exports copy
+from avo.harness.abi import ABI_VERSION, ENTRY, LAUNCH_SYMBOL, launch_grid  # noqa: F401 - re-exported
 
 _TUNABLE = re.compile(r"^(?P<head>[ \t]*#define[ \t]+(?P<name>\w+)[ \t]+)(?P<value>\S+)"
                       r"(?P<mid>[ \t]*//[ \t]*@tunable[ \t]+)(?P<choices>[^\n]*)$", re.M)
@@ -101,9 +99,7 @@ class LaunchSpec:
             raise ContractError("clusters are not supported yet (cluster must be 1)")
 
     def grid(self, batch: int, heads_q: int, seqlen_q: int, num_sms: int) -> tuple[int, int, int]:
-        if self.persistent:
-            return (num_sms * self.persistent, 1, 1)
-        return (math.ceil(seqlen_q / self.block_m), heads_q, batch)
+        return launch_grid(self.persistent, self.block_m, batch, heads_q, seqlen_q, num_sms)
 
 
 class ContractError(ValueError):

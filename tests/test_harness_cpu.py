@@ -221,3 +221,16 @@ def test_worker_that_dies_or_writes_garbage_is_reported_as_crashed(tmp_path):
     garbage = f"open({str(tmp_path / RESULT)!r}, 'w').write('{{not json')"
     bad = run_worker(tmp_path, 30, prefix=[sys.executable, "-c", garbage])
     assert bad.status == Status.CRASHED and bad.error.startswith("unreadable worker result")
+
+
+def test_launch_spec_and_exported_geometry_ask_for_the_same_grid():
+    from avo.contract import LaunchSpec
+    from avo.harness.abi import LaunchGeometry
+
+    for persistent in (0, 1, 2):
+        ints = [384, 200_000, 128, persistent, 128 if persistent else 0, 128 if persistent else 0, 1, 1]
+        spec, geom = LaunchSpec.from_ints(ints), LaunchGeometry(ints)
+        for shape in ((2, 16, 4097, 132), (1, 32, 1, 132)):
+            assert spec.grid(*shape) == geom.grid(*shape)
+    assert LaunchSpec.from_ints([128, 0, 64, 0, 0, 0, 1, 1]).grid(2, 16, 4097, 132) == (65, 16, 2)
+    assert LaunchSpec.from_ints([384, 0, 128, 1, 128, 128, 1, 1]).grid(2, 16, 4097, 132) == (132, 1, 1)

@@ -142,9 +142,15 @@ class LaunchGeometry:
         return {n: getattr(self, n) for n in self.NAMES}
 
     def grid(self, batch: int, heads_q: int, seqlen_q: int, num_sms: int) -> tuple[int, int, int]:
-        if self.persistent:
-            return (num_sms * self.persistent, 1, 1)
-        return (math.ceil(seqlen_q / self.block_m), heads_q, batch)
+        return launch_grid(self.persistent, self.block_m, batch, heads_q, seqlen_q, num_sms)
+
+
+def launch_grid(persistent: int, block_m: int, batch: int, heads_q: int, seqlen_q: int,
+                num_sms: int) -> tuple[int, int, int]:
+    """The contract's grid: `persistent` blocks per SM, or one block per (query tile, head, batch)."""
+    if persistent:
+        return (num_sms * persistent, 1, 1)
+    return (math.ceil(seqlen_q / block_m), heads_q, batch)
 
 
 class LoadedKernel:
