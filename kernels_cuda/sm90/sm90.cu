@@ -33,11 +33,9 @@ static_assert(HEAD_DIM == 128, "sm90 seed: only head dim 128 is implemented (the
 #define BLOCK_N 128          // keys per block (= wgmma N of S)
 #define NUM_CONSUMERS 2
 #define NUM_THREADS (128 * (NUM_CONSUMERS + 1))
+#define CTAS_PER_SM 1        // __launch_bounds__ minimum CTAs per SM: sets the register cap below
 #define BOX_COLS 64          // a 128B-swizzled TMA box is 64 bf16 wide
 #define KCHUNKS (HEAD_DIM / BOX_COLS)
-
-static_assert(STAGES >= 2 && STAGES <= 3, "2 or 3 K/V stages fit in shared memory");
-static_assert(PRODUCER_REGS * 128 + CONSUMER_REGS * 128 * NUM_CONSUMERS <= 65536, "register file is 64K");
 
 // Shared memory: all tiles 1024-byte aligned (the 128B swizzle pattern repeats every 1024 bytes
 // and wgmma descriptors assume base_offset 0).
@@ -49,9 +47,44 @@ static_assert(PRODUCER_REGS * 128 + CONSUMER_REGS * 128 * NUM_CONSUMERS <= 65536
 #define OFF_BAR (OFF_V + STAGES * KV_BYTES)
 #define OFF_TILE (OFF_BAR + 128)  // the current tile index, producer -> consumers
 #define SMEM_BYTES (OFF_BAR + 256 + 1024)  // barriers, tile slot, slack to align the base to 1024
-static_assert(8 * (2 + 4 * STAGES) <= OFF_TILE - OFF_BAR, "mbarriers overlap the tile slot");
+
+// ---- validity rules -------------------------------------------------------------------------
+// Every combination of the tunables either meets these rules or fails to compile with a message
+// that names the broken rule ("sm90 rule [name]") and the values that work. A combination that
+// breaks a register rule compiles without them but hangs on the GPU. The rules read only STAGES,
+// PRODUCER_REGS and CONSUMER_REGS. This block and everything above it compile on their own:
+// tests/test_sm90_space.py cuts the file at the end marker and checks every declared combination.
+//
+// Registers at launch: the kernel uses setmaxnreg, so ptxas sets its register count to the
+// __launch_bounds__ cap, 65536 / (NUM_THREADS * CTAS_PER_SM) rounded down to a multiple of 8
+// (168 for 384 threads; ptxas prints "Used 168 registers"). The CTA starts with that many per
+// thread in every warp; 168 x 384 = 64512 of the 65536 registers, so no second CTA fits on the SM.
+#define LAUNCH_REGS (65536 / (NUM_THREADS * CTAS_PER_SM) / 8 * 8)
+// PTX ISA, setmaxnreg: the count is a multiple of 8 in [24, 256]; .dec may only lower a warp's
+// count and .inc only raise it (undefined behaviour otherwise).
+static_assert(PRODUCER_REGS % 8 == 0 && PRODUCER_REGS >= 24 && PRODUCER_REGS <= LAUNCH_REGS,
+              "sm90 rule [producer regs]: PRODUCER_REGS must be a multiple of 8 in [24, 168] "
+              "(setmaxnreg.dec lowers the 168 registers each thread starts with)");
+static_assert(CONSUMER_REGS % 8 == 0 && CONSUMER_REGS >= LAUNCH_REGS && CONSUMER_REGS <= 256,
+              "sm90 rule [consumer regs]: CONSUMER_REGS must be a multiple of 8 in [168, 256] "
+              "(setmaxnreg.inc raises the 168 registers each thread starts with)");
+// PTX ISA, setmaxnreg: "A pool of available registers is maintained per-CTA" and "setmaxnreg.inc
+// blocks the execution until enough registers are available in the CTA's register pool". The
+// pool holds only what the CTA was launched with (registers of exited warps do not return to
+// it), so the consumers' .inc waits forever unless the producer's .dec freed enough:
+// PRODUCER_REGS + NUM_CONSUMERS * CONSUMER_REGS <= (NUM_CONSUMERS + 1) * 168 = 504.
+// 32/240 needs 512 and 40/240 needs 520: both hang although they fit in the 64K register file.
+static_assert(PRODUCER_REGS + NUM_CONSUMERS * CONSUMER_REGS <= (NUM_CONSUMERS + 1) * LAUNCH_REGS,
+              "sm90 rule [register pool]: PRODUCER_REGS + 2 * CONSUMER_REGS must be <= 504 (3 warpgroups x 168 "
+              "registers at launch), else setmaxnreg.inc waits forever; valid pairs: 24/240, 24/232, 32/232, 40/232");
+// Shared memory: at most 227 KB per CTA on sm_90 (2 stages: 161 KB, 3 stages: 225 KB, 4: 289 KB).
+static_assert(STAGES >= 2 && SMEM_BYTES <= 227 * 1024,
+              "sm90 rule [shared memory]: STAGES must be 2 or 3 (Q + STAGES x 64 KB of K/V must fit in 227 KB)");
+static_assert(8 * (2 + 4 * STAGES) <= OFF_TILE - OFF_BAR,
+              "sm90 rule [mbarriers]: the 2 + 4 * STAGES mbarriers must fit in the 128 bytes before the tile slot");
 
 AVO_LAUNCH(NUM_THREADS, SMEM_BYTES, BLOCK_M, PERSISTENT, BLOCK_M, BLOCK_N);
+// ---- end of the validity rules --------------------------------------------------------------
 
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -278,7 +311,7 @@ __device__ __forceinline__ Tile tile_at(const AvoAttnParams& p, int idx, int num
   return t;
 }
 
-extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) avo_attention(const __grid_constant__ AvoAttnParams p) {
+extern "C" __global__ void __launch_bounds__(NUM_THREADS, CTAS_PER_SM) avo_attention(const __grid_constant__ AvoAttnParams p) {
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(smem_raw) + 1023) & ~size_t(1023));
   const unsigned base = smem_u32(smem);

@@ -1,0 +1,82 @@
+"""sm90's declared tunable space: no combination may compile and then hang on the GPU.
+
+Every combination either meets the validity rules or fails to compile with a static_assert that
+names the broken rule. The rules block (kernels_cuda/sm90/sm90.cu, up to its end marker)
+compiles on its own in a few hundredths of a second, so every combination is checked with
+NVRTC; the rule-relevant valid combinations are also compiled in full.
+"""
+import itertools
+import re
+
+import pytest
+
+from avo.contract import set_tunables, tunables
+from avo.harness.nvrtc import compile_source
+from avo.seeds import KERNELS_DIR
+
+SRC = (KERNELS_DIR / "sm90" / "sm90.cu").read_text()
+END = "// ---- end of the validity rules"
+RULES = SRC[:SRC.index(END)]
+TUNABLES = tunables(SRC)
+RULE_KEYS = ("STAGES", "PRODUCER_REGS", "CONSUMER_REGS")  # what the rules read
+LAUNCH_REGS = 65536 // 384 // 8 * 8  # ptxas's cap for __launch_bounds__(384, 1): 168
+
+
+def expected_violations(v: dict[str, str]) -> set[str]:
+    """The rules restated from the PTX ISA (setmaxnreg) and Hopper's limits, independently of the kernel."""
+    stages, prod, cons = (int(v[k]) for k in RULE_KEYS)
+    broken = set()
+    if prod % 8 or not 24 <= prod <= LAUNCH_REGS:
+        broken.add("producer regs")  # setmaxnreg.dec can only lower the launch count
+    if cons % 8 or not LAUNCH_REGS <= cons <= 256:
+        broken.add("consumer regs")  # setmaxnreg.inc can only raise it
+    if prod + 2 * cons > 3 * LAUNCH_REGS:
+        broken.add("register pool")  # the CTA's pool is what it launched with: .inc would wait forever
+    smem = 128 * 128 * 2 + stages * 2 * 128 * 128 * 2 + 256 + 1024
+    if stages < 2 or smem > 227 * 1024:
+        broken.add("shared memory")
+    if 8 * (2 + 4 * stages) > 128:
+        broken.add("mbarriers")
+    return broken
+
+
+def combinations(names: tuple[str, ...] | None = None) -> list[dict[str, str]]:
+    """Every combination of the declared values of `names` (default: all tunables)."""
+    names = names or tuple(sorted(TUNABLES))
+    choices = itertools.product(*(TUNABLES[n].choices for n in names))
+    return [dict(zip(names, values, strict=True)) for values in choices]
+
+
+def broken_rules(log: str) -> set[str]:
+    return set(re.findall(r'static assertion failed with "sm90 rule \[([^\]]+)\]', log))
+
+
+def test_the_declared_space_is_what_the_rules_cover():
+    assert set(RULE_KEYS) <= set(TUNABLES)
+    assert "static_assert" not in SRC[SRC.index(END):], "keep every validity rule above the end marker"
+
+
+def test_every_declared_combination_meets_the_rules_or_names_the_one_it_breaks():
+    rejected = set()
+    for v in combinations():
+        c = compile_source(set_tunables(RULES, v), "sm_90a", 128)
+        want = expected_violations(v)
+        assert broken_rules(c.log) == want, f"{v}: expected {sorted(want) or 'valid'}\n{c.log[-1500:]}"
+        assert c.ok == (not want), f"{v}: {c.error}\n{c.log[-1500:]}"
+        if want:
+            rejected.add(tuple(v[k] for k in RULE_KEYS))
+    # the register pool rule rejects 32/240 and 40/240 at both stage counts; 32/240 hung on an H200
+    assert rejected == {(s, p, "240") for s in ("2", "3") for p in ("32", "40")}
+    assert not expected_violations({k: t.value for k, t in TUNABLES.items()}), "the defaults are valid"
+
+
+VALID = [v for v in combinations(RULE_KEYS) if not expected_violations(v)]
+
+
+@pytest.mark.parametrize("v", VALID, ids=lambda v: "-".join(v.values()))
+def test_each_valid_register_and_stage_combination_compiles_in_full(v):
+    c = compile_source(set_tunables(SRC, v), "sm_90a", 128)
+    assert c.ok, c.log[-2000:]
+    # the rules assume this launch count; setmaxnreg makes ptxas use the whole __launch_bounds__ cap
+    assert c.registers == LAUNCH_REGS, f"ptxas gave {c.registers} registers per thread, the rules assume 168"
+    assert c.spill_bytes == 0, f"{c.spill_bytes} bytes spilled"
