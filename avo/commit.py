@@ -1,24 +1,51 @@
-"""The commit rule: correct, and at least as good as the best committed version."""
+"""The commit rule: correct, and not beaten by the incumbent when both are timed side by side.
+
+A candidate is never judged against a score measured earlier: every ranked evaluation times it
+interleaved with the incumbent (the best version now) on the same inputs and clocks, and
+avo.paired turns the per-iteration pairs into a speed ratio with one-sided bounds at
+`search.commit.alpha` each. Two rules:
+
+- `gain` (the default): commit iff the geomean ratio is significantly above 1 + min_gain
+  (lower bound > 1 + min_gain) and no config is significantly slower by more than config_margin.
+  An A/A comparison (the incumbent against itself) commits with probability about alpha, so
+  noise cannot ratchet the lineage, and every commit is a measured gain. This is the default
+  because the search then only moves on evidence, and a week of commits adds up to a gain that a
+  side-by-side re-timing confirms.
+- `noninferior` (the AVO paper's "at least as good"): commit iff neither the geomean nor any
+  config is significantly slower than the incumbent (by more than config_margin for a config),
+  and the geomean is not significantly slower than the anchor: the last version committed as a
+  significant gain (or the seed), timed in the same run too. Neutral moves that let the agent
+  restructure a kernel are allowed, but a chain of them cannot drift the speed down.
+"""
 from __future__ import annotations
 
 from avo.types import EvalResult, Version
 
+RULES = ("gain", "noninferior")
 
-def decide(result: EvalResult, best: Version, epsilon: float = 0.0, min_config_ratio: float = 0.0) -> str:
-    """Return the decision for an evaluated candidate; only "committed" advances the lineage.
 
-    epsilon: the score must reach best * (1 + epsilon) (a significance margin; 0 = "at least as high").
-    min_config_ratio: every benchmark config must keep at least this fraction of the best's TFLOPS.
-    """
+def decide(result: EvalResult, rule: str = "gain", min_gain: float = 0.0, config_margin: float = 0.01) -> str:
+    """Return the decision for an evaluated candidate; only "committed" advances the lineage."""
     if not result.ok:
         return "failed"
-    if not result.ranked or result.score is None or best.score is None:
+    if not result.ranked or result.score is None:
         return "unranked"
-    if result.score < best.score * (1.0 + epsilon):
-        return "not_faster"
-    if min_config_ratio > 0:
-        ref = {c.key: c.tflops for c in best.configs if c.tflops}
-        for c in result.configs:
-            if c.key in ref and (c.tflops or 0.0) < min_config_ratio * ref[c.key]:
-                return "regression"
-    return "committed"
+    if result.stage == "screen":
+        return "screened"
+    if result.paired_lo is None:
+        return "unpaired"
+    slower = [c for c in result.configs if c.ratio_hi is not None and c.ratio_hi < 1.0 - config_margin]
+    if rule == "gain":
+        if result.paired_lo <= 1.0 + min_gain:
+            return "not_faster"
+        return "regression" if slower else "committed"
+    if rule == "noninferior":
+        if result.paired_hi < 1.0 or (result.anchor_hi is not None and result.anchor_hi < 1.0):
+            return "not_faster"
+        return "regression" if slower else "committed"
+    raise ValueError(f"search.commit.rule={rule!r}: use one of {', '.join(RULES)}")
+
+
+def anchor(history: list[Version]) -> Version | None:
+    """The last version committed as a significant gain (the seed counts as one)."""
+    return next((v for v in reversed(history) if v.gain), history[0] if history else None)

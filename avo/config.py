@@ -30,13 +30,21 @@ class StagnationConf:
 
 
 @dataclass
+class CommitConf:
+    """The commit rule on the paired comparison with the incumbent (avo.commit explains both)."""
+    rule: str = "gain"                # gain: significantly faster; noninferior: not significantly slower
+    alpha: float = 0.01               # one-sided level of each bound
+    min_gain: float = 0.0             # gain: the lower bound must exceed 1 + min_gain
+    config_margin: float = 0.01       # no config significantly slower by more than this fraction
+
+
+@dataclass
 class SearchConf:
     name: str = MISSING
     max_steps: int = 100              # variation steps after the seed
     max_hours: float = 168.0          # wall-clock budget for this run (all restarts together)
     attempts_per_step: int = 3        # evaluated candidates per step before moving on
-    epsilon: float = 0.0              # commit iff score >= best * (1 + epsilon)
-    min_config_ratio: float = 0.0     # and every config >= ratio * best's (0: no per-config floor)
+    commit: CommitConf = field(default_factory=CommitConf)
     stagnation: StagnationConf = field(default_factory=StagnationConf)
 
 
@@ -139,10 +147,22 @@ class KernelConf:
 
 # -- harness --------------------------------------------------------------------------------------
 @dataclass
+class ScreenConf:
+    """A short paired run on the cheapest shape of each mask before the full benchmark."""
+    iters: int = 6                    # timed iterations (0: no screen)
+    margin: float = 0.02              # drop a candidate significantly slower than the incumbent by this
+    alpha: float = 0.01
+
+
+@dataclass
 class HarnessConf:
     name: str = MISSING               # gpu | compile
     arch: str = "sm_90a"              # NVRTC target; "auto" (gpu only): the device's own
-    timeout_s: float = 600.0          # hard kill of one evaluation (process group)
+    timeout_s: float = 600.0          # hard kill of one evaluation (process group), whatever its stages' limits
+    compile_timeout_s: float = 60.0   # the compile stage's own limit
+    stage_mult: float = 4.0           # each later stage's limit: this times the incumbent's time for it,
+    stage_floor_s: float = 10.0       # but at least this
+    spares: int = 2                   # GPU workers kept started ahead (torch and CUDA ready)
     cache_dir: str = "~/.cache/avo/cubin"
     device: int = 0                   # CUDA device index the harness times on
     check_seeds: int = 2              # fresh random inputs per check shape
@@ -154,6 +174,7 @@ class HarnessConf:
     flush_l2: bool = True
     baselines: list[str] = field(default_factory=lambda: ["cudnn", "flash"])
     roofline_tflops: float = 989.4    # dense BF16 peak; any faster result is an error
+    screen: ScreenConf = field(default_factory=lambda: ScreenConf())
     profiler: str = "ncu"             # Nsight Compute, for the agent's profile tool (a name or a path)
 
 
@@ -266,16 +287,23 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"search.{name}={s[name]} must be {'>= 1' if name == 'attempts_per_step' else '>= 0'}")
     if s.max_hours <= 0:
         raise ConfigError(f"search.max_hours={s.max_hours} must be positive")
-    if s.epsilon < 0 or not 0 <= s.min_config_ratio <= 1:
-        raise ConfigError("search.epsilon must be >= 0 and search.min_config_ratio in [0, 1]")
+    from avo.commit import RULES
+
+    c = s.commit
+    if c.rule not in RULES:
+        raise ConfigError(f"search.commit.rule={c.rule!r}: use one of {', '.join(RULES)}")
+    if not 0 < c.alpha < 0.5 or c.min_gain < 0 or not 0 <= c.config_margin < 1:
+        raise ConfigError("search.commit.alpha must be in (0, 0.5), min_gain >= 0, config_margin in [0, 1)")
     for name, v in s.stagnation.items():
         if v < 0:
             raise ConfigError(f"search.stagnation.{name}={v} must be >= 0")
     if k.bench.tokens < 1 or any(n < 1 or k.bench.tokens % n for n in k.bench.seqlens):
         raise ConfigError(f"kernel.bench.seqlens {list(k.bench.seqlens)} must divide "
                           f"kernel.bench.tokens={k.bench.tokens}")
-    if cfg.harness.timeout_s <= 0 or cfg.harness.iters < 1:
-        raise ConfigError("harness.timeout_s must be positive and harness.iters >= 1")
+    h = cfg.harness
+    if min(h.timeout_s, h.compile_timeout_s, h.stage_floor_s, h.stage_mult) <= 0 or h.iters < 1 or h.spares < 0:
+        raise ConfigError("harness.timeout_s, compile_timeout_s, stage_floor_s and stage_mult must be positive, "
+                          "harness.iters >= 1 and harness.spares >= 0")
 
 
 def _one_line(e: Exception) -> str:

@@ -22,19 +22,26 @@ import pyarrow.parquet as pq
 
 from avo.fsutil import atomic_write_bytes, atomic_write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 COMPACT_EVERY = 64
 MERGE_CHUNKS = 16
 
 CONFIG_STRUCT = pa.struct([("key", pa.string()), ("tflops", pa.float64()), ("ms", pa.float64()),
                            ("ms_p10", pa.float64()), ("ms_p90", pa.float64()), ("cudnn_tflops", pa.float64()),
-                           ("fa2_tflops", pa.float64()), ("max_err", pa.float64())])
+                           ("fa2_tflops", pa.float64()), ("max_err", pa.float64()),
+                           ("samples", pa.list_(pa.float64())), ("incumbent_tflops", pa.float64()),
+                           ("incumbent_samples", pa.list_(pa.float64())), ("anchor_tflops", pa.float64()),
+                           ("anchor_samples", pa.list_(pa.float64())), ("ratio", pa.float64()),
+                           ("ratio_lo", pa.float64()), ("ratio_hi", pa.float64())])
 TS = pa.timestamp("us", tz="UTC")
 SCHEMA = pa.schema([
     ("schema_version", pa.int32()), ("run_id", pa.string()), ("step", pa.int32()), ("attempt", pa.int32()),
     ("candidate_id", pa.string()), ("parent_id", pa.string()), ("version", pa.int32()),
     ("committed", pa.bool_()), ("decision", pa.string()), ("status", pa.string()), ("ranked", pa.bool_()),
     ("score", pa.float64()), ("best_before", pa.float64()), ("configs", pa.list_(CONFIG_STRUCT)),
+    ("stage", pa.string()), ("screen_s", pa.float64()), ("paired_ratio", pa.float64()), ("paired_lo", pa.float64()),
+    ("paired_hi", pa.float64()), ("incumbent_score", pa.float64()), ("anchor_ratio", pa.float64()),
+    ("anchor_lo", pa.float64()), ("anchor_hi", pa.float64()),
     ("source_sha", pa.string()), ("operator", pa.string()), ("model", pa.string()), ("message", pa.string()),
     ("error", pa.string()), ("propose_s", pa.float64()), ("compile_s", pa.float64()), ("verify_s", pa.float64()),
     ("bench_s", pa.float64()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),

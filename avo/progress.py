@@ -31,8 +31,12 @@ class Progress:
         unit = " TFLOPS" if row["ranked"] else ""
         msg = (row["message"] or "").splitlines()[0][:60] if row["message"] else ""
         err = f" | {row['error'].splitlines()[0][:100]}" if row["error"] and row["status"] != "ok" else ""
+        paired = ""
+        if row.get("paired_ratio") is not None:  # side by side with the incumbent, in the same run
+            paired = (f" | x{row['paired_ratio']:.4f} [{row['paired_lo']:.4f}, {row['paired_hi']:.4f}] "
+                      f"vs {row['parent_id']} {_fmt(row.get('incumbent_score'))}")
         self.line(f"step {row['step']:>4}.{row['attempt']} | {row['status']:<13} | {row['decision']:<10} | "
-                  f"score {_fmt(row['score'])}{unit} | best {_fmt(best)} | {_clock(elapsed)} | {msg}{err}")
+                  f"score {_fmt(row['score'])}{unit}{paired} | best {_fmt(best)} | {_clock(elapsed)} | {msg}{err}")
 
     def summary(self, s, rows: pl.DataFrame, ranked: bool) -> None:
         counts = rows.group_by("status").len().sort("status")

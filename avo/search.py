@@ -18,9 +18,10 @@ import polars as pl
 from omegaconf import DictConfig, OmegaConf
 
 from avo import lineage, transfer
-from avo.commit import decide
+from avo.commit import anchor, decide
 from avo.harness import make_harness
 from avo.operators import make_operator
+from avo.paired import annotate
 from avo.problem import problem_from_cfg
 from avo.progress import Progress
 from avo.seeds import Seed, resolve
@@ -124,8 +125,11 @@ class Search:
 
     # -- state read back from the lineage ------------------------------------------------------
     def _version(self, r: dict) -> Version:
+        stage_s = {"verify": r["verify_s"], "screen": r.get("screen_s"), "bench": r["bench_s"]}
+        gain = r["decision"] == "seed" or (r.get("paired_lo") is not None and r["paired_lo"] > 1.0)
         return Version(r["version"], r["candidate_id"], lineage.read_source(self.run_dir, r["source_sha"]),
-                       r["score"], [ConfigResult(**c) for c in r["configs"] or []], r["message"] or "")
+                       r["score"], [ConfigResult(**c) for c in r["configs"] or []], r["message"] or "",
+                       {k: v for k, v in stage_s.items() if v}, gain)
 
     def _last_directive(self) -> str | None:
         sup = lineage.scan_supervisor([self.run_dir]).collect()
@@ -139,6 +143,17 @@ class Search:
 
     def elapsed(self) -> float:
         return self.spent + time.monotonic() - self.t0
+
+    def deadline(self) -> float:
+        """time.monotonic() at which search.max_hours runs out."""
+        return time.monotonic() + self.s.max_hours * 3600 - self.elapsed()
+
+    def expected_eval_s(self) -> float:
+        """What a normal evaluation costs here: the incumbent's own, all stages."""
+        r = self.rows.filter(pl.col("committed")).tail(1)
+        if r.is_empty():
+            return 0.0
+        return float(sum(r[c].fill_null(0.0).item() for c in ("compile_s", "verify_s", "screen_s", "bench_s")))
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> Summary:
@@ -182,6 +197,9 @@ class Search:
                 return f"reached search.max_steps={self.s.max_steps}"
             if self.elapsed() >= self.s.max_hours * 3600:
                 return f"reached search.max_hours={self.s.max_hours}"
+            if self.elapsed() + self.expected_eval_s() >= self.s.max_hours * 3600:
+                return (f"reached search.max_hours={self.s.max_hours}: no time left for another evaluation "
+                        f"(about {self.expected_eval_s():.0f} s)")
             row = self._attempt(step, attempt)
             if row["committed"] or attempt + 1 >= self.s.attempts_per_step:
                 stop = self._supervise(step)
@@ -197,7 +215,7 @@ class Search:
                             r["decision"], r["score"], r["error"] or "", r["message"] or "")
                     for r in self.rows.filter(seen).iter_rows(named=True)]
         ctx = StepContext(step, attempt, best, list(self.history), failures, self.problem, self.harness,
-                          self.run_dir, self.rng, set(self.tried), self.directive)
+                          self.run_dir, self.rng, set(self.tried), self.directive, self.deadline())
         started = datetime.now(timezone.utc)
         t = time.monotonic()
         try:
@@ -207,8 +225,16 @@ class Search:
             proposal = e.proposal or Proposal("", message="")
             result = EvalResult(Status.INVALID, error=str(e))
             return self._record(step, attempt, proposal, result, "invalid", best, started, time.monotonic() - t)
-        result = self.harness.evaluate(proposal.source, self.problem)
-        decision = (decide(result, best, self.s.epsilon, self.s.min_config_ratio) if self.history
+        against = None
+        if self.history:  # time it side by side with the incumbent (and the rule's anchor, where that differs)
+            against = [best.reference("incumbent")]
+            a = anchor(self.history)
+            if self.s.commit.rule == "noninferior" and a is not None and a.version != best.version:
+                against.append(a.reference("anchor"))
+        result = self.harness.evaluate(proposal.source, self.problem, against=against, deadline=self.deadline())
+        c = self.s.commit
+        annotate(result, c.alpha)
+        decision = (decide(result, c.rule, c.min_gain, c.config_margin) if self.history
                     else "seed" if result.ok else "failed")
         row = self._record(step, attempt, proposal, result, decision, best, started, propose_s)
         if decision in ("committed", "seed"):
@@ -226,6 +252,9 @@ class Search:
             "version": (self.history[-1].version + 1 if self.history else 0) if committed else None,
             "committed": committed, "decision": decision, "status": result.status.value, "ranked": result.ranked,
             "score": result.score, "best_before": parent.score if parent else None,
+            "stage": result.stage, "screen_s": result.screen_s, "paired_ratio": result.paired_ratio,
+            "paired_lo": result.paired_lo, "paired_hi": result.paired_hi, "incumbent_score": result.incumbent_score,
+            "anchor_ratio": result.anchor_ratio, "anchor_lo": result.anchor_lo, "anchor_hi": result.anchor_hi,
             "configs": [vars(c) for c in result.configs], "source_sha": sha, "operator": self.operator.name,
             "model": proposal.model or self.operator.model, "message": proposal.message, "error": result.error,
             "propose_s": propose_s, "compile_s": result.compile_s, "verify_s": result.verify_s,
@@ -253,7 +282,7 @@ class Search:
             return None
         best = self.history[-1] if self.history else self.pending
         ctx = StepContext(step, 0, best, list(self.history), [], self.problem, self.harness, self.run_dir,
-                          self.rng, set(self.tried), self.directive)
+                          self.rng, set(self.tried), self.directive, self.deadline())
         r = self.operator.redirect(ctx, reason) or Redirect("")
         directive = r.directive
         lineage.append_supervisor(self.run_dir, {"run_id": self.run_id, "step": step, "reason": reason,

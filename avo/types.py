@@ -17,6 +17,7 @@ class Status(str, Enum):
     CRASHED = "crashed"              # worker died: illegal address, trap, abort
     TIMEOUT = "timeout"              # worker killed after the hard timeout
     ERROR = "error"                  # harness-side failure (e.g. result above the roofline)
+    UNAVAILABLE = "unavailable"      # the environment is broken (no NVRTC, driver or GPU): never a candidate's fault
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,15 @@ class ConfigResult:
     cudnn_tflops: float | None = None
     fa2_tflops: float | None = None
     max_err: float | None = None
+    samples: list[float] = field(default_factory=list)  # ms of each timed iteration, in order
+    # the incumbent (and the commit rule's anchor), timed in the same iterations on the same inputs
+    incumbent_tflops: float | None = None
+    incumbent_samples: list[float] = field(default_factory=list)
+    anchor_tflops: float | None = None
+    anchor_samples: list[float] = field(default_factory=list)
+    ratio: float | None = None       # candidate speed / incumbent speed (avo.paired), with one-sided bounds
+    ratio_lo: float | None = None
+    ratio_hi: float | None = None
 
     @property
     def vs_cudnn(self) -> float | None:
@@ -94,6 +104,16 @@ class EvalResult:
     gpu: str = ""
     sm_clock_mhz: float | None = None
     power_w: float | None = None
+    stage: str = ""                 # the last timed stage: "screen" (stopped there) or "bench"
+    screen_s: float = 0.0
+    # the paired comparison (avo.paired): candidate / incumbent geomean speed, one-sided bounds
+    paired_ratio: float | None = None
+    paired_lo: float | None = None
+    paired_hi: float | None = None
+    incumbent_score: float | None = None  # the incumbent's geomean TFLOPS in the same run
+    anchor_ratio: float | None = None     # candidate / anchor (the rule's guard against drift)
+    anchor_lo: float | None = None
+    anchor_hi: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -121,6 +141,15 @@ def geomean(xs: list[float]) -> float | None:
 
 
 @dataclass
+class Reference:
+    """A committed version that a candidate is timed against, side by side in the same run."""
+    role: str                       # "incumbent" (the best version now) or "anchor" (see avo.commit)
+    version: int
+    source: str
+    stage_s: dict[str, float] = field(default_factory=dict)  # its measured verify/screen/bench seconds
+
+
+@dataclass
 class Version:
     """A committed version x_k of the lineage."""
     version: int
@@ -129,6 +158,11 @@ class Version:
     score: float | None
     configs: list[ConfigResult]
     message: str = ""
+    stage_s: dict[str, float] = field(default_factory=dict)  # its own verify/screen/bench seconds
+    gain: bool = True              # committed as a significant gain (or the seed): a drift anchor
+
+    def reference(self, role: str) -> Reference:
+        return Reference(role, self.version, self.source, self.stage_s)
 
 
 @dataclass
@@ -156,6 +190,7 @@ class StepContext:
     rng: random.Random
     tried: set[str]                # source hashes already evaluated in this run
     directive: str | None = None   # the supervisor's latest redirection
+    deadline: float | None = None  # time.monotonic() by which the search must stop (search.max_hours)
 
 
 @dataclass
@@ -181,7 +216,8 @@ class Harness(Protocol):
     name: str
     ranks: bool  # does `score` measure speed?
 
-    def evaluate(self, source: str, problem: Problem) -> EvalResult: ...
+    def evaluate(self, source: str, problem: Problem, mode: str | None = None,
+                 against: list[Reference] | None = None, deadline: float | None = None) -> EvalResult: ...
 
     def close(self) -> None: ...
 

@@ -178,19 +178,18 @@ ADVERSARIAL = adversarial_sources()
 
 @pytest.mark.parametrize("name", sorted(ADVERSARIAL))
 def test_adversarial_kernels_reach_the_stage_they_target(name):
-    """Those expected to be rejected statically are; all others pass the gate and compile, so the
-    GPU suite really exercises the correctness, crash and timeout defences."""
+    """Those expected to be rejected before running are, by the source or the PTX gate; all others
+    pass both and compile, so the GPU suite really exercises the run-time defences."""
     pytest.importorskip("cuda.core")
-    from avo.harness.nvrtc import compile_source
+    from avo.harness.nvrtc import compile_candidate
 
     source = ADVERSARIAL[name]
-    why = check_source(source)
+    c = compile_candidate(source, "sm_90a", 128)
     if "// expect: compile_error" in source:
-        assert why is not None
+        assert not c.ok and c.error.startswith("rejected"), c.error or c.log
+        assert "root:" not in c.error + c.log
     else:
-        assert why is None
-        c = compile_source(source, "sm_90a", 128)
-        assert c.ok, c.log
+        assert c.ok, c.error + c.log
 
 
 def test_pack_params_fills_pointers_strides_and_scale():
@@ -234,3 +233,51 @@ def test_launch_spec_and_exported_geometry_ask_for_the_same_grid():
             assert spec.grid(*shape) == geom.grid(*shape)
     assert LaunchSpec.from_ints([128, 0, 64, 0, 0, 0, 1, 1]).grid(2, 16, 4097, 132) == (65, 16, 2)
     assert LaunchSpec.from_ints([384, 0, 128, 1, 128, 128, 1, 1]).grid(2, 16, 4097, 132) == (132, 1, 1)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "packed", "bhsd", "padded"])
+def test_check_inputs_and_outputs_cover_the_layouts_a_caller_may_pass(layout):
+    from avo.harness.check import Outputs, random_inputs
+    from avo.types import Shape
+
+    shape = Shape(2, 33, 33, 4, 2, 64, True)
+    q, k, v = random_inputs(shape, torch.Generator().manual_seed(0), "large", layout, device="cpu")
+    assert q.shape == (2, 33, 4, 64) and k.shape == v.shape == (2, 33, 2, 64)
+    assert all(t.stride(3) == 1 and t.dtype == torch.bfloat16 for t in (q, k, v))
+    assert (q.float().abs().max() > 40) and all((t.stride(1) * 2) % 16 == 0 for t in (q, k, v))  # TMA alignment
+    if layout != "contiguous":
+        assert not all(t.is_contiguous() for t in (q, k, v))
+    out = Outputs(shape, device="cpu", layout=layout)
+    assert out.o.shape == (2, 33, 4, 64) and out.lse.shape == (2, 4, 33) and out.lse.stride(2) == 1
+    assert bool(torch.isnan(out.o).all()) and not bool(out.guards_broken())
+    out.o.zero_()
+    out.lse.zero_()
+    assert not bool(out.guards_broken())  # writing every element of the views touches nothing else
+    out._o[-1] = 0.0  # the guard band after O
+    assert bool(out.guards_broken())
+    if layout == "padded":
+        out.poison()
+        out.o.zero_()
+        first = int(out._o_in.nonzero()[0])
+        out._o[first + 64] = 0.0  # right after the first head's 64 elements: padding, not O
+        assert bool(out.guards_broken())
+
+
+def test_compare_judges_rows_and_empty_rows_exactly():
+    from avo.harness.reference import attention_refs
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, s, 2, 64, generator=g).bfloat16() for s in (40, 24, 24))  # Sq > Sk: empty rows
+    o, lse, _, _ = attention_refs(q, k, v, True, 0.2)
+    o = o.bfloat16()
+    assert compare(o, lse, q, k, v, True, 2.0, 1e-4, 1e-3, scale=0.2)[0]
+    assert not compare(o, lse, q, k, v, True, 2.0, 1e-4, 1e-3)[0]  # the scale matters
+    bad = o.clone()
+    bad[0, 0, 0, 0] = 1e-6  # row 0 sees no key (bottom-right causal): O must be exactly 0
+    ok, _, msg = compare(bad, lse, q, k, v, True, 2.0, 1e-4, 1e-3, scale=0.2)
+    assert not ok and "exactly" in msg
+    small = o.clone()
+    row = 30
+    small[0, row] = (small[0, row].float() * 1.03).bfloat16()  # 3 % off on one row only
+    ok, _, msg = compare(small, lse, q, k, v, True, 2.0, 1e-4, 1e-3, scale=0.2)
+    assert not ok and ("rows wrong" in msg or "max|O - ref|" in msg), msg

@@ -21,19 +21,33 @@ SEED = str(DATA / "tunable.cu")
 
 
 class ScoreHarness:
-    """Scores a source by its tunables; fails correctness for one combination. Test double only."""
+    """Scores a source by its tunables; fails correctness for one combination. Test double only.
+
+    Timed "side by side" with the incumbent: both get per-iteration times from their scores."""
     name, ranks = "score", True
 
     def __init__(self):
         self.calls = 0
 
-    def evaluate(self, source, problem, mode=None):
-        self.calls += 1
+    @staticmethod
+    def score(source):
         t = {k: int(v.value) for k, v in tunables(source).items()}
         if t["STAGES"] == 3 and t["BLOCK_N"] == 128:
+            return None
+        return 100 + t["BLOCK_M"] / 4 + t["BLOCK_N"] / 8 + 5 * t["STAGES"] - abs(t["NUM_WARPS"] - 4)
+
+    def evaluate(self, source, problem, mode=None, against=None, deadline=None):
+        self.calls += 1
+        score = self.score(source)
+        if score is None:
             return EvalResult(Status.INCORRECT, error="max error 3.1 > tolerance 0.02")
-        score = 100 + t["BLOCK_M"] / 4 + t["BLOCK_N"] / 8 + 5 * t["STAGES"] - abs(t["NUM_WARPS"] - 4)
-        return EvalResult(Status.OK, ranked=True, score=score, configs=[ConfigResult("c", tflops=score)])
+        times = [1e3 / score * (1 + 1e-4 * (i % 3)) for i in range(10)]
+        c = ConfigResult("c", tflops=score, samples=times)
+        inc = next((r for r in against or [] if r.role == "incumbent"), None)
+        if inc is not None:
+            c.incumbent_tflops = self.score(inc.source)
+            c.incumbent_samples = [1e3 / c.incumbent_tflops * (1 + 1e-4 * ((i + 1) % 3)) for i in range(10)]
+        return EvalResult(Status.OK, ranked=True, score=score, configs=[c], stage="bench")
 
     def close(self):
         pass
@@ -59,7 +73,8 @@ def test_lineage_only_commits_improvements_and_records_every_attempt(cfg_factory
     assert summary.commits == len(commits) - 1 >= 1
     # every non-committed ranked candidate was below the best at the time, every failure is recorded
     rejected = df.filter(pl.col("decision") == "not_faster")
-    assert (rejected["score"] < rejected["best_before"]).all()
+    assert (rejected["score"] <= rejected["best_before"]).all()
+    assert (commits["paired_lo"].drop_nulls() > 1).all() and commits["paired_lo"].null_count() == 1  # the seed
     assert set(df["decision"]) <= {"seed", "committed", "not_faster", "failed", "invalid"}
     # parents are committed versions; sources are stored
     assert set(df["parent_id"].drop_nulls()) <= set(commits["candidate_id"])
@@ -158,3 +173,17 @@ def test_killed_run_resumes_from_its_lineage(tmp_path):
     after = lineage.read_run(run_dir)
     assert after.head(len(before)).equals(before)
     assert after["candidate_id"].is_unique().all() and len(after) > len(before)
+
+
+class SlowHarness(ScoreHarness):
+    """Every evaluation reports 100 s of benchmarking. Test double only."""
+
+    def evaluate(self, source, problem, mode=None, against=None, deadline=None):
+        r = super().evaluate(source, problem, mode, against, deadline)
+        r.bench_s = 100.0
+        return r
+
+
+def test_no_evaluation_starts_that_cannot_finish_before_max_hours(cfg_factory, tmp_path):
+    summary, h = run(cfg_factory, tmp_path, "search.max_hours=0.02", "search.max_steps=50", harness=SlowHarness())
+    assert h.calls == 1 and "no time left for another evaluation" in summary.stopped

@@ -131,6 +131,8 @@ class LlmOperator:
         while bench.submitted is None:
             elapsed = time.monotonic() - t0
             stop = self.budget.exhausted(turns, usage.tokens, elapsed) or ""
+            if not stop and ctx.deadline is not None and time.monotonic() >= ctx.deadline:
+                stop = "the search's deadline (search.max_hours) came"
             if stop:
                 break
             if not warned and self.budget.left(turns, usage.tokens, elapsed) <= 0.2:

@@ -14,6 +14,7 @@ from avo.agent.knowledge import KnowledgeBase
 from avo.agent.memory import Notes
 from avo.harness.profile import ProfileError
 from avo.lineage import sha256
+from avo.paired import annotate
 from avo.types import EvalResult, StepContext
 
 
@@ -168,7 +169,12 @@ class Workbench:
     def _evaluate(self, mode: str | None) -> EvalResult:
         key = (sha256(self.source), mode or "full")
         if key not in self._evals:
-            self._evals[key] = self.ctx.harness.evaluate(self.source, self.ctx.problem, mode=mode)
+            # a benchmark is timed side by side with the best version, as the search will time it
+            against = [self.ctx.best.reference("incumbent")] if mode is None and self.ctx.best.version >= 0 else None
+            r = self.ctx.harness.evaluate(self.source, self.ctx.problem, mode=mode, against=against,
+                                          deadline=self.ctx.deadline)
+            annotate(r, 0.01)
+            self._evals[key] = r
         r = self._evals[key]
         if r.ok:
             self.compiled_ok = self.source
@@ -270,14 +276,19 @@ def format_eval(r: EvalResult, what: str, ctx: StepContext) -> str:
     if not r.ok and r.log:
         lines.append(f"log:\n{truncate(r.log, 4000)}")
     if r.ranked and r.score is not None:
-        best = {c.key: c.tflops for c in ctx.best.configs}
-        ref = f" (best v{ctx.best.version}: {ctx.best.score:.1f})" if ctx.best.score else ""
-        lines.append(f"score: {r.score:.1f} TFLOPS geometric mean{ref}")
-        lines.append("config | TFLOPS | best | vs cuDNN")
+        if r.paired_ratio is not None:
+            lines.append(f"score: {r.score:.1f} TFLOPS geometric mean; {r.paired_ratio:.4f}x the best v"
+                         f"{ctx.best.version} timed side by side ({r.incumbent_score:.1f} TFLOPS in the same run; "
+                         f"bounds {r.paired_lo:.4f}..{r.paired_hi:.4f})")
+        else:
+            lines.append(f"score: {r.score:.1f} TFLOPS geometric mean")
+        if r.stage == "screen":
+            lines.append("stopped at the screen: clearly slower than the best version on its cheapest shapes")
+        lines.append("config | TFLOPS | best (same run) | ratio | vs cuDNN")
         for c in r.configs:
-            b = best.get(c.key)
+            b = c.incumbent_tflops
             lines.append(f"{c.key} | {c.tflops or 0:.1f} | {f'{b:.1f}' if b else '-'} | "
-                         f"{f'{c.vs_cudnn:.3f}' if c.vs_cudnn else '-'}")
+                         f"{f'{c.ratio:.4f}' if c.ratio else '-'} | {f'{c.vs_cudnn:.3f}' if c.vs_cudnn else '-'}")
     return "\n".join(lines)
 
 

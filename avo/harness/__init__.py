@@ -7,7 +7,7 @@ from pathlib import Path
 
 from avo.fsutil import atomic_write_json, atomic_write_text
 from avo.harness.sandbox import run_worker
-from avo.types import EvalResult, Harness, Problem
+from avo.types import EvalResult, Harness, Problem, Reference, Status
 
 
 class HarnessUnavailable(RuntimeError):
@@ -35,9 +35,12 @@ class SandboxHarness:
 
         return OmegaConf.to_container(self.cfg, resolve=True) if OmegaConf.is_config(self.cfg) else dict(vars(self.cfg))
 
-    def evaluate(self, source: str, problem: Problem, mode: str | None = None) -> EvalResult:
-        """mode: the worker mode; None is the harness's full evaluation ("check" = correctness only)."""
-        return self.run_job(self.write_job(source, problem, mode))
+    def evaluate(self, source: str, problem: Problem, mode: str | None = None, against: list[Reference] | None = None,
+                 deadline: float | None = None) -> EvalResult:
+        """mode: the worker mode; None is the harness's full evaluation ("check" = correctness only).
+        against: committed versions to time side by side (harnesses that time nothing ignore it)."""
+        return self.run_job(self.write_job(source, problem, mode), {"compile": float(self.cfg.compile_timeout_s)},
+                            deadline)
 
     def write_job(self, source: str, problem: Problem, mode: str | None = None, **extra) -> Path:
         job = {**self.job(problem), **extra}
@@ -48,8 +51,12 @@ class SandboxHarness:
         atomic_write_json(job_dir / "job.json", job)
         return job_dir
 
-    def run_job(self, job_dir: Path) -> EvalResult:
-        return run_worker(job_dir, self.cfg.timeout_s, env=self.env())
+    def run_job(self, job_dir: Path, limits: dict[str, float] | None = None,
+                deadline: float | None = None) -> EvalResult:
+        result = run_worker(job_dir, self.cfg.timeout_s, env=self.env(), limits=limits, deadline=deadline)
+        if result.status == Status.UNAVAILABLE:
+            raise HarnessUnavailable(result.error)
+        return result
 
     def worker_mode(self, mode: str | None) -> str:
         return mode or self.mode

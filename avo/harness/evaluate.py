@@ -1,24 +1,35 @@
-"""Worker-side GPU evaluation: static gate, compile, verify, time against baselines, re-check.
+"""Worker-side GPU evaluation: gates and compile, verify, a paired screen, the paired benchmark.
 
-`evaluate` serves the search (one candidate); `benchmark` serves both the search and
-`python -m avo.bench` (several candidates timed interleaved in one process), so the numbers
-the search commits on and the numbers reported are measured by the same code.
+`evaluate` serves the search (one candidate, timed side by side with the incumbent); `benchmark`
+serves both the search and `python -m avo.bench` (several kernels timed interleaved in one
+process), so the numbers the search commits on and the numbers reported are measured by the
+same code. In `benchmark` every launch of a checked kernel, warm-up and wall-clock launches
+included, gets fresh inputs and its own copy of them, and is checked: inputs left
+bit-identical, nothing written outside O, LSE and the tile counter, and every row of O and LSE
+against FlashAttention-2's outputs on the same inputs (tolerance calibrated per shape against
+the FP32 reference), plus the FP32 reference itself on sampled rows of a randomly chosen launch.
 """
 from __future__ import annotations
 
+import random
 import time
+from dataclasses import dataclass, field
 
 import torch
 
-from avo.harness.check import Outputs, compare, random_inputs, verify
+from avo.harness.check import Outputs, compare, random_scale, verify
+from avo.harness.devlock import gpu_lock
 from avo.harness.launch import Kernel
-from avo.harness.nvrtc import compile_source
-from avo.harness.reference import sdpa_baseline
-from avo.harness.static import check_source
+from avo.harness.nvrtc import compile_candidate
+from avo.harness.reference import REFERENCE, attention_refs, sdpa_baseline
 from avo.harness.timing import Sensors, Timer, hidden_work
+from avo.paired import geomean_ratio, screen_out
 from avo.types import ConfigResult, EvalResult, Problem, Shape, Status, geomean
 
-RECHECK_ROWS = 128  # query rows re-checked against the reference in every timed output
+RECHECK_ROWS = 128  # query rows checked against the FP32 reference in one timed output per shape
+WALL_CALLS = 3      # back-to-back launches of the wall-clock cross-check, each on its own inputs
+_FLAGS = ("left NaN in its outputs", "wrote Inf into O", "wrong rows of O", "wrong LSE",
+          "modified its inputs", "wrote outside O, LSE or its tile counter")
 
 
 def device_arch(device: int = 0) -> str:
@@ -28,12 +39,9 @@ def device_arch(device: int = 0) -> str:
 
 def prepare(source: str, problem: Problem, hc: dict, arch: str, cache_dir, allow_printf: bool,
             log) -> tuple[Kernel | None, EvalResult]:
-    """Static gate + compile + load. Returns (kernel or None, result with compile fields set)."""
-    why = check_source(source, allow_printf=allow_printf)
-    if why:
-        return None, EvalResult(Status.COMPILE_ERROR, error=f"rejected before compiling: {why}")
+    """Gates + compile + load. Returns (kernel or None, result with compile fields set)."""
     t0 = time.perf_counter()
-    c = compile_source(source, arch, problem.head_dim, cache_dir)
+    c = compile_candidate(source, arch, problem.head_dim, cache_dir, allow_printf)
     res = EvalResult(Status.OK, log=c.log[-8000:], registers=c.registers, spill_bytes=c.spill_bytes,
                      stack_bytes=c.stack_bytes, compile_s=time.perf_counter() - t0,
                      gpu=torch.cuda.get_device_name(hc.get("device", 0)))
@@ -60,101 +68,265 @@ def run_checks(kernel: Kernel, problem: Problem, hc: dict, res: EvalResult, log)
     return chk.ok
 
 
-def _recheck(out: Outputs, q, k, v, shape: Shape, hc: dict, gen) -> tuple[str, float | None]:
-    """The last timed output must be fully written and correct (on sampled rows): (problem, max err)."""
-    if not out.guards_intact():
-        return "wrote outside O or LSE while timed", None
-    if torch.isnan(out.o).any() or torch.isnan(out.lse).any():
-        return "left output elements unwritten (NaN) while timed", None
+@dataclass
+class Bench:
+    configs: dict[str, list[ConfigResult]] = field(default_factory=dict)
+    errors: dict[str, tuple[Status, str]] = field(default_factory=dict)  # per kernel name
+    sensed: dict = field(default_factory=dict)
+
+
+def _flags(out: Outputs, kern: Kernel, mine: tuple, pristine: tuple, ref: tuple, tol: tuple) -> torch.Tensor:
+    """One iteration's checks of one kernel as a GPU tensor of _FLAGS (no host synchronisation)."""
+    o, lse = out.o, out.lse
+    ref_o, ref_lse = ref
+    tol_rel, atol, lse_tol = tol
+    diff = (o.float() - ref_o.float()).abs().amax(-1)
+    mag = ref_o.float().abs().amax(-1)
+    changed = torch.stack([(a != b).any() for a, b in zip(mine, pristine, strict=True)]).any()
+    guards = out.guards_broken() | kern.guards_broken()
+    return torch.stack([torch.isnan(o).any() | torch.isnan(lse).any(), torch.isinf(o).any(),
+                        (diff > tol_rel * mag + atol).any(), ((lse - ref_lse).abs() > lse_tol).any(),
+                        changed, guards])
+
+
+def _sample_rows(shape: Shape, gen) -> torch.Tensor:
     rows = torch.randperm(shape.seqlen_q, generator=gen, device="cuda")[:RECHECK_ROWS]
-    rows = torch.unique(torch.cat([rows, torch.tensor([0, shape.seqlen_q - 1], device="cuda")]))
-    ok, err, msg = compare(out.o, out.lse, q, k, v, shape.causal, hc["err_mult"], hc["atol"], 1e-3, rows=rows)
-    return ("" if ok else f"timed output wrong: {msg}"), err
+    return torch.unique(torch.cat([rows, torch.tensor([0, shape.seqlen_q - 1], device="cuda")]))
 
 
-def benchmark(kernels: dict[str, Kernel], problem: Problem, hc: dict, log) -> tuple[dict, dict, dict]:
-    """Time every kernel and baseline on every bench shape, interleaved.
+def _calibrate(q, k, v, shape: Shape, scale: float, ref: tuple, hc: dict, gen) -> tuple[float, float, float]:
+    """Tolerances for checking against the reference baseline, from the FP32 truth on sampled rows:
+    a candidate may be err_mult times the BF16 error off the truth, and the baseline is as far off
+    as it is; (relative per-row tolerance of O, absolute floor, absolute tolerance of LSE)."""
+    rows = _sample_rows(shape, gen)
+    truth, truth_lse, bf, _ = attention_refs(q, k, v, shape.causal, scale, rows)
+    mag = truth.abs().amax(-1).clamp_min(1e-30)
+    e_bf = ((bf - truth).abs().amax(-1) / mag).max().item()
+    e_ref = ((ref[0][:, rows].float() - truth).abs().amax(-1) / mag).max().item()
+    e_lse = (ref[1][:, :, rows] - truth_lse).abs().max().item()
+    # + one BF16 ulp: two honest kernels may round the same value to neighbouring BF16 numbers
+    return hc["err_mult"] * (e_bf + e_ref) + 2.0 ** -8, hc["atol"], 1e-3 + 2 * e_lse
 
-    Returns (configs per kernel name, (status, message) per failed kernel name, sensor means).
-    """
+
+def benchmark(kernels: dict[str, Kernel], shapes: tuple[Shape, ...], hc: dict, log, checked: set[str],
+              iters: int | None = None, warmup: int | None = None, baselines: list[str] | None = None) -> Bench:
+    """Time every kernel and baseline on every shape, interleaved, checking every launch of the
+    kernels in `checked` (the incumbent, already committed, is timed but not re-checked)."""
     timer, sensors = Timer(hc["flush_l2"]), Sensors(hc.get("device", 0))
+    rng = random.Random(time.time_ns())
     gen = torch.Generator(device="cuda")
-    gen.manual_seed(int(time.time_ns()) & 0x7FFFFFFF)
-    configs = {n: [] for n in kernels}
-    errors: dict[str, tuple[Status, str]] = {}
+    gen.manual_seed(rng.getrandbits(62))
+    out = Bench({n: [] for n in kernels})
+    baselines = list(hc["baselines"] if baselines is None else baselines)
+    run = dict(hc, iters=hc["iters"] if iters is None else iters, warmup=hc["warmup"] if warmup is None else warmup)
     clocks, powers = [], []
-    budget = hc.get("bench_budget_s", 2.0)
-    for i, shape in enumerate(problem.bench, 1):
-        q, k, v = random_inputs(shape, gen)
-        outs, fns, prep, qs = {}, {}, {}, {}
-        for name, kern in kernels.items():
-            if name in errors:
-                continue
-            # Each candidate gets its own Q, refilled with new random numbers before every timed
-            # call, and its outputs re-poisoned: skipping work, or replaying a result cached by
-            # pointer, leaves NaN or a stale answer for the re-check to find.
-            out, qc = Outputs(shape), torch.empty_like(q)
-            outs[name], qs[name] = out, qc
-            prep[name] = (lambda out=out, qc=qc: (qc.normal_(generator=gen), out.poison()))
-            fns[name] = (lambda kern=kern, out=out, qc=qc, k=k, v=v, causal=shape.causal:
-                         kern(qc, k, v, out.o, out.lse, causal))
-        for b in hc["baselines"]:
-            try:
-                fns[b] = sdpa_baseline(b, q, k, v, shape.causal)
-            except RuntimeError as e:
-                log(f"  baseline {b} unavailable for {shape.key}: {str(e).splitlines()[0]}")
-        stats = timer.interleaved(fns, hc["warmup"], hc["iters"], budget, prep=prep)
+    for i, shape in enumerate(shapes, 1):
+        live = {n: kern for n, kern in kernels.items() if n not in out.errors}
+        stats, problems = _time_shape(live, shape, run, log, checked & set(live), timer, rng, gen, baselines)
         clock, power = sensors.read()
         if clock is not None:
             clocks.append(clock)
             powers.append(power)
-        base = {b: shape.flops / (stats[b].ms * 1e9) for b in hc["baselines"] if b in stats}
-        for name in outs:
-            st = stats[name]
+        base = {bn: shape.flops / (stats[bn].ms * 1e9) for bn in baselines if bn in stats}
+        for n in live:
+            st = stats[n]
             tflops = shape.flops / (st.ms * 1e9)
-            # the most specific diagnosis wins: a wrong timed output, then hidden work, then speed
-            problem_msg, max_err = _recheck(outs[name], qs[name], k, v, shape, hc, gen)
-            status = Status.INCORRECT
-            wall = Timer.wall_ms(fns[name], max(1, min(5, int(0.25 * budget * 1e3 / max(st.ms, 1e-3)))))
-            if not problem_msg and hidden_work(st.ms, wall):
-                problem_msg, status = (f"host wall-clock {wall:.3f} ms per call vs {st.ms:.3f} ms on the launch "
-                                       "stream: work runs outside the launched grid"), Status.ERROR
-            elif not problem_msg and tflops > hc["roofline_tflops"]:
-                problem_msg, status = f"{tflops:.0f} TFLOPS is above the {hc['roofline_tflops']} roofline", Status.ERROR
-            if problem_msg:
-                errors[name] = (status, f"{shape.key}: {problem_msg}")
-            configs[name].append(ConfigResult(shape.key, tflops, st.ms, st.ms_p10, st.ms_p90,
-                                              base.get("cudnn"), base.get("flash"), max_err))
-            log(f"  [{i}/{len(problem.bench)}] {shape.key} {name}: {tflops:7.1f} TFLOPS "
-                f"({st.ms:.3f} ms, p10 {st.ms_p10:.3f}, p90 {st.ms_p90:.3f}, n={st.n}, wall {wall:.3f})"
-                + (f"  ERROR {problem_msg}" if problem_msg else ""))
-        log(f"  [{i}/{len(problem.bench)}] {shape.key} baselines: "
-            + ", ".join(f"{b} {t:.1f} TFLOPS" for b, t in base.items())
+            msg, status, max_err, wall = problems.get(n, ("", Status.INCORRECT, None, None))
+            if not msg and n in checked and tflops > hc["roofline_tflops"]:
+                msg, status = f"{tflops:.0f} TFLOPS is above the {hc['roofline_tflops']} roofline", Status.ERROR
+            if msg:
+                out.errors[n] = (status, f"{shape.key}: {msg}")
+            out.configs[n].append(ConfigResult(shape.key, tflops, st.ms, st.ms_p10, st.ms_p90, base.get("cudnn"),
+                                               base.get("flash"), max_err, samples=st.samples))
+            log(f"  [{i}/{len(shapes)}] {shape.key} {n}: {tflops:7.1f} TFLOPS ({st.ms:.3f} ms, p10 {st.ms_p10:.3f}, "
+                f"p90 {st.ms_p90:.3f}, n={st.n}" + (f", wall {wall:.3f}" if wall is not None else "") + ")"
+                + (f"  ERROR {msg}" if msg else ""))
+        log(f"  [{i}/{len(shapes)}] {shape.key} baselines: "
+            + ", ".join(f"{bn} {t:.1f} TFLOPS" for bn, t in base.items())
             + (f"; SM {clock:.0f} MHz, {power:.0f} W" if clock is not None else ""))
-        del q, k, v, outs, fns, prep, qs
-    sensed = {"sm_clock_mhz": sum(clocks) / len(clocks) if clocks else None,
-              "power_w": sum(powers) / len(powers) if powers else None}
-    return configs, errors, sensed
+    out.sensed = {"sm_clock_mhz": sum(clocks) / len(clocks) if clocks else None,
+                  "power_w": sum(powers) / len(powers) if powers else None}
+    return out
+
+
+def _time_shape(live: dict[str, Kernel], shape: Shape, hc: dict, log, checked: set[str], timer: Timer,
+                rng: random.Random, gen, baselines: list[str]) -> tuple[dict, dict]:
+    """One shape of `benchmark`: (Stats per name, {kernel: (problem, status, max_err, wall ms)})."""
+    b, sq, sk, hq, hkv, d = shape.batch, shape.seqlen_q, shape.seqlen_k, shape.heads_q, shape.heads_kv, shape.head_dim
+    q = torch.empty(b, sq, hq, d, dtype=torch.bfloat16, device="cuda")
+    k, v = (torch.empty(b, sk, hkv, d, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    # each kernel gets its own copy of the inputs and its own outputs, from slots reassigned at random
+    # every iteration: where a buffer sits in memory can move a kernel's time by a percent, and that
+    # must not favour one of two kernels compared pair by pair
+    slots = [(tuple(torch.empty_like(t) for t in (q, k, v)), Outputs(shape)) for _ in live]
+    mine, outs = {}, {}
+    state = {"scale": 1.0 / d ** 0.5, "ref": None, "tol": None}
+    fns = {n: (lambda kern=kern, n=n: kern(*mine[n], outs[n].o, outs[n].lse, shape.causal, state["scale"]))
+           for n, kern in live.items()}
+    prep = {n: (lambda n=n: outs[n].poison()) for n in live}
+    ref_fn = None
+    for bname in dict.fromkeys([*baselines, REFERENCE]):
+        try:
+            fn = sdpa_baseline(bname, q, k, v, shape.causal, lambda: state["scale"])
+        except RuntimeError as e:
+            log(f"  baseline {bname} unavailable for {shape.key}: {str(e).splitlines()[0]}")
+            continue
+        if bname == REFERENCE:
+            ref_fn = fn
+
+            def fn(f=fn):  # the timed reference call also keeps its outputs for the checks
+                state["ref"] = f()
+        if bname in baselines:
+            fns[bname] = fn
+    if ref_fn is None:
+        raise RuntimeError(f"the reference baseline ({REFERENCE}) cannot run {shape.key}: nothing to check against")
+    flags: dict[str, list] = {n: [] for n in checked}
+    recheck_at = rng.randrange(0, 3 + hc["warmup"])  # one launch, chosen at random, against the FP32 truth
+    strict: dict[str, tuple[str, float | None]] = {}
+
+    def before(it):
+        state["scale"] = random_scale(d, gen)
+        for t in (q, k, v):
+            t.normal_(generator=gen)
+        for n, (x, o) in zip(live, rng.sample(slots, len(slots)), strict=True):
+            mine[n], outs[n] = x, o
+            for a, src in zip(x, (q, k, v), strict=True):
+                a.copy_(src)
+
+    def strict_check():  # the FP32 truth on sampled rows of the launch just made
+        rows = _sample_rows(shape, gen)
+        for n in flags:
+            ok, err, msg = compare(outs[n].o, outs[n].lse, q, k, v, shape.causal, hc["err_mult"], hc["atol"],
+                                   1e-3, rows=rows, scale=state["scale"])
+            strict[n] = ("" if ok else f"output wrong against the FP32 reference: {msg}", err)
+
+    def after(it, timed):
+        if REFERENCE not in baselines:
+            state["ref"] = ref_fn()
+        if state["tol"] is None:
+            state["tol"] = _calibrate(q, k, v, shape, state["scale"], state["ref"], hc, gen)
+        for n in flags:
+            flags[n].append(_flags(outs[n], live[n], mine[n], (q, k, v), state["ref"], state["tol"]))
+        if it == recheck_at:
+            strict_check()
+
+    stats = timer.interleaved(fns, hc["warmup"], hc["iters"], hc.get("bench_budget_s", 2.0), rng, prep=prep,
+                              before=before, after=after)
+    if flags and not strict:  # the run was shorter than the chosen launch: check the last one
+        strict_check()
+    problems = {}
+    for n in flags:
+        msg, max_err = strict[n]
+        status, wall = Status.INCORRECT, None
+        table = torch.stack(flags[n]).cpu()
+        if not msg and table.any():
+            it, f = (int(x) for x in table.nonzero()[0])
+            msg = f"launch {it + 1} of {len(table)} {_FLAGS[f]} (against {REFERENCE} on the same inputs)"
+        if not msg:
+            msg, wall = _wall_check(live[n], shape, stats[n].ms, hc, gen)
+            status = Status.ERROR if msg.startswith("host wall-clock") else Status.INCORRECT
+        problems[n] = (msg, status, max_err, wall)
+    return stats, problems
+
+
+def _wall_check(kern: Kernel, shape: Shape, event_ms: float, hc: dict, gen) -> tuple[str, float]:
+    """Back-to-back launches on their own fresh inputs, timed by the host; their outputs are checked too."""
+    from avo.harness.check import random_inputs
+
+    sets = [random_inputs(shape, gen) for _ in range(WALL_CALLS)]
+    pristine = [tuple(t.clone() for t in x) for x in sets]
+    outs = [Outputs(shape) for _ in range(WALL_CALLS)]
+    scale = random_scale(shape.head_dim, gen)
+    wall = Timer.wall_ms([lambda x=x, o=o: kern(*x, o.o, o.lse, shape.causal, scale)
+                          for x, o in zip(sets, outs, strict=True)])
+    ref = [sdpa_baseline(REFERENCE, *x, shape.causal, scale)() for x in pristine]
+    tol = _calibrate(*pristine[0], shape, scale, ref[0], hc, gen)
+    for j, (x, px, o, r) in enumerate(zip(sets, pristine, outs, ref, strict=True)):
+        bad = _flags(o, kern, x, px, r, tol).cpu()
+        if bad.any():
+            return f"wall-clock launch {j + 1} {_FLAGS[int(bad.nonzero()[0])]}", wall
+    if hidden_work(event_ms, wall):
+        return (f"host wall-clock {wall:.3f} ms per call vs {event_ms:.3f} ms on the launch stream: work runs "
+                "outside the launched grid"), wall
+    return "", wall
 
 
 def finish(res: EvalResult, configs: list[ConfigResult], error: tuple[Status, str] | None, sensed: dict,
            bench_s: float) -> None:
     res.configs, res.bench_s = configs, bench_s
-    res.sm_clock_mhz, res.power_w = sensed["sm_clock_mhz"], sensed["power_w"]
+    res.sm_clock_mhz, res.power_w = sensed.get("sm_clock_mhz"), sensed.get("power_w")
     if error:
         res.status, res.error = error
         return
     res.ranked, res.score = True, geomean([c.tflops for c in configs])
 
 
-def evaluate(source: str, problem: Problem, hc: dict, arch: str, cache_dir, check_only: bool, log) -> EvalResult:
-    """The search's fitness: one candidate; check_only stops after correctness (ranked=False)."""
+def _pair(res: EvalResult, bench: Bench, names: list[str]) -> None:
+    """Attach the same-run times of the incumbent (and anchor) to the candidate's configs."""
+    for name in names:
+        for c, o in zip(res.configs, bench.configs.get(name, []), strict=False):
+            setattr(c, f"{name}_samples", o.samples)
+            setattr(c, f"{name}_tflops", o.tflops)
+
+
+def evaluate(source: str, problem: Problem, hc: dict, arch: str, cache_dir, check_only: bool, log,
+             others: dict[str, str] | None = None, phase=lambda name: None, lock: str | None = None) -> EvalResult:
+    """The search's fitness: one candidate, timed side by side with `others` (name -> source:
+    the incumbent, and the anchor of the commit rule), after a short paired screen.
+    check_only stops after correctness (ranked=False)."""
     if arch == "auto":
         arch = device_arch(hc.get("device", 0))
+    phase("compile")
     kernel, res = prepare(source, problem, hc, arch, cache_dir, allow_printf=check_only, log=log)
-    if kernel is None or not run_checks(kernel, problem, hc, res, log) or check_only:
+    if kernel is None:
         return res
-    t0 = time.perf_counter()
-    configs, errors, sensed = benchmark({"candidate": kernel}, problem, hc, log)
-    finish(res, configs["candidate"], errors.get("candidate"), sensed, time.perf_counter() - t0)
+    phase("verify")
+    with gpu_lock(lock, exclusive=False):
+        if not run_checks(kernel, problem, hc, res, log) or check_only:
+            return res
+    kernels = {"candidate": kernel}
+    for name, src in (others or {}).items():
+        phase("compile")
+        k2, r2 = prepare(src, problem, hc, arch, cache_dir, allow_printf=False, log=lambda m, n=name: log(f"{n}: {m}"))
+        if k2 is None:
+            res.status, res.error = Status.UNAVAILABLE, (f"the {name} no longer passes this harness "
+                                                          f"({r2.status.value}: {r2.error}); resume from a version "
+                                                          "that does, or start from a seed")
+            return res
+        kernels[name] = k2
+    with gpu_lock(lock, exclusive=True):
+        screen = hc.get("screen") or {}
+        if "incumbent" in kernels and screen.get("iters", 0) > 0:
+            phase("screen")
+            t0 = time.perf_counter()
+            shapes = _screen_shapes(problem)
+            b = benchmark({n: kernels[n] for n in ("candidate", "incumbent")}, shapes, hc, log, {"candidate"},
+                          iters=screen["iters"], warmup=1, baselines=[])
+            res.screen_s = time.perf_counter() - t0
+            if "candidate" in b.errors:
+                finish(res, b.configs["candidate"], b.errors["candidate"], b.sensed, 0.0)
+                return res
+            ratio, _ = geomean_ratio([(c.samples, o.samples) for c, o in zip(b.configs["candidate"],
+                                                                                b.configs["incumbent"], strict=True)],
+                                     hc.get("alpha", 0.01))
+            log(f"screen: {ratio.ratio:.4f}x the incumbent (one-sided bounds {ratio.lo:.4f}..{ratio.hi:.4f})")
+            if screen_out(ratio, screen.get("margin", 0.02)):
+                res.stage = "screen"
+                finish(res, b.configs["candidate"], None, b.sensed, 0.0)
+                _pair(res, b, ["incumbent"])
+                return res
+        phase("bench")
+        t0 = time.perf_counter()
+        b = benchmark(kernels, problem.bench, hc, log, {"candidate"})
+    res.stage = "bench"
+    finish(res, b.configs["candidate"], b.errors.get("candidate"), b.sensed, time.perf_counter() - t0)
+    _pair(res, b, [n for n in kernels if n != "candidate"])
     return res
+
+
+def _screen_shapes(problem: Problem) -> tuple[Shape, ...]:
+    """The cheapest benchmark shape of each mask: the shortest sequence length."""
+    picked = {}
+    for s in sorted(problem.bench, key=lambda s: s.flops):
+        picked.setdefault(s.causal, s)
+    return tuple(picked.values())

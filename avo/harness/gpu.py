@@ -2,13 +2,20 @@
 
 The parent never imports CUDA; every evaluation runs in a fresh worker process (see
 avo.harness.evaluate for what it does). evaluate(..., mode="check") stops after correctness:
-the fast test an agent runs while editing (ranked=False, no timing). precompile() fills the
-cubin cache with compile-only workers on CPU cores while the GPU is busy with something else.
+the fast test an agent runs while editing (ranked=False, no timing). evaluate(..., against=[the
+incumbent, ...]) times the candidate side by side with those versions (avo.paired).
 
-Start-up (Python, torch, CUDA context: about 4 s) is paid ahead of time: after every evaluation
-the harness starts one spare worker that gets ready and waits for its job on stdin, while the
-operator writes the next candidate. The spare never runs alongside a timed evaluation's start;
-it holds an idle CUDA context (a few hundred MB) while it waits. close() ends it.
+Start-up (Python, torch, CUDA context: 5-7 s on an H200 node) is paid ahead of time: the harness
+keeps `harness.spares` workers ready, each waiting for its job on stdin, and starts a new one as
+soon as one is handed a job, so the next start-up overlaps this evaluation. A spare's CUDA
+start-up holds the device lock shared (avo.harness.devlock), so it never overlaps a timing; an
+idle spare holds a CUDA context (a few hundred MB). close() ends them.
+
+Time limits: compilation has its own (harness.compile_timeout_s); each later stage's limit is
+derived from the incumbent's measured time for it (harness.stage_mult times, at least
+harness.stage_floor_s), so a hang at the default set dies within seconds, not the overall
+harness.timeout_s. A result that says the environment is broken, or a GPU that no longer
+answers the probe after a crash or a kill, stops the search with one line (HarnessUnavailable).
 """
 from __future__ import annotations
 
@@ -18,13 +25,13 @@ import subprocess
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from avo.fsutil import atomic_write_json, atomic_write_text
 from avo.harness import HarnessUnavailable, SandboxHarness
 from avo.harness.profile import ProfileError, export_csv, find_ncu, ncu_command, summarise
-from avo.harness.sandbox import RESULT, _die_with_parent, _kill_group, run_worker, wait_worker
-from avo.types import EvalResult, Problem
+from avo.harness.sandbox import PHASE, RESULT, _die_with_parent, _kill_group, run_worker, wait_worker
+from avo.types import EvalResult, Problem, Reference, Status
 
 _PROBE = """
 import json
@@ -41,7 +48,11 @@ A = d.CUdevice_attribute
 cc = [ok(d.cuDeviceGetAttribute(a, dev)) for a in (A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
                                                     A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)]
 name = ok(d.cuDeviceGetName(256, dev)).split(b"\\0")[0].decode()
-print(json.dumps({{"cc": cc, "name": name}}))
+try:
+    uuid = bytes(int(b) & 0xFF for b in ok(d.cuDeviceGetUuid(dev)).bytes).hex()
+except Exception:  # a name for the device lock only; the index serves where there is none
+    uuid = ""
+print(json.dumps({{"cc": cc, "name": name, "uuid": uuid}}))
 """
 PROBE_TIMEOUT_S = 60
 
@@ -67,7 +78,7 @@ def arch_of(cc: list[int]) -> str:
 
 
 class GpuHarness(SandboxHarness):
-    """evaluate(source, problem, mode=None|"check"): full evaluation, or correctness only."""
+    """evaluate(source, problem, mode=None|"check", against=None): full evaluation, or correctness only."""
     name = "gpu"
     ranks = True
     mode = "evaluate"
@@ -77,36 +88,80 @@ class GpuHarness(SandboxHarness):
         info = probe_gpu(cfg.device)
         self.gpu_name = info["name"]
         self.arch = arch_of(info["cc"]) if cfg.arch == "auto" else cfg.arch
-        self.use_spare = spare
-        self._spare: tuple[subprocess.Popen, Path, object] | None = None
-        self._start_spare()
+        locks = Path(cfg.cache_dir).expanduser().parent if cfg.cache_dir else self.work_dir
+        self.lock = str(locks / "locks" / f"gpu-{info.get('uuid') or cfg.device}.lock")
+        self.n_spares = int(cfg.get("spares", 1)) if spare else 0
+        self._spares: list[tuple[subprocess.Popen, Path, object]] = []
+        self._fill_spares()
 
-    def _start_spare(self) -> None:
-        if not self.use_spare or self._spare is not None:
-            return
+    def job(self, problem: Problem) -> dict:
+        return {**super().job(problem), "lock": self.lock}
+
+    def _fill_spares(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.work_dir / f".spare-{uuid.uuid4().hex[:8]}.log"
-        log = open(log_path, "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "avo.harness.worker", "--standby", str(self.cfg.device)],
-                                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent, env={**os.environ, **self.env()})
-        self._spare = (proc, log_path, log)
+        while len(self._spares) < self.n_spares:
+            log_path = self.work_dir / f".spare-{uuid.uuid4().hex[:8]}.log"
+            log = open(log_path, "wb")
+            proc = subprocess.Popen([sys.executable, "-m", "avo.harness.worker", "--standby", str(self.cfg.device),
+                                     self.lock], stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, preexec_fn=_die_with_parent,
+                                    env={**os.environ, **self.env()})
+            self._spares.append((proc, log_path, log))
 
-    def run_job(self, job_dir: Path) -> EvalResult:
-        spare, self._spare = self._spare, None
-        try:
-            if spare is None or spare[0].poll() is not None:  # none, or it died getting ready
-                if spare is not None:
-                    spare[2].close()
-                return run_worker(job_dir, self.cfg.timeout_s, env=self.env())
-            return self._run_on_spare(spare, job_dir)
-        finally:
-            self._start_spare()
+    def evaluate(self, source: str, problem: Problem, mode: str | None = None, against: list[Reference] | None = None,
+                 deadline: float | None = None) -> EvalResult:
+        mode = self.worker_mode(mode)
+        others = against if mode == "evaluate" else None
+        job_dir = self.write_job(source, problem, mode, others=others)
+        return self.run_job(job_dir, self.limits(others), deadline)
 
-    def _run_on_spare(self, spare, job_dir: Path) -> EvalResult:
-        """run_worker's contract (hard timeout, process-group kill, result.json) on a ready worker."""
+    def write_job(self, source: str, problem: Problem, mode: str | None = None, others=None, **extra) -> Path:
+        job_dir = super().write_job(source, problem, mode, **extra)
+        if others:
+            paths = {}
+            for ref in others:
+                path = job_dir / f"{ref.role}.cu"
+                atomic_write_text(path, ref.source)
+                paths[ref.role] = str(path)
+            job = json.loads((job_dir / "job.json").read_text())
+            job["others"] = paths
+            atomic_write_json(job_dir / "job.json", job)
+        return job_dir
+
+    def limits(self, against: list[Reference] | None) -> dict[str, float]:
+        """Per-stage time limits: compilation's own, the others from the incumbent's measured times."""
+        limits = {"compile": float(self.cfg.compile_timeout_s)}
+        inc = next((r for r in against or [] if r.role == "incumbent"), None)
+        for stage, t in (inc.stage_s if inc else {}).items():
+            if t:
+                limits[stage] = max(float(self.cfg.stage_floor_s), float(self.cfg.stage_mult) * t)
+        return limits
+
+    def run_job(self, job_dir: Path, limits: dict[str, float] | None = None,
+                deadline: float | None = None) -> EvalResult:
+        timeout = self.cfg.timeout_s
+        spare = None
+        while self._spares and spare is None:
+            spare = self._spares.pop(0)
+            if spare[0].poll() is not None:  # it died getting ready
+                spare[2].close()
+                spare = None
+        self._fill_spares()  # the next start-up overlaps this evaluation
+        if spare is None:
+            result = run_worker(job_dir, timeout, env=self.env(), limits=limits, deadline=deadline)
+        else:
+            result = self._run_on_spare(spare, job_dir, limits, deadline)
+        if result.status == Status.UNAVAILABLE:
+            raise HarnessUnavailable(result.error)
+        if result.status in (Status.CRASHED, Status.TIMEOUT):
+            probe_gpu(self.cfg.device)  # a GPU left unusable stops the search here, with one line
+        return result
+
+    def _run_on_spare(self, spare, job_dir: Path, limits, deadline) -> EvalResult:
+        """run_worker's contract (limits, process-group kill, result.json) on a ready worker."""
         proc, log_path, log = spare
         (job_dir / RESULT).unlink(missing_ok=True)
+        (job_dir / PHASE).unlink(missing_ok=True)
         os.replace(log_path, job_dir / "worker.log")  # the spare's open log follows the rename
         t0 = time.monotonic()
         try:
@@ -115,16 +170,16 @@ class GpuHarness(SandboxHarness):
         except BrokenPipeError:
             pass  # it died getting ready; wait_worker says how
         try:
-            return wait_worker(proc, job_dir, self.cfg.timeout_s, t0)
+            return wait_worker(proc, job_dir, self.cfg.timeout_s, t0, limits, deadline)
         finally:
             log.close()
 
     def close(self) -> None:
-        spare, self._spare, self.use_spare = self._spare, None, False
-        if spare is not None:
-            _kill_group(spare[0])
-            spare[2].close()
-            spare[1].unlink(missing_ok=True)
+        spares, self._spares, self.n_spares = self._spares, [], 0
+        for proc, log_path, log in spares:
+            _kill_group(proc)
+            log.close()
+            log_path.unlink(missing_ok=True)
 
     def profile(self, source: str, problem: Problem, shape: str | None = None) -> str:
         """Nsight Compute summary of one launch on a benchmark shape (default: the first).
@@ -139,7 +194,8 @@ class GpuHarness(SandboxHarness):
         if key not in keys:
             raise ProfileError(f"unknown shape {key!r}; profile one of: {', '.join(keys)}")
         job_dir = self.write_job(source, problem, "profile", shape=key)
-        result = run_worker(job_dir, self.cfg.timeout_s, env=self.env(), prefix=ncu_command(ncu, job_dir))
+        result = run_worker(job_dir, self.cfg.timeout_s, env=self.env(), prefix=ncu_command(ncu, job_dir),
+                            limits=self.limits(None))
         if not result.ok:
             raise ProfileError(f"no profile: {result.status.value}: {result.error}\n{result.log[-1500:]}".rstrip())
         return summarise(*export_csv(ncu, job_dir), key)
@@ -154,13 +210,3 @@ class GpuHarness(SandboxHarness):
 
     def env(self) -> dict[str, str]:
         return {"PYTHONUNBUFFERED": "1"}  # worker.log shows progress as it happens
-
-    def precompile(self, sources: list[str], problem: Problem, workers: int | None = None) -> list[EvalResult]:
-        """Compile sources in parallel CPU worker processes, filling the cubin cache."""
-        from avo.harness import CompileHarness
-
-        comp = CompileHarness(self.cfg, self.work_dir)
-        comp.arch = self.arch
-        n = workers or max(1, min(len(sources), (os.cpu_count() or 2) - 1))
-        with ThreadPoolExecutor(n) as pool:
-            return list(pool.map(lambda s: comp.evaluate(s, problem), sources))

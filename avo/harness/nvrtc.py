@@ -1,19 +1,23 @@
-"""NVRTC compilation through cuda.core: source -> cubin + ptxas resource report.
+"""NVRTC compilation: source -> PTX + cubin + ptxas resource report, behind the two gates.
 
-Runs inside the worker process (generated code never compiles in the search process).
+One NVRTC run for a real architecture (sm_90a) yields both the PTX, which the PTX gate judges,
+and the cubin built from exactly that PTX. Runs inside the worker process (generated code never
+compiles in the search process), whose compile phase has its own time limit.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from avo.contract import ContractError, LaunchSpec
+from avo.harness.ptxgate import check_ptx
+from avo.harness.static import check_source
 
 INCLUDE_DIR = Path(__file__).resolve().parents[2] / "kernels_cuda" / "include"
+SOURCE_NAME = "candidate.cu"  # what diagnostics call the candidate (never a path on this machine)
 
 _REGS = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -24,14 +28,13 @@ class Compiled:
     ok: bool
     log: str
     cubin: bytes = b""
+    ptx: str = ""
     launch: LaunchSpec | None = None
     registers: int | None = None
     stack_bytes: int | None = None
     spill_bytes: int | None = None  # stores + loads, as ptxas reports
-    key: str = ""
     cached: bool = False
     error: str = ""
-    resources: dict = field(default_factory=dict)
 
 
 def cuda_include_dir() -> str:
@@ -40,13 +43,25 @@ def cuda_include_dir() -> str:
     return str(pf.find_nvidia_header_directory("cudart"))
 
 
-def _options(arch: str, head_dim: int, extra_defines: dict[str, str] | None):
-    from cuda.core import ProgramOptions
+def nvrtc_version() -> tuple[int, int]:
+    """Loads NVRTC; raises RuntimeError with one line where it is missing (a broken environment)."""
+    try:
+        from cuda.bindings import nvrtc
 
+        err, major, minor = nvrtc.nvrtcVersion()
+    except Exception as e:  # noqa: BLE001 - any failure to load the library means the same thing
+        raise RuntimeError(f"NVRTC cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                           "install cuda-bindings with the NVRTC wheels (pip install -e '.[nvrtc]')") from None
+    if int(err):
+        raise RuntimeError(f"NVRTC does not answer (nvrtcVersion: {err})")
+    return major, minor
+
+
+def _options(arch: str, head_dim: int, extra_defines: dict[str, str] | None) -> list[bytes]:
     defines = {"AVO_HEAD_DIM": str(head_dim), **(extra_defines or {})}
-    return ProgramOptions(arch=arch, std="c++17", ptxas_options=["-v"],
-                          include_path=[str(INCLUDE_DIR), cuda_include_dir()],
-                          define_macro=[(k, v) for k, v in defines.items()])
+    opts = [f"-arch={arch}", "-std=c++17", "--ptxas-options=-v", "--no-source-include",
+            f"-I{INCLUDE_DIR}", f"-I{cuda_include_dir()}", *(f"-D{k}={v}" for k, v in defines.items())]
+    return [o.encode() for o in opts]
 
 
 def cache_key(source: str, arch: str, head_dim: int, extra_defines: dict | None = None) -> str:
@@ -68,34 +83,68 @@ def _parse(log: str) -> dict:
     }
 
 
+def _nvrtc(source: str, options: list[bytes]) -> tuple[bool, str, str, bytes]:
+    """(ok, log, ptx, cubin) of one NVRTC run."""
+    from cuda.bindings import nvrtc
+
+    def get(size_fn, get_fn, prog) -> bytes:
+        err, n = size_fn(prog)
+        if int(err) or n == 0:
+            return b""
+        buf = b" " * n
+        (err,) = get_fn(prog, buf)
+        return b"" if int(err) else buf
+
+    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), SOURCE_NAME.encode(), 0, [], [])
+    if int(err):
+        raise RuntimeError(f"nvrtcCreateProgram failed: {err}")
+    try:
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
+        log = get(nvrtc.nvrtcGetProgramLogSize, nvrtc.nvrtcGetProgramLog, prog).decode(errors="replace")
+        log = log.replace("\x00", "")
+        if int(err):
+            return False, log, "", b""
+        ptx = get(nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX, prog).decode(errors="replace").replace("\x00", "")
+        return True, log, ptx, get(nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN, prog)
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
 def compile_source(source: str, arch: str, head_dim: int, cache_dir: str | os.PathLike | None = None,
                    extra_defines: dict[str, str] | None = None) -> Compiled:
-    """Compile to a cubin; compile errors come back in `log`, never as exceptions."""
-    from cuda.core import Program
-    from cuda.core._utils.cuda_utils import NVRTCError
-
+    """Compile to PTX and a cubin; compile errors come back in `log`, never as exceptions."""
     key = cache_key(source, arch, head_dim, extra_defines)
-    cache = Path(cache_dir) / f"{key}.cubin" if cache_dir else None
-    log_path = cache.with_suffix(".log") if cache else None
-    if cache and cache.exists() and log_path.exists():
-        cubin, log = cache.read_bytes(), log_path.read_text()
+    cache = Path(cache_dir) / key if cache_dir else None
+    files = [cache.with_suffix(s) for s in (".cubin", ".ptx", ".log")] if cache else []
+    if cache and all(f.exists() for f in files):
+        cubin, ptx, log = files[0].read_bytes(), files[1].read_text(), files[2].read_text()
         cached = True
     else:
-        buf = io.StringIO()
-        try:
-            obj = Program(source, "c++", options=_options(arch, head_dim, extra_defines)).compile("cubin", logs=buf)
-        except NVRTCError as e:
-            # the error text already carries NVRTC's compilation log
-            return Compiled(ok=False, log=str(e), key=key, error="compile error")
-        cubin, log, cached = obj.code, buf.getvalue().replace("\x00", ""), False
+        ok, log, ptx, cubin = _nvrtc(source, _options(arch, head_dim, extra_defines))
+        if not ok:
+            return Compiled(ok=False, log=log, error="compile error")
+        cached = False
         if cache:
             from avo.fsutil import atomic_write_bytes
 
-            atomic_write_bytes(cache, cubin)
-            atomic_write_bytes(log_path, log.encode())
+            for f, data in zip(files, (cubin, ptx.encode(), log.encode()), strict=True):
+                atomic_write_bytes(f, data)
     res = _parse(log)
     try:
         launch = LaunchSpec.from_cubin(cubin)
     except ContractError as e:
-        return Compiled(ok=False, log=log, key=key, error=str(e), resources=res, **res)
-    return Compiled(ok=True, log=log, cubin=cubin, launch=launch, key=key, cached=cached, resources=res, **res)
+        return Compiled(ok=False, log=log, ptx=ptx, error=str(e), **res)
+    return Compiled(ok=True, log=log, cubin=cubin, ptx=ptx, launch=launch, cached=cached, **res)
+
+
+def compile_candidate(source: str, arch: str, head_dim: int, cache_dir=None, allow_printf: bool = False) -> Compiled:
+    """The source gate, NVRTC, then the PTX gate; a rejection is a failed Compiled with the reason."""
+    why = check_source(source, allow_printf=allow_printf)
+    if why:
+        return Compiled(ok=False, log="", error=f"rejected before compiling: {why}")
+    c = compile_source(source, arch, head_dim, cache_dir)
+    if c.ok:
+        why = check_ptx(c.ptx, allow_printf=allow_printf)
+        if why:
+            c.ok, c.error, c.cubin = False, f"rejected after compiling: {why}", b""
+    return c

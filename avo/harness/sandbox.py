@@ -1,4 +1,10 @@
-"""Run a harness worker in its own process group with a hard, OS-level timeout."""
+"""Run a harness worker in its own process group with hard, OS-level time limits.
+
+Three limits, each a SIGKILL of the whole process group: the job's overall `timeout_s`; a limit
+per stage the worker names in JOB_DIR/phase (compile has its own, and the timed stages' limits
+are derived from the incumbent's measured times by the harness); and an absolute `deadline`
+(the search's max_hours), which stops an evaluation in flight.
+"""
 from __future__ import annotations
 
 import ctypes
@@ -13,6 +19,8 @@ from pathlib import Path
 from avo.types import EvalResult, Status
 
 RESULT = "result.json"
+PHASE = "phase"      # the worker's current stage, written atomically
+POLL_S = 0.05
 
 
 def _tail(path: Path, n: int = 4000) -> str:
@@ -23,28 +31,53 @@ def _tail(path: Path, n: int = 4000) -> str:
 
 
 def run_worker(job_dir: Path, timeout_s: float, env: dict[str, str] | None = None,
-               prefix: list[str] | None = None) -> EvalResult:
+               prefix: list[str] | None = None, limits: dict[str, float] | None = None,
+               deadline: float | None = None) -> EvalResult:
     """`python -m avo.harness.worker job_dir`; the worker's only output is job_dir/result.json.
 
     prefix: a command the worker runs under (a profiler); the timeout kills both."""
     job_dir = Path(job_dir)
     (job_dir / RESULT).unlink(missing_ok=True)
+    (job_dir / PHASE).unlink(missing_ok=True)
     t0 = time.monotonic()
     with open(job_dir / "worker.log", "wb") as log:
         proc = subprocess.Popen([*(prefix or []), sys.executable, "-m", "avo.harness.worker", str(job_dir)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, preexec_fn=_die_with_parent, env={**os.environ, **(env or {})})
-        return wait_worker(proc, job_dir, timeout_s, t0)
+        return wait_worker(proc, job_dir, timeout_s, t0, limits, deadline)
 
 
-def wait_worker(proc: subprocess.Popen, job_dir: Path, timeout_s: float, t0: float) -> EvalResult:
-    """Wait for a started worker under the hard timeout, kill its process group, and read its result."""
-    log_path = Path(job_dir) / "worker.log"
+def wait_worker(proc: subprocess.Popen, job_dir: Path, timeout_s: float, t0: float,
+                limits: dict[str, float] | None = None, deadline: float | None = None) -> EvalResult:
+    """Wait for a started worker under its limits, kill its process group, and read its result."""
+    log_path, phase_path = Path(job_dir) / "worker.log", Path(job_dir) / PHASE
+    limits = limits or {}
+    phase, since = "", time.monotonic()
     try:
-        rc = proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return EvalResult(Status.TIMEOUT, error=f"killed after the {timeout_s:.0f} s hard timeout "
-                          "(a hang, a deadlock, or far too slow)", log=_tail(log_path))
+        while True:
+            try:
+                rc = proc.wait(timeout=POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            try:
+                current = phase_path.read_text()
+            except OSError:
+                current = phase
+            if current != phase:
+                phase, since = current, now
+            why = None
+            if deadline is not None and now >= deadline:
+                why = "stopped at the search's deadline (search.max_hours)"
+            elif now - t0 >= timeout_s:
+                why = (f"killed after the {timeout_s:.0f} s hard timeout (a hang, a deadlock, or far too slow)")
+            elif phase in limits and now - since >= limits[phase]:
+                why = (f"killed: the {phase} stage ran past its {limits[phase]:.0f} s limit "
+                       + ("(compilation has its own limit)" if phase == "compile" else
+                          "(derived from the incumbent's time for it: a hang, a deadlock, or far too slow)"))
+            if why:
+                return EvalResult(Status.TIMEOUT, error=why, log=_tail(log_path))
     finally:
         _kill_group(proc)  # stray children of the worker die with it
     result_path = Path(job_dir) / RESULT

@@ -1,18 +1,24 @@
 """The one timing protocol of AVO: every speed number (search and bench) comes from here.
 
-Per shape, the candidate and the baselines are timed interleaved, in the same process, on the
-same inputs and stream: each iteration runs every function once (in a rotating order), each
-preceded by an L2 flush (a 256 MB memset outside the events) and bracketed by CUDA events on
-the launch stream. Warm-up runs are discarded; iterations adapt to a per-shape time budget so
-a slow kernel stays bounded. The statistic is the median, with p10/p90.
+Per shape, the candidates, the incumbent and the baselines are timed interleaved, in the same
+process, on the same inputs and stream. Every iteration first runs `before` (fresh input
+contents, a new softmax scale), then every function once in a fresh random order, each preceded
+by its `prep` (re-poisoned outputs) and an L2 flush (a 256 MB memset outside the events) and
+bracketed by CUDA events on the launch stream, then `after` (the checks of that iteration's
+outputs, enqueued on the same stream). The number of warm-up iterations is drawn at random, and
+warm-up iterations are prepared and checked exactly like timed ones, so a kernel cannot tell
+which launches count. Iterations adapt to a per-shape time budget so a slow kernel stays
+bounded. The statistic is the median, with p10/p90; the per-iteration samples are kept, so
+functions timed in the same iteration can be compared pair by pair (avo.paired).
 
 A host wall-clock cross-check (device-wide synchronize around back-to-back launches) catches
-work the events cannot see, e.g. on another stream. Worker-side.
+work the events cannot see. Worker-side.
 """
 from __future__ import annotations
 
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +31,11 @@ class Stats:
     ms_p10: float
     ms_p90: float
     n: int
+    samples: list[float] = field(default_factory=list)  # ms of each timed iteration, in order
+
+    @classmethod
+    def of(cls, ts: list[float]) -> "Stats":
+        return cls(_quantile(ts, 0.5), _quantile(ts, 0.1), _quantile(ts, 0.9), len(ts), list(ts))
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -43,8 +54,8 @@ class Timer:
         if self.flush_buf is not None:
             self.flush_buf.zero_()
 
-    def once(self, fn, prep=None) -> float:
-        """One prepared, flushed, event-timed call (ms); synchronizes."""
+    def _call(self, fn, prep=None) -> tuple:
+        """Enqueue one prepared, flushed, event-bracketed call; returns its (start, end) events."""
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if prep is not None:
             prep()
@@ -52,51 +63,47 @@ class Timer:
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
+        return start, end
 
-    def interleaved(self, fns: dict, warmup: int, iters: int, budget_s: float, min_iters: int = 2,
-                    prep: dict | None = None) -> dict[str, Stats]:
-        """Median event time of each function; all run in every iteration, order rotating.
+    def interleaved(self, fns: dict, warmup: int, iters: int, budget_s: float, rng: random.Random,
+                    prep: dict | None = None, before=None, after=None, min_iters: int = 2) -> dict[str, Stats]:
+        """Per-function Stats over the timed iterations (see the module docstring).
 
-        prep[name], if given, runs before that function's flush, outside its events (e.g. new
-        input contents and re-poisoned outputs for every timed call of a candidate).
-        """
+        before(i) and after(i, timed) run around every iteration i (warm-up included)."""
         names, prep = list(fns), prep or {}
-        first = {n: self.once(fns[n], prep.get(n)) for n in names}  # also the first warm-up call
-        per_iter_s = sum(first.values()) / 1e3
-        for _ in range(max(0, min(warmup - 1, int(0.25 * budget_s / max(per_iter_s, 1e-6))))):
-            for n in names:
-                self.once(fns[n], prep.get(n))
-        n_iter = max(min_iters, min(iters, int(budget_s / max(per_iter_s, 1e-6))))
-        events = {n: [] for n in names}
-        for i in range(n_iter):
-            for j in range(len(names)):
-                n = names[(i + j) % len(names)]
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                if n in prep:
-                    prep[n]()
-                self.flush()
-                start.record()
-                fns[n]()
-                end.record()
-                events[n].append((start, end))
+        n_warm = rng.randint(max(1, warmup), max(1, 2 * warmup))
+        events: dict[str, list] = {n: [] for n in names}
+        i, n_iter = 0, None
+        while n_iter is None or i < n_warm + n_iter:
+            if before is not None:
+                before(i)
+            order = rng.sample(names, len(names))
+            evs = {n: self._call(fns[n], prep.get(n)) for n in order}
+            timed = n_iter is not None and i >= n_warm
+            if after is not None:
+                after(i, timed)
+            if timed:
+                for n in names:
+                    events[n].append(evs[n])
+            if n_iter is None:  # the first iteration sizes the run to the budget
+                evs[order[-1]][1].synchronize()
+                per_iter_s = sum(s.elapsed_time(e) for s, e in evs.values()) / 1e3
+                n_iter = max(min_iters, min(iters, int(budget_s / max(per_iter_s, 1e-6))))
+                n_warm = max(1, min(n_warm, 1 + int(0.25 * budget_s / max(per_iter_s, 1e-6))))
+            i += 1
         torch.cuda.synchronize()
-        out = {}
-        for n, evs in events.items():
-            ts = [s.elapsed_time(e) for s, e in evs]
-            out[n] = Stats(_quantile(ts, 0.5), _quantile(ts, 0.1), _quantile(ts, 0.9), len(ts))
-        return out
+        return {n: Stats.of([s.elapsed_time(e) for s, e in evs]) for n, evs in events.items()}
 
     @staticmethod
-    def wall_ms(fn, reps: int) -> float:
-        """Host wall-clock per call, device-wide synchronize on both sides (sees every stream)."""
+    def wall_ms(calls: list) -> float:
+        """Host wall-clock per call of back-to-back calls, device-wide synchronize on both sides
+        (sees every stream). Each call should have its own inputs and outputs, checked afterwards."""
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(reps):
+        for fn in calls:
             fn()
         torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1e3 / reps
+        return (time.perf_counter() - t0) * 1e3 / len(calls)
 
 
 def hidden_work(event_ms: float, wall_ms: float) -> bool:

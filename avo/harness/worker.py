@@ -1,7 +1,10 @@
 """The child side of the harness: python -m avo.harness.worker JOB_DIR (or --standby).
 
 Reads JOB_DIR/job.json and JOB_DIR/source.cu, writes JOB_DIR/result.json atomically.
-Everything that touches candidate code (NVRTC, the CUDA context) happens here.
+Everything that touches candidate code (NVRTC, the CUDA context) happens here. The worker names
+the stage it is in (JOB_DIR/phase: compile, verify, screen, bench) so the parent can hold each
+stage to its own time limit. A broken environment (no NVRTC, no driver, no GPU) is reported as
+`unavailable`, never as a fault of the candidate.
 """
 from __future__ import annotations
 
@@ -11,9 +14,9 @@ import time
 import traceback
 from pathlib import Path
 
-from avo.fsutil import atomic_write_json
-from avo.harness.nvrtc import compile_source
-from avo.harness.sandbox import RESULT, _die_with_parent
+from avo.fsutil import atomic_write_json, atomic_write_text
+from avo.harness.nvrtc import compile_candidate, nvrtc_version
+from avo.harness.sandbox import PHASE, RESULT, _die_with_parent
 from avo.types import EvalResult, Problem, Shape, Status
 
 
@@ -24,8 +27,9 @@ def problem_from_dict(d: dict) -> Problem:
 
 def compile_only(source: str, job: dict) -> EvalResult:
     problem = problem_from_dict(job["problem"])
+    _phase(job, "compile")
     t0 = time.perf_counter()
-    c = compile_source(source, job["arch"], problem.head_dim, job.get("cache_dir"))
+    c = compile_candidate(source, job["arch"], problem.head_dim, job.get("cache_dir"), allow_printf=True)
     dt = time.perf_counter() - t0
     common = dict(log=c.log[-8000:], registers=c.registers, spill_bytes=c.spill_bytes,
                   stack_bytes=c.stack_bytes, compile_s=dt)
@@ -38,11 +42,16 @@ def _log(line: str) -> None:
     print(line, flush=True)  # the worker's stdout is JOB_DIR/worker.log
 
 
+def _phase(job: dict, name: str) -> None:
+    atomic_write_text(Path(job["job_dir"]) / PHASE, name)
+
+
 def gpu_evaluate(source: str, job: dict, check_only: bool = False) -> EvalResult:
     from avo.harness.evaluate import evaluate
 
+    others = {name: Path(path).read_text() for name, path in (job.get("others") or {}).items()}
     return evaluate(source, problem_from_dict(job["problem"]), job["harness"], job["arch"],
-                    job.get("cache_dir"), check_only, _log)
+                    job.get("cache_dir"), check_only, _log, others, lambda name: _phase(job, name), job.get("lock"))
 
 
 def gpu_check(source: str, job: dict) -> EvalResult:
@@ -54,6 +63,7 @@ def gpu_bench(source: str, job: dict) -> EvalResult:
 
     Writes JOB_DIR/bench.json (name -> EvalResult); the returned result summarises the batch.
     """
+    from avo.harness.devlock import gpu_lock
     from avo.harness.evaluate import benchmark, device_arch, finish, prepare, run_checks
 
     problem, hc = problem_from_dict(job["problem"]), job["harness"]
@@ -68,12 +78,48 @@ def gpu_bench(source: str, job: dict) -> EvalResult:
     if kernels:
         _log(f"== timing {', '.join(kernels)} with baselines {', '.join(hc['baselines'])}")
         t0 = time.perf_counter()
-        configs, errors, sensed = benchmark(kernels, problem, hc, _log)
+        with gpu_lock(job.get("lock"), exclusive=True):
+            b = benchmark(kernels, problem.bench, hc, _log, set(kernels))
         for name in kernels:
-            finish(results[name], configs[name], errors.get(name), sensed, time.perf_counter() - t0)
+            finish(results[name], b.configs[name], b.errors.get(name), b.sensed, time.perf_counter() - t0)
     atomic_write_json(Path(job["job_dir"]) / "bench.json", {n: r.to_dict() for n, r in results.items()})
     bad = [n for n, r in results.items() if not r.ok]
     return EvalResult(Status.ERROR if bad else Status.OK, error=f"not ok: {', '.join(bad)}" if bad else "")
+
+
+def gpu_trials(source: str, job: dict) -> EvalResult:
+    """Repeated paired benchmarks, for measuring the commit rule (benchmarks/commit_rule.py).
+
+    job["sources"]: name -> path; job["pairs"]: [[condition, candidate name, incumbent name], ...];
+    job["trials"]: repetitions. Each trial is the search's own full paired benchmark (baselines
+    included); conditions alternate, so slow drift affects them alike. Writes JOB_DIR/trials.json.
+    """
+    from avo.harness.devlock import gpu_lock
+    from avo.harness.evaluate import benchmark, device_arch, prepare
+
+    problem, hc = problem_from_dict(job["problem"]), job["harness"]
+    arch = device_arch(hc.get("device", 0)) if job["arch"] == "auto" else job["arch"]
+    kernels = {}
+    for name, path in job["sources"].items():
+        kernel, res = prepare(Path(path).read_text(), problem, hc, arch, job.get("cache_dir"), False, _log)
+        if kernel is None:
+            return res
+        kernels[name] = kernel
+    out = []
+    with gpu_lock(job.get("lock"), exclusive=True):
+        for t in range(job["trials"]):
+            for cond, cand, inc in job["pairs"]:
+                _log(f"== trial {t + 1}/{job['trials']}: {cond} ({cand} against {inc})")
+                b = benchmark({"candidate": kernels[cand], "incumbent": kernels[inc]}, problem.bench, hc, _log,
+                              {"candidate"})
+                if b.errors:
+                    return EvalResult(Status.ERROR, error=f"{cond}: {b.errors}")
+                out.append({"trial": t, "condition": cond, "configs": [
+                    {"key": c.key, "samples": c.samples, "incumbent_samples": o.samples, "tflops": c.tflops,
+                     "incumbent_tflops": o.tflops} for c, o in zip(b.configs["candidate"], b.configs["incumbent"],
+                                                                   strict=True)]})
+                atomic_write_json(Path(job["job_dir"]) / "trials.json", out)
+    return EvalResult(Status.OK)
 
 
 def gpu_profile(source: str, job: dict) -> EvalResult:
@@ -101,15 +147,41 @@ def gpu_profile(source: str, job: dict) -> EvalResult:
 
 
 MODES = {"compile": compile_only, "evaluate": gpu_evaluate, "check": gpu_check, "bench": gpu_bench,
-         "profile": gpu_profile}
+         "profile": gpu_profile, "trials": gpu_trials}
 
 
-def main(job_dir: str) -> int:
+def environment(job: dict) -> None:
+    """What every GPU job needs before any candidate runs; raises EnvironmentError with one line."""
+    try:
+        nvrtc_version()
+    except RuntimeError as e:
+        raise OSError(str(e)) from None
+    if job["mode"] == "compile":
+        return
+    try:
+        import torch
+
+        torch.cuda.set_device(job["harness"].get("device", 0))
+        torch.empty(1, device="cuda")
+    except Exception as e:  # noqa: BLE001 - whatever CUDA raises here, the GPU is not usable
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise OSError(f"the GPU cannot be used ({type(e).__name__}: {first}); check the driver and "
+                      "nvidia-smi, or use harness=compile") from None
+
+
+def main(job_dir: str, env_error: str = "") -> int:
     job_dir = Path(job_dir)
     job = json.loads((job_dir / "job.json").read_text())
     job["job_dir"] = str(job_dir)
     source_path = job_dir / "source.cu"
     source = source_path.read_text() if source_path.exists() else ""
+    try:
+        if env_error:
+            raise OSError(env_error)
+        environment(job)
+    except OSError as e:
+        atomic_write_json(job_dir / RESULT, EvalResult(Status.UNAVAILABLE, error=str(e)).to_dict())
+        return 0
     try:
         result = MODES[job["mode"]](source, job)
     except Exception as e:  # noqa: BLE001 - everything is reported to the parent as a result
@@ -119,21 +191,30 @@ def main(job_dir: str) -> int:
     return 0
 
 
-def standby(device: int) -> int:
-    """`--standby`: pay for the torch import and CUDA start-up now, then run the job whose
-    directory arrives on stdin (EOF: exit). The GPU harness keeps one such spare ready."""
+def standby(device: int, lock: str | None) -> int:
+    """`--standby DEVICE [LOCK]`: pay for the torch import and CUDA start-up now, then run the job
+    whose directory arrives on stdin (EOF: exit). The GPU harness keeps spares ready. The CUDA
+    start-up holds the device lock shared, so it never overlaps another worker's timing."""
     t0 = time.perf_counter()
-    import torch
+    env_error = ""
+    try:
+        import torch
 
-    import avo.harness.evaluate  # noqa: F401 - the import is the point: it is the slow part
+        import avo.harness.evaluate  # noqa: F401 - the import is the point: it is the slow part
+        from avo.harness.devlock import gpu_lock
 
-    torch.cuda.set_device(device)
-    torch.empty(1, device="cuda")
-    _log(f"standby: torch and CUDA ready in {time.perf_counter() - t0:.2f} s")
+        with gpu_lock(lock, exclusive=False):
+            torch.cuda.set_device(device)
+            torch.empty(1, device="cuda")
+        _log(f"standby: torch and CUDA ready in {time.perf_counter() - t0:.2f} s")
+    except Exception as e:  # noqa: BLE001 - reported with the job it was meant for
+        env_error = f"the GPU cannot be used ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
     job_dir = sys.stdin.readline().strip()
-    return main(job_dir) if job_dir else 0
+    return main(job_dir, env_error) if job_dir else 0
 
 
 if __name__ == "__main__":
     _die_with_parent()  # also under a profiler, which is then the parent the search's kill reaches
-    sys.exit(standby(int(sys.argv[2])) if sys.argv[1] == "--standby" else main(sys.argv[1]))
+    if sys.argv[1] == "--standby":
+        sys.exit(standby(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None))
+    sys.exit(main(sys.argv[1]))

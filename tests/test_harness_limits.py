@@ -1,0 +1,78 @@
+"""Time limits per stage and a broken environment, with the real worker process and real NVRTC."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from avo.config import HarnessConf
+from avo.harness import CompileHarness, HarnessUnavailable
+from avo.types import Problem, Shape, Status
+
+ROOT = Path(__file__).resolve().parents[1]
+NAIVE = (ROOT / "kernels_cuda" / "naive" / "naive.cu").read_text()
+PROBLEM = Problem("t", 4, 4, 128, (Shape(1, 64, 64, 4, 4, 128, False),), (Shape(1, 17, 17, 4, 4, 128, True),))
+# 40^3 template instantiations: about 15 s of NVRTC front end on one core
+BOMB = NAIVE + """
+template <int A, int B, int C> struct P {
+  static constexpr int v = (P<A - 1, B, C>::v + P<A, B - 1, C>::v + P<A, B, C - 1>::v) % 1000003; };
+template <int B, int C> struct P<0, B, C> { static constexpr int v = 1; };
+template <int A, int C> struct P<A, 0, C> { static constexpr int v = 1; };
+template <int A, int B> struct P<A, B, 0> { static constexpr int v = 1; };
+template <int C> struct P<0, 0, C> { static constexpr int v = 1; };
+template <int B> struct P<0, B, 0> { static constexpr int v = 1; };
+template <int A> struct P<A, 0, 0> { static constexpr int v = 1; };
+template <> struct P<0, 0, 0> { static constexpr int v = 1; };
+static_assert(P<40, 40, 40>::v != -1, "never");
+"""
+
+
+def _harness(tmp_path, **kw) -> CompileHarness:
+    pytest.importorskip("cuda.core")
+    cfg = OmegaConf.structured(HarnessConf(name="compile", cache_dir="", **kw))
+    return CompileHarness(cfg, tmp_path / "jobs")
+
+
+def test_compilation_has_its_own_time_limit(tmp_path):
+    h = _harness(tmp_path, compile_timeout_s=3.0, timeout_s=600.0)
+    t0 = time.monotonic()
+    r = h.evaluate(BOMB, PROBLEM)
+    took = time.monotonic() - t0
+    assert r.status == Status.TIMEOUT and "compile stage ran past its 3 s limit" in r.error, r.error
+    assert took < 12, f"killed after {took:.1f} s"
+    assert h.evaluate(NAIVE, PROBLEM).status == Status.OK
+
+
+def test_a_deadline_stops_an_evaluation_in_flight(tmp_path):
+    h = _harness(tmp_path, compile_timeout_s=60.0)
+    t0 = time.monotonic()
+    r = h.evaluate(BOMB, PROBLEM, deadline=time.monotonic() + 2.0)
+    assert r.status == Status.TIMEOUT and "deadline" in r.error and time.monotonic() - t0 < 10
+
+
+def test_a_broken_environment_stops_with_one_line_not_a_bad_candidate(tmp_path, monkeypatch):
+    """NVRTC that cannot be loaded is the machine's fault: HarnessUnavailable, not compile_error."""
+    fake = tmp_path / "broken"
+    (fake / "cuda").mkdir(parents=True)
+    (fake / "cuda" / "__init__.py").write_text("raise ImportError('libnvrtc.so.13: cannot open shared object file')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{fake}:{ROOT}")
+    h = _harness(tmp_path)
+    with pytest.raises(HarnessUnavailable, match="NVRTC cannot be loaded.*libnvrtc"):
+        h.evaluate(NAIVE, PROBLEM)
+
+
+def test_search_stops_on_a_broken_environment_and_records_nothing(cfg_factory, tmp_path, monkeypatch):
+    from avo import lineage
+    from avo.search import run_search
+
+    fake = tmp_path / "broken"
+    (fake / "cuda").mkdir(parents=True)
+    (fake / "cuda" / "__init__.py").write_text("raise ImportError('libnvrtc.so.13: cannot open shared object file')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{fake}:{ROOT}")
+    run = tmp_path / "run"
+    cfg = cfg_factory("harness=compile", "agent=mutation", "seed=naive", "search=smoke", run_dir=run)
+    with pytest.raises(HarnessUnavailable, match="NVRTC"):
+        run_search(cfg)
+    assert lineage.read_run(run).is_empty()
