@@ -101,7 +101,7 @@ def wait_for(what: str, pred, timeout: float = 90):
 
 
 def parts(run_dir: Path) -> int:
-    return len(lineage.read_run(run_dir, warn=lambda m: None)) if (run_dir / "lineage").exists() else 0
+    return len(lineage.read_run(run_dir)) if (run_dir / "lineage").exists() else 0
 
 
 def check_lineage(run_dir: Path, steps: int | None) -> pl.DataFrame:
