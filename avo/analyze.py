@@ -5,13 +5,12 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
 
-import polars as pl
-
-from avo.analysis import AnalysisError, load, report, tables
+from avo.analysis import AnalysisError, load, report, summary, tables
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -39,12 +38,10 @@ def main(argv: list[str] | None = None) -> int:
                                 f"(override keys here: {', '.join(lin.override_keys) or 'none'})")
         print(f"avo.analyze: {len(runs)} run(s), {int(runs['attempts'].sum())} attempts "
               f"read in {time.perf_counter() - t0:.2f}s")
-        with pl.Config(tbl_rows=50, tbl_cols=-1, tbl_width_chars=200, tbl_hide_column_data_types=True,
-                       tbl_hide_dataframe_shape=True, fmt_str_lengths=40):
-            print(report.run_table(runs, by or lin.sweep_keys))
-            if len(runs) > 1:
-                keys = by or lin.sweep_keys or ["kernel", "group", "agent"]
-                print(report.sweep_table(tables.sweep_summary(lin, keys, runs), keys))
+        keys = by or lin.sweep_keys
+        cells = tables.sweep_summary(lin, keys or ["kernel", "group", "agent"], runs) if len(runs) > 1 else None
+        width = min(120, max(60, shutil.get_terminal_size((80, 24)).columns))
+        print(summary.text(runs, keys, cells, width))
         out = args.out or Path(args.paths[0]) / "analysis"
         report.write(lin, out, args.format, by, plot=not args.no_plots, detail=args.detail)
     except AnalysisError as e:

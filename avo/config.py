@@ -226,22 +226,18 @@ class Config:
 
 
 def register() -> None:
+    """Schemas live in schema/<group>, outside the option namespace: `agent=` lists only real agents.
+
+    Each option extends its schema with `- /schema/<group>@_here_: <name>` in its defaults list.
+    """
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    cs.store(group="search", name="base_search", node=SearchConf)
-    cs.store(group="agent", name="base_mutation", node=MutationAgentConf)
-    cs.store(group="agent", name="base_llm", node=LlmAgentConf)
-    cs.store(group="kernel", name="base_kernel", node=KernelConf)
-    cs.store(group="harness", name="base_harness", node=HarnessConf)
-    cs.store(group="launcher", name="base_launcher", node=LauncherConf)
-    cs.store(group="launcher", name="base_slurm", node=SlurmLauncherConf)
+    for group, name, node in (("search", "search", SearchConf), ("agent", "mutation", MutationAgentConf),
+                              ("agent", "llm", LlmAgentConf), ("kernel", "kernel", KernelConf),
+                              ("harness", "harness", HarnessConf), ("launcher", "launcher", LauncherConf),
+                              ("launcher", "slurm", SlurmLauncherConf)):
+        cs.store(group=f"schema/{group}", name=name, node=node)
     _register_resolvers()
-    for extra in _EXTRA_SCHEMAS:
-        extra(cs)
-
-
-# Other modules (agent, launcher) add their schemas here without editing this file.
-_EXTRA_SCHEMAS: list = []
 
 
 def _div(a: int, b: int) -> int:

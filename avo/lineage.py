@@ -2,16 +2,20 @@
 
 Layout of <run_dir>/lineage/:
   part-s{step:05d}-a{attempt:02d}.parquet   one attempt, written atomically
-  chunk-{first}-{last}.parquet              compacted parts (readers dedupe by candidate_id)
+  chunk-{first}-{last}-{sha}.parquet        compacted parts; {sha}: the first 16 hex digits of the
+                                            file's sha256 (readers dedupe rows by candidate_id)
   sources/<sha256>.cu                       every evaluated source
   supervisor/part-*.parquet                 supervisor interventions
-The population is a query over these files; nothing is ever updated in place.
+The population is a query over these files; nothing is ever updated in place. A compacted file is read
+back and checked before the files it replaces are deleted; a run whose files cannot be read back stops
+(LineageError) instead of starting again from its seed.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -111,43 +115,87 @@ def append_supervisor(run_dir: str | Path, row: dict) -> None:
     atomic_write_bytes(path, _to_parquet([row], SUPERVISOR_SCHEMA))
 
 
-def compact(run_dir: str | Path, full: bool = False) -> Path | None:
+class LineageError(RuntimeError):
+    """A run's lineage cannot be read back; the message names the file and how to recover."""
+
+
+_CHUNK = re.compile(r"chunk-(s\d{5}-a\d{2})-(s\d{5}-a\d{2})(?:-([0-9a-f]{16}))?\.parquet")
+_PART = re.compile(r"part-(s\d{5}-a\d{2})\.parquet")
+
+
+def _span(path: Path) -> tuple[str, str]:
+    """(first, last) attempt a part or chunk file holds, as sXXXXX-aYY."""
+    if m := _CHUNK.fullmatch(path.name):
+        return m.group(1), m.group(2)
+    if m := _PART.fullmatch(path.name):
+        return m.group(1), m.group(1)
+    raise ValueError(f"{path.name} is not a lineage part or chunk file name")
+
+
+def damage(path: Path) -> str | None:
+    """Why a part or chunk file cannot be trusted (checksum in its name, Parquet footer), or None."""
+    m = _CHUNK.fullmatch(path.name)
+    try:
+        if m and m.group(3):
+            found = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            if found != m.group(3):
+                return f"its sha256 starts {found}, not {m.group(3)} as when it was written: cut short or altered"
+        pq.read_metadata(path)
+        return None
+    except (OSError, pa.ArrowException) as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def compact(run_dir: str | Path, full: bool = False, warn=None) -> Path | None:
     """Merge part files into one chunk, and chunks into one once there are MERGE_CHUNKS of them
     (or always, with full=True: a finished run then reads as one file).
 
-    Each merge writes the new file atomically, then removes its inputs; a crash between the two
-    leaves duplicates, which readers drop by candidate_id. Few, larger files keep sweep scans fast.
+    A merge writes the new file atomically, reads it back and compares it with its inputs, and only
+    then removes them; a crash in between leaves duplicates, which readers drop by candidate_id. A
+    damaged input, a failed write (full disk) or a failed check leaves every file as it was.
     """
-    out = _merge(sorted(lineage_dir(run_dir).glob("part-*.parquet")), run_dir)
+    out = _merge(sorted(lineage_dir(run_dir).glob("part-*.parquet")), run_dir, warn)
     chunks = sorted(lineage_dir(run_dir).glob("chunk-*.parquet"))
     if len(chunks) >= (2 if full else MERGE_CHUNKS):
-        out = _merge(chunks, run_dir)
+        out = _merge(chunks, run_dir, warn) or out
     return out
 
 
-def _merge(files: list[Path], run_dir) -> Path | None:
-    good = [p for p in files if _readable(p)]
-    if not good:
+def _merge(files: list[Path], run_dir, warn=None) -> Path | None:
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    if not files or any(damage(p) for p in files):
+        return None  # nothing to do, or a damaged file: reading the run reports it; change nothing here
+    out = None
+    try:
+        table = pa.concat_tables([pq.read_table(p) for p in files], promote_options="permissive")
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        data = buf.getvalue()
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        out = lineage_dir(run_dir) / f"chunk-{_span(files[0])[0]}-{_span(files[-1])[1]}-{digest}.parquet"
+        atomic_write_bytes(out, data)
+        if damage(out) or not pq.read_table(out).equals(table):
+            raise OSError(f"{out.name} does not read back as written")
+    except (OSError, ValueError, pa.ArrowException) as e:
+        if out is not None and out not in files:
+            out.unlink(missing_ok=True)
+        warn(f"avo: lineage: not compacting {len(files)} files in {lineage_dir(run_dir)}: {e}; they stay as they are")
         return None
-    table = pa.concat_tables([pq.read_table(p) for p in good], promote_options="permissive")
-    names = [p.stem.split("-", 1)[1] for p in good]  # part-sXXXXX-aYY / chunk-<first>-<last>
-    first, last = names[0][:10], names[-1][-10:]  # sXXXXX-aYY
-    out = lineage_dir(run_dir) / f"chunk-{first}-{last}.parquet"
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    atomic_write_bytes(out, buf.getvalue())
-    for p in good:
+    for p in files:
         if p != out:
             p.unlink(missing_ok=True)
     return out
 
 
-def _readable(path: Path) -> bool:
+def _damage_message(path: Path, why: str) -> str:
     try:
-        pq.read_metadata(path)
-        return True
-    except (OSError, pa.ArrowException):
-        return False
+        first, last = _span(path)
+        what = f"the attempts {first} to {last}" if first != last else f"the attempt {first}"
+    except ValueError:
+        what = "some attempts"
+    return (f"{path} is damaged ({why}), so {what} of this run cannot be read back. "
+            f"The run stops instead of starting again from its seed: restore that file from a copy, or move "
+            f"it out of {path.parent} to go on without those attempts")
 
 
 def lineage_files(paths, pattern: str = "*.parquet", warn=None) -> list[Path]:
@@ -162,10 +210,11 @@ def lineage_files(paths, pattern: str = "*.parquet", warn=None) -> list[Path]:
         for f in found:
             if f.name.startswith("."):
                 continue
-            if _readable(f):
-                files.append(f)
+            why = damage(f)
+            if why:
+                warn(f"avo: skipping damaged lineage file {f}: {why}")
             else:
-                warn(f"avo: skipping corrupt lineage file {f}")
+                files.append(f)
     return files
 
 
@@ -187,9 +236,19 @@ def scan_supervisor(paths, warn=None) -> pl.LazyFrame:
                            schema=pl.from_arrow(SUPERVISOR_SCHEMA.empty_table()).schema)
 
 
-def read_run(run_dir: str | Path, warn=None) -> pl.DataFrame:
-    """One run's attempts in order (only its own lineage/, not nested runs)."""
-    files = [f for f in lineage_files([run_dir], "[pc][ah]*.parquet", warn) if f.parent.parent == Path(run_dir)]
+def read_run(run_dir: str | Path) -> pl.DataFrame:
+    """One run's attempts in order (only its own lineage/, not nested runs).
+
+    Every part and chunk file must read back: a damaged one raises LineageError, since a resumed run
+    would otherwise start again from its seed with its history out of sight."""
+    lin = lineage_dir(run_dir)
+    files = []
+    for f in sorted([*lin.glob("part-*.parquet"), *lin.glob("chunk-*.parquet")]):
+        why = damage(f)
+        if why and f.exists():
+            raise LineageError(_damage_message(f, why))
+        if not why:  # (a file gone since the listing was merged into a chunk by a concurrent compaction)
+            files.append(f)
     if not files:
         return to_frame([])
     lf = pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore", schema=to_frame([]).schema)

@@ -15,5 +15,7 @@ say "vLLM (CPU) environment and the test model"
 bash scripts/setup_vllm_cpu.sh
 say "Nsight Compute's command line (reads profile reports; no GPU here to profile)"
 eval "$(bash scripts/setup_ncu_cpu.sh)"
+say "ruff"
+python3 -m ruff check .
 say "pytest"
 AVO_REQUIRE_SLURM=1 AVO_REQUIRE_VLLM=1 AVO_REQUIRE_NCU=1 python3 -m pytest -q "$@"

@@ -1,6 +1,7 @@
 """Analysis tables, plots, report and CLI on lineages written with avo.lineage's own writer."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -195,6 +196,51 @@ def test_cli_html_report_is_self_contained(sweep, tmp_path):
     assert "x = 8; }" in text and "change 8" in text
 
 
+def _analyze(*args: str, columns: int = 80) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "avo.analyze", *map(str, args), "--no-plots"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": str(columns)})
+
+
+def _summary(stdout: str) -> list[str]:
+    """The summary avo.analyze prints between its first line and the list of files it wrote."""
+    lines = stdout.splitlines()
+    return lines[1:next(i for i, ln in enumerate(lines) if ln.startswith("tables: "))]
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_cli_prints_a_summary_that_fits_the_terminal_and_leaves_wide_tables_to_files(sweep, tmp_path, columns):
+    p = _analyze(sweep, "--out", tmp_path / "out", columns=columns)
+    assert p.returncode == 0, p.stderr
+    summary = _summary(p.stdout)
+    assert all(len(ln) <= columns for ln in summary), summary
+    assert summary[0].split() == ["run", "best", "ver", "x", "seed", "x", "cuDNN", "x", "FA2", "commits", "failed",
+                                  "h", "to", "best"]
+    assert summary[1].split() == ["group=8", "300.0", "v2", "1.50", "1.22", "1.73", "2/9", "5", "0.15"]  # best first
+    assert summary[2].split() == ["group=4", "150.0", "v2", "1.50", "0.61", "0.87", "2/9", "5", "0.15"]
+    assert len(summary) == 3  # one cell per run: no cell table
+    wide = pl.read_csv(tmp_path / "out" / "runs.csv")
+    assert {"compile_error", "incorrect", "tokens", "best_tokens", "interventions"} <= set(wide.columns)
+
+
+def test_cli_summary_of_one_run_and_of_replicated_cells(sweep, tmp_path):
+    p = _analyze(sweep / "0", "--out", tmp_path / "one")
+    assert p.returncode == 0, p.stderr
+    one_run = _summary(p.stdout)
+    assert one_run[0] == "run 0 (gqa, group 4, mutation)" and all(len(ln) <= 80 for ln in one_run)
+    assert one_run[1] == "  best   v2: 150.0 TFLOPS, 1.50x the seed, 0.61x cuDNN, 0.87x FA2"
+    assert " ".join(one_run[2:]).split() == (
+        "tried 9 attempts in 4 steps: 2 committed, 2 slower, 5 failed (1 compile, 1 incorrect, 1 crashed, "
+        "1 timeout, 1 invalid) cost 0.17 h of attempts; best after 0.15 h and 9,600 tokens; "
+        "supervisor redirects: 1").split()
+    write_run(sweep / "2", "r2", ["agent=mutation", "group=8", "run_dir=/z", "rng=2"], 4.0)  # a second group=8 run
+    cells = _summary(_analyze(sweep, "--out", tmp_path / "cells").stdout)
+    cut = cells.index("")
+    assert [ln.split()[0] for ln in cells[1:cut]] == ["group=8", "group=8", "group=4"]
+    assert cells[cut + 1].split()[:6] == ["cell", "runs", "best", "+-std", "max", "x"]
+    assert cells[cut + 2].split()[:5] == ["group=4", "1", "150.0", "-", "150.0"]
+    assert cells[cut + 3].split()[:5] == ["group=8", "2", "450.0", "212.1", "600.0"]
+
+
 def test_cli_rejects_an_unknown_group_key(sweep):
     p = subprocess.run([sys.executable, "-m", "avo.analyze", str(sweep), "--by", "agnet", "--no-plots"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -239,8 +285,10 @@ def test_runs_with_nothing_to_plot_still_get_tables_and_a_report(tmp_path):
     text = report.write(lin, tmp_path / "out", "md", log=lambda m: None).read_text()
     assert "(no committed version)" in text and "(the seed is still the best version)" in text
     plots = tmp_path / "out" / "plots"
+    # the seed alone is one point: no trajectory or progress axis is drawn for it, only its per-config bars
     assert sorted(p.relative_to(plots).as_posix() for p in plots.rglob("*.png")) == [
-        "so/configs.png", "so/progress.png", "so/trajectory.png", "sweep.png", "un/outcomes.png"]
+        "so/configs.png", "sweep.png", "un/outcomes.png"]
+    assert "Only v0 has a score so far: no trajectory to draw." in text
 
 
 def test_a_file_whose_data_pages_are_damaged_is_skipped_after_the_footer_check(sweep):

@@ -71,6 +71,8 @@ def test_cli_errors_are_one_clear_message(tmp_path):
     r = _launch("agent=nosuchagent", f"hydra.run.dir={tmp_path}")
     assert r.returncode != 0 and "Could not find 'agent/nosuchagent'" in r.stderr
     assert "Traceback" not in r.stderr
+    listed = r.stderr.split("Available options in 'agent':")[1].split("Config search path")[0].split()
+    assert listed == options("agent")  # the real agents, never the schemas they extend
     r = _launch("search.max_stepz=3", f"hydra.run.dir={tmp_path}")
     assert r.returncode != 0 and "max_stepz" in r.stderr and "Traceback" not in r.stderr
 

@@ -222,17 +222,30 @@ def test_worker_that_dies_or_writes_garbage_is_reported_as_crashed(tmp_path):
     assert bad.status == Status.CRASHED and bad.error.startswith("unreadable worker result")
 
 
-def test_launch_spec_and_exported_geometry_ask_for_the_same_grid():
+# The grid rule of kernels_cuda/CONTRACT.md, written out by hand: (batch, heads_q, seqlen_q, num_sms,
+# block_m, persistent) -> grid. persistent == 0: (ceil(seqlen_q / block_m), heads_q, batch);
+# otherwise (num_sms * persistent, 1, 1), whatever the problem size.
+CONTRACT_GRIDS = [
+    ((2, 16, 4097, 132, 128, 0), (33, 16, 2)),
+    ((2, 16, 4096, 132, 128, 0), (32, 16, 2)),
+    ((1, 32, 1, 132, 64, 0), (1, 32, 1)),
+    ((8, 4, 4097, 132, 64, 0), (65, 4, 8)),
+    ((2, 16, 4097, 132, 128, 1), (132, 1, 1)),
+    ((1, 32, 1, 132, 128, 2), (264, 1, 1)),
+    ((4, 8, 32768, 78, 192, 3), (234, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("args, grid", CONTRACT_GRIDS)
+def test_host_and_exported_geometry_follow_the_contracts_grid_rule(args, grid):
     from avo.contract import LaunchSpec
     from avo.harness.abi import LaunchGeometry
 
-    for persistent in (0, 1, 2):
-        ints = [384, 200_000, 128, persistent, 128 if persistent else 0, 128 if persistent else 0, 1, 1]
-        spec, geom = LaunchSpec.from_ints(ints), LaunchGeometry(ints)
-        for shape in ((2, 16, 4097, 132), (1, 32, 1, 132)):
-            assert spec.grid(*shape) == geom.grid(*shape)
-    assert LaunchSpec.from_ints([128, 0, 64, 0, 0, 0, 1, 1]).grid(2, 16, 4097, 132) == (65, 16, 2)
-    assert LaunchSpec.from_ints([384, 0, 128, 1, 128, 128, 1, 1]).grid(2, 16, 4097, 132) == (132, 1, 1)
+    batch, heads_q, seqlen_q, num_sms, block_m, persistent = args
+    rows = 128 if persistent else 0
+    ints = [384, 200_000, block_m, persistent, rows, rows, 1, 1]
+    assert LaunchSpec.from_ints(ints).grid(batch, heads_q, seqlen_q, num_sms) == grid
+    assert LaunchGeometry(ints).grid(batch, heads_q, seqlen_q, num_sms) == grid
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "packed", "bhsd", "padded"])

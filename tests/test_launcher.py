@@ -131,3 +131,12 @@ def test_local_launcher_runs_the_same_job_function_in_process(tmp_path):
     from avo import lineage
 
     assert (run / "run.json").exists() and lineage.read_run(run)["candidate_id"].to_list() == ["00000.00", "00001.00"]
+
+
+@pytest.mark.parametrize("limit, minutes", [("infinite", None), ("UNLIMITED", None), ("30", 30), ("30:00", 30),
+                                            ("0:30", 1), ("2:00:00", 120), ("1-00:00:00", 1440),
+                                            ("2-01:30:00", 2970)])
+def test_sinfo_time_limits_read_as_minutes(limit, minutes):
+    from avo.launcher.slurm import _minutes
+
+    assert _minutes(limit) == minutes

@@ -111,12 +111,14 @@ def test_stagnation_calls_the_supervisor_and_can_stop(cfg_factory, tmp_path):
     assert df.filter(pl.col("step") > sup["step"][0])["directive"].str.contains("widening").all()
 
 
-def test_corrupt_part_file_is_reported_and_skipped(cfg_factory, tmp_path, capsys):
+def test_a_corrupt_part_file_stops_the_resume_and_names_the_file(cfg_factory, tmp_path):
     run(cfg_factory, tmp_path, "search.max_steps=2")
     n = len(lineage.read_run(tmp_path))
-    (tmp_path / "lineage" / "part-s00099-a00.parquet").write_bytes(b"PAR1 truncated")
-    assert len(lineage.read_run(tmp_path)) == n
-    assert "skipping corrupt lineage file" in capsys.readouterr().err
+    bad = tmp_path / "lineage" / "part-s00099-a00.parquet"
+    bad.write_bytes(b"PAR1 truncated")
+    with pytest.raises(lineage.LineageError, match=f"{bad} is damaged"):
+        run(cfg_factory, tmp_path, "search.max_steps=3")
+    assert len(lineage.scan([tmp_path], warn=lambda m: None).collect()) == n  # analysis reads what is readable
 
 
 def test_compaction_keeps_every_row(cfg_factory, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def wait_for(what: str, pred, timeout: float = 90):
 
 
 def parts(run_dir: Path) -> int:
-    return len(lineage.read_run(run_dir, warn=lambda m: None)) if (run_dir / "lineage").exists() else 0
+    return len(lineage.read_run(run_dir)) if (run_dir / "lineage").exists() else 0
 
 
 def check_lineage(run_dir: Path, steps: int | None) -> pl.DataFrame:
@@ -222,15 +223,86 @@ def test_hard_killed_job_leaves_no_workers_and_a_new_job_resumes(seed, tmp_path)
 
 
 @pytest.mark.parametrize("extra, message", [
-    ("launcher.partition=nosuchpartition", "sbatch refused the job: Batch job submission failed: Invalid partition"),
-    ("launcher.gpus_per_node=64", "sbatch refused the job: Batch job submission failed: Requested node config"),
+    ("launcher.partition=nosuchpartition",
+     "launcher.partition=nosuchpartition: Slurm says 'Invalid partition name specified'"),
+    ("launcher.gpus_per_node=64", "can ever run this job (Requested node configuration is not available): lower "
+                                  "launcher.gpus_per_node=64 (a node has at most "),
+    ("launcher.cpus_per_task=4096", "lower launcher.cpus_per_task=4096 (a node has at most "),
+    ("launcher.mem_gb=100000", "lower launcher.mem_gb=100000 (a node has at most "),
+    ("launcher.constraint=nosuchfeature", "(Invalid feature specification); check launcher.account, qos, constraint"),
 ])
-def test_sbatch_refusal_is_one_clear_error(seed, tmp_path, extra, message):
+def test_a_job_slurm_would_never_start_is_refused_with_the_setting_to_change(seed, tmp_path, extra, message):
+    before = _job_ids()
     p = launch(*base(seed, tmp_path, extra, f"hydra.run.dir={tmp_path}/run"), timeout=60)
     assert p.returncode == 2
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("avo: error:")]
     assert len(errors) == 1 and message in errors[0], p.stderr
-    assert "Traceback" not in p.stderr
+    assert "Traceback" not in p.stderr and "submitted" not in p.stdout
+    assert not (tmp_path / "run" / "slurm" / "job.json").exists() and _job_ids() == before  # nothing pending
+
+
+def _job_ids() -> set[str]:
+    return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout.split())
+
+
+def _node() -> dict:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%c|%m|%P"], capture_output=True, text=True,
+                         timeout=30).stdout.split()
+    name, cpus, mem, _ = next(line.split("|") for line in out if line.split("|")[3].endswith("*"))
+    return {"name": name, "cpus": int(cpus), "mem_mb": int(mem)}
+
+
+def test_the_default_request_is_refused_where_no_node_is_that_large(tmp_path):
+    """The command of a first try on the one-machine cluster, with the launcher's defaults (8 CPUs, 64 GB)."""
+    node = _node()
+    too_big = [s for s, over in (("launcher.cpus_per_task=8", node["cpus"] < 8),
+                                 ("launcher.mem_gb=64", node["mem_mb"] < 64 * 1024)) if over]
+    if not too_big:
+        pytest.skip(f"this node ({node['cpus']} CPUs, {node['mem_mb']} MB) can run the default request")
+    before = _job_ids()
+    p = launch("-m", "launcher=slurm", "harness=compile", "agent=mutation", "kernel=gqa", "group=4,8",
+               f"hydra.sweep.dir={tmp_path}/sweep", timeout=120)
+    assert p.returncode == 2 and _job_ids() == before
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("avo: error:")]
+    assert len(errors) == 1 and all(f"{s} (a node has at most" in errors[0] for s in too_big), p.stderr
+
+
+def _documented_sweep() -> list[str]:
+    """The launch command of slurm/README.md's quick start, continuation lines joined."""
+    text = (ROOT / "slurm" / "README.md").read_text()
+    block = text.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    command = block.replace("\\\n", " ").splitlines()
+    line = next(ln for ln in command if ln.startswith("python -m avo.launch"))
+    return shlex.split(line.split("#", 1)[0])[3:]
+
+
+def test_the_documented_one_machine_sweep_runs_as_written(tmp_path):
+    args = _documented_sweep()
+    assert "launcher=slurm" in args and "group=4,8" in args
+    sweep = tmp_path / "sweep"
+    p = launch(*args, f"hydra.sweep.dir={sweep}", timeout=120)  # only where the outputs go is added
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = sorted(r.parent.parent for r in sweep.glob("*/slurm/job.json"))
+    assert [r.name for r in runs] == [f"agent=mutation,group={g},harness=compile,kernel=gqa,search=smoke"
+                                      for g in (4, 8)]
+    for run in runs:
+        assert wait_done(record(run)["job_id"], 300) == "COMPLETED", log_text(run)[-3000:]
+        assert len(lineage.read_run(run)) >= 2
+
+
+def test_a_request_that_fits_a_drained_node_is_submitted_and_waits(seed, tmp_path):
+    node = _node()["name"]
+    subprocess.run(["scontrol", "update", f"nodename={node}", "state=drain", "reason=avo test"], check=True)
+    try:
+        p = launch(*base(seed, tmp_path, "group=4", "search.max_steps=1", f"hydra.run.dir={tmp_path}/run"))
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "though a node fits the request (down or drained now?): submitting" in p.stdout
+        job_id = record(tmp_path / "run")["job_id"]
+        queued = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+        assert queued.stdout.strip() == "PENDING"
+    finally:
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], check=True)
+    assert wait_done(job_id, 240) == "COMPLETED", log_text(tmp_path / "run")[-3000:]
 
 
 def test_server_that_never_becomes_healthy_fails_its_job_clearly(tmp_path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import openai
@@ -35,7 +35,6 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
-    errors: list[str] = field(default_factory=list)
 
     def add(self, r: Reply) -> None:
         self.calls += 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from avo.agent.edits import Edit, EditError, apply_edits, unified_diff
 from avo.agent.knowledge import KnowledgeBase
@@ -291,7 +291,3 @@ def format_eval(r: EvalResult, what: str, ctx: StepContext) -> str:
                          f"{f'{c.ratio:.4f}' if c.ratio else '-'} | {f'{c.vs_cudnn:.3f}' if c.vs_cudnn else '-'}")
     return "\n".join(lines)
 
-
-def describe(args: Any, limit: int = 200) -> str:
-    text = args if isinstance(args, str) else json.dumps(args)
-    return text if len(text) <= limit else text[:limit] + "..."

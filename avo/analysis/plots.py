@@ -38,7 +38,7 @@ def _title(lin: Lineage, run_id: str) -> str:
 def trajectory(lin: Lineage, run_id: str, path: Path) -> Path | None:
     """Per-config TFLOPS and the geometric mean against version number, cuDNN/FA2 as reference lines."""
     c = tables.commits(lin).filter(pl.col("run_id") == run_id).collect()
-    if c["score"].drop_nulls().is_empty():
+    if c["score"].drop_nulls().len() < 2:  # one version is a point, not a trajectory: the config bars show it
         return None
     cfg = tables.configs(c.lazy()).collect()
     keys = cfg["key"].unique(maintain_order=True).to_list()
@@ -83,7 +83,7 @@ def progress(lin: Lineage, run_id: str, path: Path) -> Path | None:
     """Best score and every ranked attempt against active hours, coloured by outcome."""
     a = tables.attempts(lin).filter(pl.col("run_id") == run_id).collect()
     c = tables.commits(lin).filter(pl.col("run_id") == run_id).collect()
-    if a["score"].drop_nulls().is_empty():
+    if a["score"].drop_nulls().len() < 2:  # a single timed attempt (the seed) has nothing to show over time
         return None
     fig, ax = plt.subplots(figsize=(8, 3.6))
     scored = a.filter(pl.col("score").is_not_null() & ~pl.col("committed"))

@@ -12,6 +12,7 @@ import polars as pl
 from avo import lineage
 from avo.analysis import plots, tables
 from avo.analysis.reader import Lineage
+from avo.fsutil import atomic_write_text
 
 MAX_DIFF_LINES = 600
 
@@ -173,9 +174,13 @@ def write(lin: Lineage, out: Path, fmt: str = "md", by: list[str] | None = None,
               f"at {r['best_score'] or float('nan'):.1f} TFLOPS.")
         if plot:
             d = out / "plots" / re.sub(r"[^\w.-]", "_", run_id)
-            for name, draw in (("trajectory", plots.trajectory), ("progress", plots.progress),
-                               ("configs", plots.config_bars), ("outcomes", plots.outcomes)):
-                doc.image(draw(lin, run_id, d / f"{name}.png"))
+            drawn = {name: draw(lin, run_id, d / f"{name}.png") for name, draw in (
+                ("trajectory", plots.trajectory), ("progress", plots.progress), ("configs", plots.config_bars),
+                ("outcomes", plots.outcomes))}
+            if drawn["trajectory"] is None and r["best_score"] is not None:
+                doc.p(f"Only v{r['best_version']} has a score so far: no trajectory to draw.")
+            for path in drawn.values():
+                doc.image(path)
         doc.h(3, "Best version against cuDNN and FA2")
         doc.table(config_table(best.filter(pl.col("run_id") == run_id)))
         doc.h(3, "Committed versions")
@@ -187,6 +192,6 @@ def write(lin: Lineage, out: Path, fmt: str = "md", by: list[str] | None = None,
         doc.h(3, "Best version against the seed")
         doc.code(best_diff(lin, run_id), "diff")
     path = out / f"report.{fmt}"
-    path.write_text(doc.text())
+    atomic_write_text(path, doc.text())
     log(f"report: {path}")
     return path

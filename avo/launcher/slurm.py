@@ -7,6 +7,7 @@ sweep's overrides, so `squeue`/`sacct` show which combination a job is.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -92,6 +93,97 @@ def _lane_name(name: str, cfg, hydra_cfg, sweep_dir: str) -> str:
     return f"avo.{Path(sweep_dir).name}.lane{lane}"
 
 
+def _nodes(partition: str | None) -> list[dict]:
+    """CPUs, memory (MB), GPUs and time limit (minutes, None: unlimited) of each node of the partition
+    (the default partition when None), from sinfo."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%P|%c|%m|%G|%l"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    nodes = []
+    for line in out.splitlines():
+        part, cpus, mem, gres, limit = (line.split("|") + [""] * 5)[:5]
+        if not (part.rstrip("*") == partition if partition else part.endswith("*")):
+            continue
+        gpus = sum(int(m) for m in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres))
+        nodes.append({"cpus": _int(cpus), "mem_mb": _int(mem), "gpus": gpus, "time_min": _minutes(limit)})
+    return nodes
+
+
+def _int(text: str) -> int:
+    m = re.match(r"\d+", text.strip())
+    return int(m.group()) if m else 0
+
+
+def _minutes(limit: str) -> int | None:
+    """sinfo's time limit (minutes, minutes:seconds, [days-]hours:minutes:seconds) in minutes; None: unlimited."""
+    days, _, clock = limit.strip().rpartition("-")
+    fields = clock.split(":")
+    if not all(f.isdigit() for f in fields) or not (days.isdigit() or days == ""):
+        return None  # infinite, UNLIMITED
+    nums = [int(f) for f in fields]
+    h, m, s = nums if len(nums) == 3 else (0, *nums) if len(nums) == 2 else (0, nums[0], 0)
+    return (int(days or 0) * 24 + h) * 60 + m + (s > 0)
+
+
+def _infeasible(L, gpus: int, why: str) -> str | None:
+    """The one line for a request Slurm will never start, naming the settings to change; None when a node of
+    the partition fits it (the refusal is about now: that node is down, drained or reserved)."""
+    part = L.get("partition")
+    where = f"partition {part}" if part else "the default partition"
+    nodes = _nodes(part)
+    if part and not nodes:
+        return f"launcher.partition={part}: Slurm says {why!r}; `sinfo -s` lists the partitions"
+    if not nodes:
+        return (f"Slurm will never start this job ({why}); check launcher.partition, account, qos, constraint "
+                "and additional_parameters")
+    need = {"cpus": int(L.cpus_per_task), "mem_mb": int(L.mem_gb * 1024), "gpus": gpus}
+    limits = [n["time_min"] for n in nodes]
+    over = [f"launcher.timeout_min={L.timeout_min} (the partition allows {max(limits)})"] \
+        if None not in limits and L.timeout_min > max(limits) else []
+    if any(all(n[k] >= v for k, v in need.items()) for n in nodes):
+        if over:
+            return f"Slurm will never start this job in {where} ({why}): lower {over[0]}"
+        if "node configuration" in why:
+            return None
+        return (f"Slurm will never start this job in {where} ({why}); check launcher.account, qos, constraint "
+                "and additional_parameters")
+    top = {k: max(n[k] for n in nodes) for k in need}
+    if need["cpus"] > top["cpus"]:
+        over.append(f"launcher.cpus_per_task={L.cpus_per_task} (a node has at most {top['cpus']})")
+    if need["mem_mb"] > top["mem_mb"]:
+        over.append(f"launcher.mem_gb={L.mem_gb:g} (a node has at most {math.floor(top['mem_mb'] / 102.4) / 10:g})")
+    if need["gpus"] > top["gpus"]:
+        over.append(f"launcher.gpus_per_node={gpus} (a node has at most {top['gpus']})")
+    if over:
+        return f"no node of {where} can ever run this job ({why}): lower {' and '.join(over)}"
+    shapes = ", ".join(f"{c} CPUs/{m / 1024:.0f} GB/{g} GPUs" for c, m, g in
+                       sorted({(n["cpus"], n["mem_mb"], n["gpus"]) for n in nodes}, reverse=True)[:5])
+    return (f"no node of {where} has launcher.cpus_per_task={L.cpus_per_task}, launcher.mem_gb={L.mem_gb:g} and "
+            f"launcher.gpus_per_node={gpus} at once (nodes: {shapes}); lower one of them")
+
+
+def _check_feasible(ex: submitit.SlurmExecutor, L, gpus: int) -> None:
+    """`sbatch --test-only` with the job's own script: a request no node can satisfy is accepted by sbatch
+    but pends for ever (reason PartitionConfig), so refuse it here with the setting to change."""
+    script = ex._make_submission_file_text("true", "test-only")  # the same #SBATCH lines submit() sends
+    try:
+        p = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log(f"could not check the request with sbatch --test-only ({e}); submitting it unchecked")
+        return
+    if p.returncode == 0:
+        return
+    lines = [ln.strip() for ln in p.stderr.splitlines() if ln.strip()]
+    why = lines[-1].removeprefix("allocation failure: ").removeprefix("sbatch: error: ") if lines else "no reason"
+    problem = _infeasible(L, gpus, why)
+    if problem:
+        raise LaunchError(problem)
+    log(f"sbatch --test-only: {why}, though a node fits the request (down or drained now?): submitting; "
+        "the job waits for such a node")
+
+
 def _submit(ex: submitit.SlurmExecutor, fn) -> submitit.Job:
     try:
         return ex.submit(fn)
@@ -119,6 +211,7 @@ def submit(cfg):
         comment = str(run_dir)
         name = _lane_name(name, cfg, hydra_cfg, str(run_dir.parent))
     ex = _executor(cfg, folder, name, comment, gpus)
+    _check_feasible(ex, L, gpus)
     job = _submit(ex, fn)
     record = {"job_id": job.job_id, "name": name, "kind": L.get("job", "search"), "run_dir": str(run_dir or ""),
               "url_file": comment if run_dir is None else "", "stdout": str(job.paths.stdout),

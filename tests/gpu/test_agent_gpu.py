@@ -12,7 +12,7 @@ from avo.agent.tools import Workbench
 from avo.types import ConfigResult, Problem, Shape, StepContext, Version
 from tests.conftest import open_gpu_harness
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAIVE = (ROOT / "kernels_cuda" / "naive" / "naive.cu").read_text()
 
 pytestmark = pytest.mark.gpu

@@ -1,0 +1,135 @@
+"""The lineage stays durable: compaction checks what it wrote before deleting anything, compacted files carry
+their checksum, and a run whose history cannot be read back stops with a message instead of starting over."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from avo import lineage
+from tests.conftest import ROOT
+
+
+def _row(step: int, attempt: int = 0) -> dict:
+    now = datetime.now(timezone.utc)
+    return {"run_id": "r", "step": step, "attempt": attempt, "candidate_id": f"{step}.{attempt}",
+            "decision": "seed" if step == 0 else "not_faster", "status": "ok", "committed": step == 0,
+            "version": 0 if step == 0 else None, "message": "x" * 200, "started_at": now, "finished_at": now}
+
+
+def _write(run_dir: Path, steps: int) -> None:
+    for s in range(steps):
+        lineage.append(run_dir, _row(s))
+
+
+def _files(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in lineage.lineage_dir(run_dir).iterdir() if p.is_file())
+
+
+def test_compacted_file_names_its_checksum_and_keeps_every_row(tmp_path):
+    _write(tmp_path, 5)
+    out = lineage.compact(tmp_path, full=True)
+    assert _files(tmp_path) == [out.name]
+    assert out.name.startswith("chunk-s00000-a00-s00004-a00-")
+    assert out.name.removesuffix(".parquet").rsplit("-", 1)[1] == hashlib.sha256(out.read_bytes()).hexdigest()[:16]
+    assert lineage.read_run(tmp_path)["candidate_id"].to_list() == [f"{s}.0" for s in range(5)]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_compacted_file_stops_the_reader_and_is_left_alone(tmp_path, damage):
+    _write(tmp_path, 5)
+    chunk = lineage.compact(tmp_path, full=True)
+    data = bytearray(chunk.read_bytes())
+    if damage == "truncate":  # a copy cut short
+        data = data[:len(data) // 2]
+    else:  # one byte changed inside the data pages: the footer still reads
+        data[len(data) // 3] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(lineage.LineageError) as e:
+        lineage.read_run(tmp_path)
+    msg = str(e.value)
+    assert str(chunk) in msg and "s00000-a00 to s00004-a00" in msg and "\n" not in msg
+    assert "restore that file from a copy" in msg and "instead of starting again from its seed" in msg
+    lineage.append(tmp_path, _row(5))
+    later = lineage.compact(tmp_path, full=True)  # later attempts are compacted on their own ...
+    assert _files(tmp_path) == sorted([chunk.name, later.name]) and "s00005-a00-s00005-a00" in later.name
+    assert chunk.read_bytes() == bytes(data)  # ... and nothing is merged with, or past, the damaged file
+
+
+def test_a_chunk_left_by_an_older_version_without_checksum_still_reads(tmp_path):
+    _write(tmp_path, 3)
+    chunk = lineage.compact(tmp_path, full=True)
+    old = chunk.with_name("chunk-s00000-a00-s00002-a00.parquet")
+    chunk.rename(old)
+    assert len(lineage.read_run(tmp_path)) == 3
+    lineage.append(tmp_path, _row(3))
+    merged = lineage.compact(tmp_path, full=True)
+    assert _files(tmp_path) == [merged.name] and len(lineage.read_run(tmp_path)) == 4
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs: a real file system that fills up (needs root, like the Slurm cluster)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+def test_compaction_on_a_full_disk_keeps_the_parts(small_disk, capsys):
+    run = small_disk / "run"
+    _write(run, 6)
+    before = _files(run)
+    _fill(small_disk / "filler")
+    assert lineage.compact(run, full=True) is None
+    assert "not compacting 6 files" in capsys.readouterr().err
+    assert _files(run) == before  # the parts, and no partial chunk or temp file
+    assert len(lineage.read_run(run)) == 6
+    (small_disk / "filler").unlink()
+    assert lineage.compact(run, full=True) is not None and len(lineage.read_run(run)) == 6
+
+
+def test_a_resumed_run_with_a_damaged_history_stops_with_one_line_and_recovers_from_a_copy(tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "avo.launch", "harness=compile", "seed=naive", "search.attempts_per_step=1",
+            f"hydra.run.dir={run}", f"harness.cache_dir={tmp_path}/cache"]
+    first = subprocess.run([*args, "search.max_steps=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    [chunk] = lineage.lineage_dir(run).glob("*.parquet")  # a finished run is one compacted file
+    copy = tmp_path / chunk.name
+    shutil.copy(chunk, copy)
+    chunk.write_bytes(copy.read_bytes()[:-100])  # cut short
+    again = subprocess.run([*args, "search.max_steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2
+    assert again.stderr.count("\n") == 1 and again.stderr.startswith(f"avo: error: {chunk} is damaged"), again.stderr
+    assert [p.name for p in lineage.lineage_dir(run).glob("*.parquet")] == [chunk.name]  # nothing new, no seed
+    shutil.copy(copy, chunk)  # the advice: restore the file from a copy
+    resumed = subprocess.run([*args, "search.max_steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    df = lineage.read_run(run)
+    assert df["step"].to_list() == [0, 1, 2] and df["candidate_id"].is_unique().all()
