@@ -40,7 +40,8 @@ def test_tools_report_what_the_gpu_harness_measured(harness, tmp_path):
         print(r.text)
         assert r.ok and expect in r.text, r.text
     # timed side by side with the best version, as the search times it
-    assert "config | TFLOPS | best (same run) | ratio | vs cuDNN" in r.text and "x the best v0 timed side by side" in r.text
+    assert "config | TFLOPS | best (same run) | ratio | vs cuDNN" in r.text
+    assert "x the best v0 timed side by side" in r.text
     assert bench_.compiled_ok == bench_.source == bench_.checked_ok
     broken = bench_.call("edit", {"search": "AVO_LAUNCH(", "replace": "AVO_LAUNCH_NOPE("})
     assert broken.ok
