@@ -118,6 +118,26 @@ class LlmAgentConf(AgentConf):
     tools: list[str] = field(default_factory=list)  # tools offered to the model ([] = all of them)
 
 
+@dataclass
+class ExternalBudgetConf:
+    max_seconds: float = 3600.0       # wall time per step, from its opening (waiting for the agent included)
+    max_tool_calls: int = 200         # tool calls per step (submit and next_step not counted); one more ends it
+    idle_seconds: float = 600.0       # no call started for this long (none in flight): the agent is gone
+    tool_output_chars: int = 12_000   # longer tool results are truncated
+
+
+@dataclass
+class ExternalAgentConf(AgentConf):
+    """An outside agent (any MCP client) as the operator; see avo/agent/external.py."""
+    kind: str = "external"
+    port: int = 0                     # the MCP endpoint on 127.0.0.1 (0: a free port)
+    token_file: str = ""              # "" = <run dir>/agent/mcp.token
+    budget: ExternalBudgetConf = field(default_factory=ExternalBudgetConf)
+    knowledge_dirs: list[str] = field(default_factory=list)  # extra markdown folders to search
+    source_in_prompt: bool = True     # the best source in next_step's context
+    tools: list[str] = field(default_factory=list)  # workbench tools offered ([] = all of them)
+
+
 # -- kernel variant (the problem) -----------------------------------------------------------------
 @dataclass
 class BenchSetConf:
@@ -233,9 +253,9 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, name, node in (("search", "search", SearchConf), ("agent", "mutation", MutationAgentConf),
-                              ("agent", "llm", LlmAgentConf), ("kernel", "kernel", KernelConf),
-                              ("harness", "harness", HarnessConf), ("launcher", "launcher", LauncherConf),
-                              ("launcher", "slurm", SlurmLauncherConf)):
+                              ("agent", "llm", LlmAgentConf), ("agent", "external", ExternalAgentConf),
+                              ("kernel", "kernel", KernelConf), ("harness", "harness", HarnessConf),
+                              ("launcher", "launcher", LauncherConf), ("launcher", "slurm", SlurmLauncherConf)):
         cs.store(group=f"schema/{group}", name=name, node=node)
     _register_resolvers()
 

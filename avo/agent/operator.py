@@ -231,24 +231,28 @@ class LlmOperator:
 
     # -- the first message ---------------------------------------------------------------------
     def step_prompt(self, ctx: StepContext) -> str:
-        p, best = ctx.problem, ctx.best
-        harness = ctx.harness
-        shapes = ", ".join(s.key for s in p.bench)
-        configs = "\n".join(f"  {c.key}: {c.tflops:.1f} TFLOPS" + (f" ({c.vs_cudnn:.3f} of cuDNN)" if c.vs_cudnn
-                                                                   else "") for c in best.configs if c.tflops)
         b = self.cfg.budget
-        source = (f"\nThe working copy (v{best.version}):\n```cuda\n{best.source}\n```\n"
-                  if self.cfg.source_in_prompt else "\nView the working copy with `view_source`.\n")
-        notes = self.notes.recent()
-        return render.render(
-            "step", step=ctx.step, attempt=ctx.attempt,
-            problem=f"{p.name}, heads_q={p.heads_q}, heads_kv={p.heads_kv} (group {p.group}), head_dim={p.head_dim};"
-                    f" benchmark shapes: {shapes}; {len(p.check)} correctness shapes",
-            harness=f"{getattr(harness, 'name', '?')} ("
-                    + ("times kernels: scores are TFLOPS" if getattr(harness, "ranks", False)
-                       else "compiles and checks only: no timing, nothing is ranked") + ")",
-            budget=f"{b.max_turns} replies, {b.max_tokens} tokens, {b.max_seconds:.0f} s",
-            lineage=lineage_text(ctx), best_version=best.version,
-            best_score=f"{best.score:.1f} TFLOPS" if best.score is not None else "unranked",
-            best_configs=configs, directive=f"\nSupervisor's directions:\n{ctx.directive}\n" if ctx.directive else "",
-            notes=f"\nYour notes from earlier steps:\n{notes}\n" if notes else "", source=source)
+        return step_prompt(ctx, self.notes.recent(), f"{b.max_turns} replies, {b.max_tokens} tokens, "
+                           f"{b.max_seconds:.0f} s", self.cfg.source_in_prompt)
+
+
+def step_prompt(ctx: StepContext, notes: str, budget: str, source_in_prompt: bool) -> str:
+    """The step's first message (shared by every operator that serves a step to a model)."""
+    p, best = ctx.problem, ctx.best
+    harness = ctx.harness
+    shapes = ", ".join(s.key for s in p.bench)
+    configs = "\n".join(f"  {c.key}: {c.tflops:.1f} TFLOPS" + (f" ({c.vs_cudnn:.3f} of cuDNN)" if c.vs_cudnn
+                                                               else "") for c in best.configs if c.tflops)
+    source = (f"\nThe working copy (v{best.version}):\n```cuda\n{best.source}\n```\n"
+              if source_in_prompt else "\nView the working copy with `view_source`.\n")
+    return render.render(
+        "step", step=ctx.step, attempt=ctx.attempt,
+        problem=f"{p.name}, heads_q={p.heads_q}, heads_kv={p.heads_kv} (group {p.group}), head_dim={p.head_dim};"
+                f" benchmark shapes: {shapes}; {len(p.check)} correctness shapes",
+        harness=f"{getattr(harness, 'name', '?')} ("
+                + ("times kernels: scores are TFLOPS" if getattr(harness, "ranks", False)
+                   else "compiles and checks only: no timing, nothing is ranked") + ")",
+        budget=budget, lineage=lineage_text(ctx), best_version=best.version,
+        best_score=f"{best.score:.1f} TFLOPS" if best.score is not None else "unranked",
+        best_configs=configs, directive=f"\nSupervisor's directions:\n{ctx.directive}\n" if ctx.directive else "",
+        notes=f"\nYour notes from earlier steps:\n{notes}\n" if notes else "", source=source)

@@ -18,7 +18,7 @@ from avo.paired import annotate
 from avo.types import EvalResult, StepContext
 
 
-def _fn(name: str, description: str, props: dict[str, dict] | None = None, required: list[str] | None = None):
+def tool_schema(name: str, description: str, props: dict[str, dict] | None = None, required: list[str] | None = None):
     return {"type": "function", "function": {"name": name, "description": description, "parameters": {
         "type": "object", "properties": props or {}, "required": required or [], "additionalProperties": False}}}
 
@@ -26,29 +26,29 @@ def _fn(name: str, description: str, props: dict[str, dict] | None = None, requi
 _REF = {"type": "string", "description": "current (your working copy), best, v<k> (committed version k), "
                                          "or attempt<i> (an earlier failed attempt of this step)"}
 SCHEMAS = [
-    _fn("view_source", "Show a kernel source with line numbers.",
+    tool_schema("view_source", "Show a kernel source with line numbers.",
         {"which": _REF, "start_line": {"type": "integer"}, "end_line": {"type": "integer"}}),
-    _fn("diff", "Unified diff between two sources.", {"a": _REF, "b": _REF}, ["a", "b"]),
-    _fn("lineage", "The committed versions (score, message) and this step's failed attempts."),
-    _fn("edit", "Replace one exact, unique piece of the working copy. `search` is copied verbatim from it.",
+    tool_schema("diff", "Unified diff between two sources.", {"a": _REF, "b": _REF}, ["a", "b"]),
+    tool_schema("lineage", "The committed versions (score, message) and this step's failed attempts."),
+    tool_schema("edit", "Replace one exact, unique piece of the working copy. `search` is copied verbatim from it.",
         {"search": {"type": "string"}, "replace": {"type": "string"}}, ["search", "replace"]),
-    _fn("rewrite", "Replace the whole working copy with a complete kernel source.",
+    tool_schema("rewrite", "Replace the whole working copy with a complete kernel source.",
         {"source": {"type": "string"}}, ["source"]),
-    _fn("compile", "Compile the working copy: errors, registers, spills, shared memory, threads."),
-    _fn("test", "Correctness check of the working copy on small shapes (fast)."),
-    _fn("benchmark", "Full evaluation of the working copy: correctness, then TFLOPS per benchmark config "
-                     "and the ratio to cuDNN (slow)."),
-    _fn("profile", "Nsight Compute summary of one launch of the working copy (throughput, occupancy, warp "
-                   "stalls, ncu's findings), where a profiler is available. Not a correctness check.",
+    tool_schema("compile", "Compile the working copy: errors, registers, spills, shared memory, threads."),
+    tool_schema("test", "Correctness check of the working copy on small shapes (fast)."),
+    tool_schema("benchmark", "Full evaluation of the working copy: correctness, then TFLOPS per benchmark config "
+                             "and the ratio to cuDNN (slow)."),
+    tool_schema("profile", "Nsight Compute summary of one launch of the working copy (throughput, occupancy, warp "
+                           "stalls, ncu's findings), where a profiler is available. Not a correctness check.",
         {"shape": {"type": "string", "description": "a benchmark config key (default: the first one)"}}),
-    _fn("search_knowledge", "Search the knowledge base (Hopper, PTX, FlashAttention, the kernel contract, "
-                            "this run's lessons).", {"query": {"type": "string"}}, ["query"]),
-    _fn("read_notes", "Read your notes from earlier steps."),
-    _fn("write_note", "Save a note for later steps (what worked, what failed, ideas).",
+    tool_schema("search_knowledge", "Search the knowledge base (Hopper, PTX, FlashAttention, the kernel contract, "
+                                    "this run's lessons).", {"query": {"type": "string"}}, ["query"]),
+    tool_schema("read_notes", "Read your notes from earlier steps."),
+    tool_schema("write_note", "Save a note for later steps (what worked, what failed, ideas).",
         {"text": {"type": "string"}}, ["text"]),
-    _fn("submit", "Submit the working copy as this step's candidate; the harness decides whether it is committed. "
-                  "Ends the step.", {"message": {"type": "string", "description": "what changed and why"}},
-        ["message"]),
+    tool_schema("submit", "Submit the working copy as this step's candidate; the harness decides whether it is "
+                          "committed. Ends the step.",
+        {"message": {"type": "string", "description": "what changed and why"}}, ["message"]),
 ]
 NAMES = [s["function"]["name"] for s in SCHEMAS]
 EDITING = ("edit", "rewrite")
@@ -95,20 +95,9 @@ class Workbench:
         impl: Callable[..., ToolResult] | None = getattr(self, f"t_{name}", None) if name in self.offered else None
         if impl is None:
             return self._err(f"unknown tool {name!r}; the tools are: {', '.join(self.offered)}")
-        try:
-            args = raw_args if isinstance(raw_args, dict) else json.loads(raw_args or "{}")
-        except ValueError as e:
-            return self._err(f"the arguments of {name} are not valid JSON ({e}); send one JSON object")
-        if not isinstance(args, dict):
-            return self._err(f"the arguments of {name} must be a JSON object, got {type(args).__name__}")
-        spec = SCHEMAS[NAMES.index(name)]["function"]["parameters"]
-        missing = [k for k in spec["required"] if k not in args]
-        unknown = [k for k in args if k not in spec["properties"]]
-        if missing or unknown:
-            return self._err(f"{name}: " + "; ".join(
-                ([f"missing {', '.join(missing)}"] if missing else []) +
-                ([f"unknown argument {', '.join(unknown)}"] if unknown else [])) +
-                f" (parameters: {', '.join(spec['properties']) or 'none'})")
+        args, problem = parse_args(SCHEMAS[NAMES.index(name)], raw_args)
+        if problem:
+            return self._err(problem)
         try:
             r = impl(**args)
         except (TypeError, ValueError, KeyError, EditError) as e:
@@ -231,6 +220,25 @@ class Workbench:
         if sha in self.ctx.tried or any(sha256(a.source) == sha for a in self.ctx.failures):
             return "this exact source was already evaluated in this run; change something first"
         return None
+
+
+def parse_args(schema: dict, raw_args: str | dict | None) -> tuple[dict, str | None]:
+    """The arguments of a call to the tool `schema` describes, or the one-line reason they are unusable."""
+    name, spec = schema["function"]["name"], schema["function"]["parameters"]
+    try:
+        args = raw_args if isinstance(raw_args, dict) else json.loads(raw_args or "{}")
+    except ValueError as e:
+        return {}, f"the arguments of {name} are not valid JSON ({e}); send one JSON object"
+    if not isinstance(args, dict):
+        return {}, f"the arguments of {name} must be a JSON object, got {type(args).__name__}"
+    missing = [k for k in spec["required"] if k not in args]
+    unknown = [k for k in args if k not in spec["properties"]]
+    if missing or unknown:
+        return {}, f"{name}: " + "; ".join(
+            ([f"missing {', '.join(missing)}"] if missing else []) +
+            ([f"unknown argument {', '.join(unknown)}"] if unknown else [])) + \
+            f" (parameters: {', '.join(spec['properties']) or 'none'})"
+    return args, None
 
 
 def apply_tool_edit(source: str, name: str, args: dict) -> str:

@@ -15,4 +15,8 @@ def make_operator(agent_cfg, run_dir: Path, problem: Problem) -> Operator:
         from avo.agent import make_llm_operator
 
         return make_llm_operator(agent_cfg, run_dir, problem)
-    raise ValueError(f"unknown agent kind {agent_cfg.kind!r} (mutation or llm)")
+    if agent_cfg.kind == "external":
+        from avo.agent.external import ExternalOperator
+
+        return ExternalOperator(agent_cfg, run_dir)
+    raise ValueError(f"unknown agent kind {agent_cfg.kind!r} (mutation, llm or external)")
