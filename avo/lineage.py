@@ -27,6 +27,8 @@ import pyarrow.parquet as pq
 from avo.fsutil import atomic_write_bytes, atomic_write_text
 
 SCHEMA_VERSION = 2
+# rows written before a column or a per-config field existed read it as null
+OLDER_ROWS = pl.ScanCastOptions(missing_struct_fields="insert", extra_struct_fields="ignore")
 COMPACT_EVERY = 64
 MERGE_CHUNKS = 16
 
@@ -224,6 +226,7 @@ def scan(paths, warn=None) -> pl.LazyFrame:
     if not files:
         return pl.LazyFrame(schema=pl.from_arrow(SCHEMA.empty_table()).schema)
     lf = pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore",
+                         cast_options=OLDER_ROWS,
                          schema=pl.from_arrow(SCHEMA.empty_table()).schema)
     return lf.unique(subset=["run_id", "candidate_id"], keep="first", maintain_order=True)
 
@@ -233,6 +236,7 @@ def scan_supervisor(paths, warn=None) -> pl.LazyFrame:
     if not files:
         return pl.LazyFrame(schema=pl.from_arrow(SUPERVISOR_SCHEMA.empty_table()).schema)
     return pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore",
+                         cast_options=OLDER_ROWS,
                            schema=pl.from_arrow(SUPERVISOR_SCHEMA.empty_table()).schema)
 
 
@@ -251,7 +255,8 @@ def read_run(run_dir: str | Path) -> pl.DataFrame:
             files.append(f)
     if not files:
         return to_frame([])
-    lf = pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore", schema=to_frame([]).schema)
+    lf = pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore",
+                         cast_options=OLDER_ROWS, schema=to_frame([]).schema)
     return lf.unique(subset=["candidate_id"], keep="first").sort("step", "attempt").collect()
 
 

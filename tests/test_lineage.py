@@ -133,3 +133,24 @@ def test_a_resumed_run_with_a_damaged_history_stops_with_one_line_and_recovers_f
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     df = lineage.read_run(run)
     assert df["step"].to_list() == [0, 1, 2] and df["candidate_id"].is_unique().all()
+
+
+def test_rows_written_before_the_paired_columns_still_read(tmp_path):
+    """Runs recorded before schema 2 (no paired columns, no per-config samples) resume and analyse."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    new = {"stage", "screen_s", "paired_ratio", "paired_lo", "paired_hi", "incumbent_score", "anchor_ratio",
+           "anchor_lo", "anchor_hi"}
+    old_cfg = pa.struct([f for f in lineage.CONFIG_STRUCT if f.name in
+                         ("key", "tflops", "ms", "ms_p10", "ms_p90", "cudnn_tflops", "fa2_tflops", "max_err")])
+    schema = pa.schema([pa.field("configs", pa.list_(old_cfg)) if f.name == "configs" else f
+                        for f in lineage.SCHEMA if f.name not in new])
+    row = {f.name: None for f in schema}
+    row.update(run_id="r", step=0, attempt=0, candidate_id="00000.00", committed=True, decision="seed", status="ok",
+               configs=[{"key": "a", "tflops": 1.0}], schema_version=1)
+    (tmp_path / "lineage").mkdir()
+    pq.write_table(pa.Table.from_pylist([row], schema=schema), tmp_path / "lineage" / "part-s00000-a00.parquet")
+    df = lineage.read_run(tmp_path)
+    assert df["configs"][0][0]["tflops"] == 1.0 and df["configs"][0][0]["samples"] is None
+    assert df["paired_lo"].to_list() == [None] and lineage.scan([tmp_path]).collect().height == 1

@@ -15,6 +15,7 @@ import polars as pl
 import pyarrow as pa
 
 from avo import lineage
+from avo.lineage import OLDER_ROWS
 
 TARGET = pl.from_arrow(lineage.SCHEMA.empty_table()).schema
 SUPERVISOR_TARGET = pl.from_arrow(lineage.SUPERVISOR_SCHEMA.empty_table()).schema
@@ -110,7 +111,8 @@ def _open(files: list[Path], target: dict, warn) -> pl.LazyFrame:
     fast, slow = _classify(files, target, warn)
     frames = []
     if fast:
-        frames.append(pl.scan_parquet(fast, schema=target, missing_columns="insert", extra_columns="ignore"))
+        frames.append(pl.scan_parquet(fast, schema=target, missing_columns="insert", extra_columns="ignore",
+                         cast_options=OLDER_ROWS))
     for f in slow:
         df = pl.read_parquet(f)
         cols = [(pl.col(c).cast(t, strict=False) if c in df.columns else pl.lit(None, t)).alias(c)
