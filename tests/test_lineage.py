@@ -154,3 +154,16 @@ def test_rows_written_before_the_paired_columns_still_read(tmp_path):
     df = lineage.read_run(tmp_path)
     assert df["configs"][0][0]["tflops"] == 1.0 and df["configs"][0][0]["samples"] is None
     assert df["paired_lo"].to_list() == [None] and lineage.scan([tmp_path]).collect().height == 1
+
+
+def test_atomic_writes_are_readable_by_collaborators_unless_told_otherwise(tmp_path):
+    from avo.fsutil import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "run.json", "{}")
+        atomic_write_text(tmp_path / "secret", "x", mode=0o600)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600

@@ -107,8 +107,8 @@ class HttpEndpoint:
 
         logging.getLogger("mcp").setLevel(logging.WARNING)  # not a line per connection in the search's log
         token = secrets.token_urlsafe(32)
-        atomic_write_text(self.token_file, token + "\n")  # a fresh token per search process
-        os.chmod(self.token_file, 0o600)
+        # a fresh token per search process, never readable by other users
+        atomic_write_text(self.token_file, token + "\n", mode=0o600)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

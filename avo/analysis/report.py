@@ -41,8 +41,11 @@ def sweep_table(sweep: pl.DataFrame, by: list[str]) -> pl.DataFrame:
 
 
 def commit_table(c: pl.DataFrame) -> pl.DataFrame:
+    # gain_%: against the previous version's own score; x_parent [lo, hi]: timed side by side with it
     return c.select("version", "step", "attempt", pl.col("score").round(2),
-                    (pl.col("gain") * 100).round(1).alias("gain_%"), pl.col("n").alias("attempts"),
+                    (pl.col("gain") * 100).round(1).alias("gain_%"), pl.col("paired_ratio").round(4).alias("x_parent"),
+                    pl.col("paired_lo").round(4).alias("lo"), pl.col("paired_hi").round(4).alias("hi"),
+                    pl.col("incumbent_score").round(1).alias("parent_same_run"), pl.col("n").alias("attempts"),
                     pl.col("hours").round(3), pl.col("cum_tokens").alias("tokens"),
                     pl.col("message").str.replace_all(r"\s+", " ").str.slice(0, 160))
 

@@ -20,7 +20,8 @@ CONFIG_FIELDS = ["key", "tflops", "ms", "ms_p10", "ms_p90", "cudnn_tflops", "fa2
 CORE = ["run_id", "run_dir", "step", "attempt", "candidate_id", "parent_id", "version", "committed", "decision",
         "status", "ranked", "score", "best_before", "source_sha", "operator", "model", "propose_s", "compile_s",
         "verify_s", "bench_s", "prompt_tokens", "completion_tokens", "llm_calls", "registers", "spill_bytes",
-        "smem_bytes", "gpu", "kernel", "group", "directive", "started_at", "finished_at"]
+        "smem_bytes", "gpu", "kernel", "group", "directive", "started_at", "finished_at", "stage", "screen_s",
+        "paired_ratio", "paired_lo", "paired_hi", "incumbent_score"]
 
 
 def attempts(lin: Lineage) -> pl.LazyFrame:
@@ -70,6 +71,7 @@ def _commits(lin: Lineage) -> pl.DataFrame:
             .sort("run_id", "version")
             .with_columns(gain=pl.col("score") / pl.col("score").shift(1).over("run_id") - 1.0)
             .select("run_id", "version", "step", "attempt", "candidate_id", "parent_id", "score", "gain",
+                    "paired_ratio", "paired_lo", "paired_hi", "incumbent_score",
                     "n", "hours", "cum_tokens", "message", "directive", "operator", "model", "source_sha",
                     "configs", "run_dir")
             .collect())
