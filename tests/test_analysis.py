@@ -175,7 +175,8 @@ def test_markdown_report_has_figures_diff_messages_and_interventions(sweep, tmp_
     path = report.write(load(sweep), tmp_path / "out", "md", log=lambda m: None)
     text = path.read_text()
     assert "+__global__ void k() { int x = 8; }" in text and "-__global__ void k() { int x = 0; }" in text
-    assert "| 2 | 3 | 1 | 150.0 | 25.0 |  |  |  |  | 8 | 0.15 | 9600 | change 8 |" in text  # no paired columns: a synthetic lineage
+    # the synthetic lineage has no paired columns: x_parent, lo, hi and parent_same_run stay empty
+    assert "| 2 | 3 | 1 | 150.0 | 25.0 |  |  |  |  | 8 | 0.15 | 9600 | change 8 |" in text
     assert "try a smaller tile" in text and "3 consecutive failures" in text
     pngs = sorted((tmp_path / "out" / "plots").rglob("*.png"))
     assert len(pngs) == 9  # four per run and the sweep comparison
