@@ -308,7 +308,7 @@ def evaluate(source: str, problem: Problem, hc: dict, arch: str, cache_dir, chec
                 return res
             ratio, _ = geomean_ratio([(c.samples, o.samples) for c, o in zip(b.configs["candidate"],
                                                                                 b.configs["incumbent"], strict=True)],
-                                     hc.get("alpha", 0.01))
+                                     screen.get("alpha", 0.01))
             log(f"screen: {ratio.ratio:.4f}x the incumbent (one-sided bounds {ratio.lo:.4f}..{ratio.hi:.4f})")
             if screen_out(ratio, screen.get("margin", 0.02)):
                 res.stage = "screen"
