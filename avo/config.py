@@ -44,6 +44,8 @@ class SearchConf:
     max_steps: int = 100              # variation steps after the seed
     max_hours: float = 168.0          # wall-clock budget for this run (all restarts together)
     attempts_per_step: int = 3        # evaluated candidates per step before moving on
+    workers: int = 1                  # operators working at once on the lineage (avo.workers); 1: one at a time
+    recheck_stale: bool = True        # workers: re-time a would-be commit whose parent is no longer the best
     commit: CommitConf = field(default_factory=CommitConf)
     stagnation: StagnationConf = field(default_factory=StagnationConf)
 
@@ -83,6 +85,7 @@ class LlmServerConf:
     url_file: str = ""                # external: a file a server job publishes its base URL in
     url_wait_s: float = 600.0         # how long to wait for url_file and /health
     api_key_env: str = ""             # environment variable holding the API key ("" = none needed)
+    max_num_seqs: int = 0             # managed: vLLM --max-num-seqs, conversations batched at once (0: its default)
 
 
 @dataclass
@@ -303,6 +306,11 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"search.{name}={s[name]} must be {'>= 1' if name == 'attempts_per_step' else '>= 0'}")
     if s.max_hours <= 0:
         raise ConfigError(f"search.max_hours={s.max_hours} must be positive")
+    if s.workers < 1:
+        raise ConfigError(f"search.workers={s.workers} must be >= 1")
+    if s.workers > 1 and cfg.agent.kind == "external":
+        raise ConfigError(f"search.workers={s.workers}: agent={cfg.agent.name} is one outside agent on one "
+                          "endpoint; use search.workers=1 with it")
     from avo.commit import RULES
 
     c = s.commit

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from avo.fsutil import atomic_write_bytes, atomic_write_text
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: worker, island
 # rows written before a column or a per-config field existed read it as null
 OLDER_ROWS = pl.ScanCastOptions(missing_struct_fields="insert", extra_struct_fields="ignore")
 COMPACT_EVERY = 64
@@ -56,6 +56,7 @@ SCHEMA = pa.schema([
     ("sm_clock_mhz", pa.float64()), ("power_w", pa.float64()), ("kernel", pa.string()), ("heads_q", pa.int32()),
     ("heads_kv", pa.int32()), ("head_dim", pa.int32()), ("group", pa.int32()), ("directive", pa.string()),
     ("started_at", TS), ("finished_at", TS), ("host", pa.string()), ("extra", pa.string()),
+    ("worker", pa.int32()), ("island", pa.int32()),  # which of search.workers proposed it, on which lineage
 ])
 SUPERVISOR_SCHEMA = pa.schema([("run_id", pa.string()), ("step", pa.int32()), ("reason", pa.string()),
                                ("directive", pa.string()), ("operator", pa.string()), ("at", TS),

@@ -16,6 +16,8 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
+    workers = 1  # more than one (search.workers): each line names the worker
+
     def __init__(self, run_id: str, ranked: bool, stream=None):
         self.run_id, self.ranked = run_id, ranked
         self.stream = stream or sys.stdout
@@ -35,7 +37,8 @@ class Progress:
         if row.get("paired_ratio") is not None:  # side by side with the incumbent, in the same run
             paired = (f" | x{row['paired_ratio']:.4f} [{row['paired_lo']:.4f}, {row['paired_hi']:.4f}] "
                       f"vs {row['parent_id']} {_fmt(row.get('incumbent_score'))}")
-        self.line(f"step {row['step']:>4}.{row['attempt']} | {row['status']:<13} | {row['decision']:<10} | "
+        who = f"w{row['worker']} " if self.workers > 1 and row.get("worker") is not None else ""
+        self.line(f"{who}step {row['step']:>4}.{row['attempt']} | {row['status']:<13} | {row['decision']:<10} | "
                   f"score {_fmt(row['score'])}{unit}{paired} | best {_fmt(best)} | {_clock(elapsed)} | {msg}{err}")
 
     def summary(self, s, rows: pl.DataFrame, ranked: bool) -> None:

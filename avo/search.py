@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from avo import lineage, transfer
 from avo.commit import anchor, decide
 from avo.harness import make_harness
-from avo.operators import make_operator
+from avo.operators import make_operators
 from avo.paired import annotate
 from avo.problem import problem_from_cfg
 from avo.progress import Progress
@@ -38,6 +38,7 @@ from avo.types import (
     StepContext,
     Version,
 )
+from avo.workers import Workers
 
 
 class SearchError(RuntimeError):
@@ -63,14 +64,15 @@ def run_search(cfg: DictConfig) -> Summary:
     info = _open_run(cfg, run_dir, problem)
     harness = make_harness(cfg.harness, run_dir / "work")
     try:
-        operator = make_operator(cfg.agent, run_dir, problem)
+        operators = make_operators(cfg.agent, run_dir, problem, int(cfg.search.get("workers", 1)))
     except BaseException:
         harness.close()
         raise
     try:
-        return Search(cfg, run_dir, info["run_id"], problem, harness, operator).run()
+        return Search(cfg, run_dir, info["run_id"], problem, harness, operators[0], operators[1:]).run()
     finally:
-        operator.close()
+        for op in operators:
+            op.close()
         harness.close()
         lineage.compact(run_dir, full=True)
 
@@ -105,10 +107,11 @@ def _overrides() -> list[str]:
 
 
 class Search:
-    def __init__(self, cfg, run_dir: Path, run_id: str, problem: Problem, harness, operator):
+    def __init__(self, cfg, run_dir: Path, run_id: str, problem: Problem, harness, operator, crew=()):
         self.cfg, self.s = cfg, cfg.search
         self.run_dir, self.run_id, self.problem = run_dir, run_id, problem
         self.harness, self.operator = harness, operator
+        self.crew = list(crew)  # further operators working at once (search.workers > 1; avo.workers)
         self.rows = lineage.read_run(run_dir)
         self.history: list[Version] = [self._version(r) for r in
                                        self.rows.filter(pl.col("committed")).sort("version").iter_rows(named=True)]
@@ -161,7 +164,7 @@ class Search:
             self._seed()
         elif self.history:
             self.progress.resumed(self.rows, self.history[-1])
-        stopped = self._loop()
+        stopped = Workers(self, [self.operator, *self.crew]).run() if self.crew else self._loop()
         return self._summary(stopped)
 
     def _seed(self) -> None:
@@ -242,7 +245,7 @@ class Search:
         return row
 
     def _record(self, step, attempt, proposal: Proposal, result: EvalResult, decision: str,
-                parent: Version | None, started, propose_s: float) -> dict:
+                parent: Version | None, started, propose_s: float, worker: int = 0, island: int = 0) -> dict:
         committed = decision in ("committed", "seed")
         sha = lineage.write_source(self.run_dir, proposal.source)
         p = self.problem
@@ -267,6 +270,7 @@ class Search:
             "directive": self.directive, "started_at": started, "finished_at": datetime.now(timezone.utc),
             "host": socket.gethostname(), "extra": json.dumps({"log_tail": result.log[-2000:], **proposal.meta},
                                                               default=str),
+            "worker": worker, "island": island,
         }
         lineage.append(self.run_dir, row)
         self.rows = pl.concat([self.rows, lineage.to_frame([row])])
@@ -274,19 +278,20 @@ class Search:
         self.progress.attempt(row, self.history[-1].score if self.history else None, self.elapsed())
         return row
 
-    def _supervise(self, step: int) -> str | None:
+    def _supervise(self, step: int, operator=None, rng=None) -> str | None:
         sup = lineage.scan_supervisor([self.run_dir]).collect()
         since = int(sup["step"].max()) if len(sup) else 0
         reason = detect(self.rows, self.s.stagnation, since)
         if reason is None:
             return None
         best = self.history[-1] if self.history else self.pending
+        operator = operator or self.operator
         ctx = StepContext(step, 0, best, list(self.history), [], self.problem, self.harness, self.run_dir,
-                          self.rng, set(self.tried), self.directive, self.deadline())
-        r = self.operator.redirect(ctx, reason) or Redirect("")
+                          rng or self.rng, set(self.tried), self.directive, self.deadline())
+        r = operator.redirect(ctx, reason) or Redirect("")
         directive = r.directive
         lineage.append_supervisor(self.run_dir, {"run_id": self.run_id, "step": step, "reason": reason,
-                                                 "operator": self.operator.name, **asdict(r)})
+                                                 "operator": operator.name, **asdict(r)})
         self.directive = directive or self.directive
         self.progress.line(f"supervisor at step {step}: {reason}" + (f" -> {directive[:200]}" if directive else ""))
         n = len(sup) + 1

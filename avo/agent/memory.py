@@ -1,10 +1,12 @@
 """The agent's notes: persistent across steps and restarts, one markdown file under the run directory.
+Every worker of a search (search.workers) shares it; appends hold a file lock.
 
 Each note is appended with the step it was written in; the prompt shows the most recent ones
 (what fits in `show_chars`) so old notes age out of view without being lost.
 """
 from __future__ import annotations
 
+import fcntl
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,7 +51,10 @@ class Notes:
     def _append(self, entry: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
+            # search.workers append from several threads (and a resumed job may overlap a dying one): one at a time
+            fcntl.flock(f, fcntl.LOCK_EX)
             f.write(entry)
+            f.flush()
 
     def add(self, step: int, text: str) -> str:
         text = text.strip()

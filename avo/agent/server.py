@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -51,6 +52,7 @@ class ManagedVllm:
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.restarts = 0
+        self._restart_lock = threading.Lock()  # search.workers share the server: one restart, not K
 
     @property
     def base_url(self) -> str:
@@ -66,6 +68,8 @@ class ManagedVllm:
             cmd += ["--gpu-memory-utilization", str(c.gpu_memory_utilization)]
         if self.api_key:
             cmd += ["--api-key", self.api_key]
+        if c.get("max_num_seqs"):  # search.workers conversations share the server: its batch limit
+            cmd += ["--max-num-seqs", str(c.max_num_seqs)]
         return cmd + [str(a) for a in c.extra_args]
 
     def env(self) -> dict[str, str]:
@@ -125,6 +129,10 @@ class ManagedVllm:
 
     def ensure_alive(self) -> None:
         """Called before a retry: restart a dead server (with back-off), up to max_restarts times."""
+        with self._restart_lock:
+            self._ensure_alive()
+
+    def _ensure_alive(self) -> None:
         if self.alive():
             return
         if self.restarts >= self.cfg.max_restarts:

@@ -1,7 +1,12 @@
-"""Harnesses evaluate candidate sources. The parent side here never imports CUDA."""
+"""Harnesses evaluate candidate sources. The parent side here never imports CUDA.
+
+A harness may be called from several threads at once (search.workers): each thread gets its own job
+directories, and the GPU worker processes serialise their timed stages on the device lock.
+"""
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -46,7 +51,7 @@ class SandboxHarness:
         job = {**self.job(problem), **extra}
         job["mode"] = self.worker_mode(mode)
         h = hashlib.sha256(source.encode()).hexdigest()[:16]
-        job_dir = self.work_dir / f"{h}-{job['mode']}"
+        job_dir = self.work_dir / f"{h}-{job['mode']}{_thread_tag()}"
         atomic_write_text(job_dir / "source.cu", source)
         atomic_write_json(job_dir / "job.json", job)
         return job_dir
@@ -66,6 +71,12 @@ class SandboxHarness:
 
     def close(self) -> None:
         pass
+
+
+def _thread_tag() -> str:
+    """A job directory per thread: the workers of a search (search.workers) may evaluate the same source at once."""
+    t = threading.current_thread()
+    return "" if t is threading.main_thread() else f"-t{threading.get_native_id()}"
 
 
 class CompileHarness(SandboxHarness):

@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -92,7 +93,9 @@ class GpuHarness(SandboxHarness):
         self.lock = str(locks / "locks" / f"gpu-{info.get('uuid') or cfg.device}.lock")
         self.n_spares = int(cfg.get("spares", 1)) if spare else 0
         self._spares: list[tuple[subprocess.Popen, Path, object]] = []
-        self._fill_spares()
+        self._spares_lock = threading.Lock()  # search.workers evaluate from several threads
+        with self._spares_lock:
+            self._fill_spares()
 
     def job(self, problem: Problem) -> dict:
         return {**super().job(problem), "lock": self.lock}
@@ -141,12 +144,13 @@ class GpuHarness(SandboxHarness):
                 deadline: float | None = None) -> EvalResult:
         timeout = self.cfg.timeout_s
         spare = None
-        while self._spares and spare is None:
-            spare = self._spares.pop(0)
-            if spare[0].poll() is not None:  # it died getting ready
-                spare[2].close()
-                spare = None
-        self._fill_spares()  # the next start-up overlaps this evaluation
+        with self._spares_lock:
+            while self._spares and spare is None:
+                spare = self._spares.pop(0)
+                if spare[0].poll() is not None:  # it died getting ready
+                    spare[2].close()
+                    spare = None
+            self._fill_spares()  # the next start-up overlaps this evaluation
         if spare is None:
             result = run_worker(job_dir, timeout, env=self.env(), limits=limits, deadline=deadline)
         else:
@@ -175,7 +179,8 @@ class GpuHarness(SandboxHarness):
             log.close()
 
     def close(self) -> None:
-        spares, self._spares, self.n_spares = self._spares, [], 0
+        with self._spares_lock:
+            spares, self._spares, self.n_spares = self._spares, [], 0
         for proc, log_path, log in spares:
             _kill_group(proc)
             log.close()

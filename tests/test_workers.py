@@ -1,0 +1,205 @@
+"""search.workers: several operators at once on one lineage.
+
+The commit serialisation is checked with scoring doubles (pure logic, deterministic races); ids,
+records and kill/resume run the real mutation operator and the real NVRTC harness."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import polars as pl
+import pytest
+
+from avo import lineage
+from avo.contract import set_tunables
+from avo.operators import make_operators
+from avo.problem import problem_from_cfg
+from avo.search import Search, _open_run, run_search
+from avo.types import Proposal
+from avo.workers import busy_seconds, unfinished_steps
+from tests.conftest import DATA, ROOT
+from tests.test_search import SEED, ScoreHarness
+
+SEED_SRC = (DATA / "tunable.cu").read_text()
+
+
+class RacingHarness(ScoreHarness):
+    """ScoreHarness, thread-safe, whose evaluations take a while so workers overlap. Test double only."""
+
+    def __init__(self, delay=0.02):
+        super().__init__()
+        self.delay, self.lock = delay, threading.Lock()
+
+    def evaluate(self, source, problem, mode=None, against=None, deadline=None):
+        time.sleep(self.delay * (1 + hash(source) % 3))
+        with self.lock:
+            return super().evaluate(source, problem, mode, against, deadline)
+
+
+class GatedHarness(ScoreHarness):
+    """The first `n` evaluations wait for each other (all timed against the same best); later ones
+    are delayed per source so the order of decisions is fixed. Test double only."""
+
+    def __init__(self, n, delays):
+        super().__init__()
+        self.barrier, self.n, self.delays, self.lock = threading.Barrier(n, timeout=30), n, delays, threading.Lock()
+
+    def evaluate(self, source, problem, mode=None, against=None, deadline=None):
+        with self.lock:
+            first = self.calls < self.n + 1  # +1: the seed
+            r = super().evaluate(source, problem, mode, against, deadline)
+        if first and against:
+            self.barrier.wait()
+            time.sleep(self.delays.get(source, 0.0))
+        return r
+
+
+class Fixed:
+    """An operator that proposes one fixed source. Test double only."""
+    name, model = "fixed", ""
+
+    def __init__(self, source):
+        self.source = source
+
+    def propose(self, ctx):
+        return Proposal(self.source, message="fixed")
+
+    def redirect(self, ctx, reason):
+        return None
+
+    def close(self):
+        pass
+
+
+def search(cfg_factory, run_dir, harness, operators, *overrides):
+    cfg = cfg_factory("harness=compile", f"seed={SEED}", *overrides, run_dir=run_dir)
+    problem = problem_from_cfg(cfg.kernel)
+    info = _open_run(cfg, run_dir, problem)
+    if operators is None:
+        operators = make_operators(cfg.agent, run_dir, problem, int(cfg.search.workers))
+    return Search(cfg, run_dir, info["run_id"], problem, harness, operators[0], operators[1:]).run()
+
+
+def assert_one_lineage(df: pl.DataFrame) -> None:
+    """Unique ids; commits form one chain: each commit's parent is the previous version (the best at its decision)."""
+    assert df["candidate_id"].is_unique().all()
+    commits = df.filter(pl.col("committed")).sort("version")
+    assert commits["version"].to_list() == list(range(len(commits)))
+    ids = commits["candidate_id"].to_list()
+    assert commits["parent_id"].to_list()[1:] == ids[:-1], "a commit's parent was not the best at its decision"
+    assert commits["parent_id"].drop_nulls().is_unique().all(), "two commits against the same parent"
+    assert (commits["finished_at"].diff().drop_nulls().dt.total_microseconds() >= 0).all()
+
+
+def test_four_workers_keep_one_lineage_and_judge_against_the_current_best(cfg_factory, tmp_path):
+    summary = search(cfg_factory, tmp_path, RacingHarness(), None, "search.workers=4", "search.max_steps=24",
+                     "search.attempts_per_step=2")
+    df = lineage.read_run(tmp_path)
+    assert_one_lineage(df)
+    assert summary.commits >= 2 and summary.attempts == len(df)
+    assert set(df.filter(pl.col("step") > 0)["worker"]) == {0, 1, 2, 3}
+    assert sorted(df.filter(pl.col("step") > 0)["step"].unique()) == list(range(1, 25))
+    # steps are one worker's each, and its attempts are contiguous
+    per = df.filter(pl.col("step") > 0).group_by("step").agg(pl.col("worker").n_unique().alias("w"),
+                                                              pl.col("attempt").max().alias("a"), pl.len())
+    assert (per["w"] == 1).all() and (per["a"] + 1 == per["len"]).all()
+    # a rejected candidate lost against the parent it was timed with
+    lost = df.filter(pl.col("decision") == "not_faster")
+    assert (lost["score"] <= lost["best_before"]).all()
+
+
+@pytest.mark.parametrize("recheck", [True, False])
+def test_a_candidate_that_beat_an_older_best_is_rechecked_or_recorded_stale(cfg_factory, tmp_path, recheck):
+    fast = set_tunables(SEED_SRC, {"BLOCK_M": "128"})       # 100 + 32 + ... : the best
+    faster_than_seed = set_tunables(SEED_SRC, {"BLOCK_N": "128"})  # better than the seed, worse than `fast`
+    h = GatedHarness(2, {faster_than_seed: 0.3})  # both timed against v0; `fast` decides first
+    search(cfg_factory, tmp_path, h, [Fixed(fast), Fixed(faster_than_seed)], "search.workers=2",
+           "search.max_steps=2", "search.attempts_per_step=1", f"search.recheck_stale={recheck}")
+    df = lineage.read_run(tmp_path).filter(pl.col("step") > 0).sort("finished_at")
+    first, second = df.row(0, named=True), df.row(1, named=True)
+    assert first["decision"] == "committed" and first["parent_id"] == "00000.00"
+    assert second["decision"] == "stale" and second["parent_id"] == first["candidate_id"]
+    extra = json.loads(second["extra"])
+    assert extra["stale_from"] == "00000.00" and extra["stale_lo"] > 1.0
+    assert extra.get("rechecked", False) == recheck
+    assert h.calls == 3 + recheck  # the seed, two candidates, and the re-timing
+    if recheck:  # re-timed against the current best, which it does not beat
+        assert second["paired_ratio"] < 1.0 and second["best_before"] == first["score"]
+
+
+def test_a_stale_candidate_that_beats_the_current_best_commits_on_its_parent(cfg_factory, tmp_path):
+    fast = set_tunables(SEED_SRC, {"BLOCK_M": "128"})
+    slower = set_tunables(SEED_SRC, {"BLOCK_N": "128"})
+    h = GatedHarness(2, {fast: 0.3})  # the slower one commits first; `fast` then beats it too
+    search(cfg_factory, tmp_path, h, [Fixed(fast), Fixed(slower)], "search.workers=2", "search.max_steps=2",
+           "search.attempts_per_step=1")
+    df = lineage.read_run(tmp_path)
+    assert_one_lineage(df)
+    assert df.filter(pl.col("committed")).sort("version")["source_sha"].to_list()[1:] == [lineage.sha256(slower),
+                                                                          lineage.sha256(fast)]
+    assert json.loads(df.filter(pl.col("version") == 2)["extra"][0])["rechecked"] is True
+
+
+def test_one_worker_is_the_single_loop(cfg_factory, tmp_path, capsys):
+    summary = search(cfg_factory, tmp_path, ScoreHarness(), None, "search.max_steps=5")
+    df = lineage.read_run(tmp_path)
+    assert df["worker"].to_list() == [0] * len(df) and df["island"].to_list() == [0] * len(df)
+    assert " w0 " not in capsys.readouterr().out and summary.attempts == len(df)
+
+
+def test_overlapping_attempts_count_once_against_the_budget(cfg_factory, tmp_path):
+    search(cfg_factory, tmp_path, RacingHarness(0.05), None, "search.workers=3", "search.max_steps=6")
+    df = lineage.read_run(tmp_path)
+    spans = (df["finished_at"] - df["started_at"]).dt.total_seconds(fractional=True).sum()
+    wall = (df["finished_at"].max() - df["started_at"].min()).total_seconds()
+    assert busy_seconds(df) <= wall + 1e-6 < spans  # the workers overlapped; the budget counts wall time
+
+
+def test_unfinished_steps_are_the_ones_a_kill_cut_short():
+    rows = [dict(step=s, attempt=a, candidate_id=f"{s:05d}.{a:02d}", committed=c) for s, a, c in
+            [(0, 0, True), (1, 0, False), (1, 1, True), (2, 0, False), (3, 0, False), (3, 1, False),
+             (3, 2, False), (4, 0, False), (4, 1, False)]]
+    assert unfinished_steps(lineage.to_frame(rows), 3) == [(2, 1), (4, 2)]
+
+
+def test_four_workers_on_the_nvrtc_harness(cfg_factory, tmp_path, capsys):
+    cfg = cfg_factory("harness=compile", f"seed={SEED}", "search.workers=4", "search.max_steps=8",
+                      "search.attempts_per_step=2", run_dir=tmp_path)
+    summary = run_search(cfg)
+    df = lineage.read_run(tmp_path)
+    assert summary.attempts == len(df) == 1 + 16 and df["candidate_id"].is_unique().all()
+    assert set(df["decision"][1:]) <= {"unranked", "invalid"} and len(set(df["worker"][1:])) > 1
+    assert df.filter(pl.col("step") > 0)["registers"].min() > 0
+    out = capsys.readouterr().out
+    assert " w3 step" in out or " w2 step" in out
+    assert not list((tmp_path / "work").glob(".spare-*"))
+
+
+def test_a_killed_four_worker_run_resumes_without_loss_or_duplicates(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "avo.launch", "harness=compile", f"seed={SEED}", "search.workers=4"]
+    proc = subprocess.Popen([*args, "search.max_steps=60", f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while len(list((run_dir / "lineage").glob("part-*.parquet"))) < 9 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = lineage.read_run(run_dir)
+    assert 9 <= len(before) < 1 + 60 * 3
+    last = int(before["step"].max())
+    r = subprocess.run([*args, f"search.max_steps={last + 2}", f"resume={run_dir}",
+                        f"hydra.run.dir={tmp_path / 'ignored'}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = lineage.read_run(run_dir)
+    assert after["candidate_id"].is_unique().all() and len(after) > len(before)
+    kept = after.join(before.select("candidate_id"), on="candidate_id", how="semi").sort("step", "attempt")
+    assert kept.equals(before.sort("step", "attempt")), "a recorded attempt changed or went missing"
+    steps = after.filter(pl.col("step") > 0).group_by("step").agg(pl.col("attempt").sort().alias("a"))
+    assert sorted(steps["step"]) == list(range(1, last + 3))
+    assert all(a.to_list() == list(range(3)) for a in steps["a"]), "every step ran its attempts once each"
+    assert (after["step"] == 0).sum() == 1, "the seed is evaluated once"
