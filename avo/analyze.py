@@ -10,7 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import polars as pl
+
 from avo.analysis import AnalysisError, load, report, summary, tables
+from avo.analysis import workers as crew
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -42,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         cells = tables.sweep_summary(lin, keys or ["kernel", "group", "agent"], runs) if len(runs) > 1 else None
         width = min(120, max(60, shutil.get_terminal_size((80, 24)).columns))
         print(summary.text(runs, keys, cells, width))
+        busy = crew.gpu_busy(lin).filter(pl.col("workers") > 1)
+        if len(busy):  # search.workers > 1: who did what, and how busy the GPU was
+            print(report.markdown(busy))
+            print(report.markdown(crew.per_worker(lin).filter(pl.col("run_id").is_in(busy["run_id"].to_list()))))
         out = args.out or Path(args.paths[0]) / "analysis"
         report.write(lin, out, args.format, by, plot=not args.no_plots, detail=args.detail)
     except AnalysisError as e:

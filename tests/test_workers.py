@@ -203,3 +203,16 @@ def test_a_killed_four_worker_run_resumes_without_loss_or_duplicates(tmp_path):
     assert sorted(steps["step"]) == list(range(1, last + 3))
     assert all(a.to_list() == list(range(3)) for a in steps["a"]), "every step ran its attempts once each"
     assert (after["step"] == 0).sum() == 1, "the seed is evaluated once"
+
+
+def test_analysis_shows_attempts_per_worker_gpu_busy_and_commits_over_time(cfg_factory, tmp_path, capsys):
+    from avo.analyze import main
+
+    search(cfg_factory, tmp_path / "run", RacingHarness(), None, "search.workers=3", "search.max_steps=9")
+    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "attempts_per_h" in out and "busy" in out
+    per = pl.read_csv(tmp_path / "out" / "workers.csv")
+    assert sorted(per["worker"]) == [0, 1, 2] and per["attempts"].sum() == len(lineage.read_run(tmp_path / "run")) - 1
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Workers" in report and "commits_by_worker.png" in report

@@ -11,6 +11,7 @@ import polars as pl
 
 from avo import lineage
 from avo.analysis import plots, tables
+from avo.analysis import workers as crew
 from avo.analysis.reader import Lineage
 from avo.fsutil import atomic_write_text
 
@@ -146,11 +147,14 @@ def write(lin: Lineage, out: Path, fmt: str = "md", by: list[str] | None = None,
     commits = tables.commits(lin).collect()
     best = tables.best_configs(lin).collect()
     runs.write_csv(out / "runs.csv")
+    crew.per_worker(lin).join(crew.gpu_busy(lin).select("run_id", "timed", "busy"), on="run_id").write_csv(
+        out / "workers.csv")
     commits.drop("configs").write_csv(out / "commits.csv")
     best.write_csv(out / "best_configs.csv")
     if sweep is not None:
         sweep.write_csv(out / "sweep.csv")
-    log(f"tables: {out}/runs.csv, commits.csv, best_configs.csv" + (", sweep.csv" if sweep is not None else ""))
+    log(f"tables: {out}/runs.csv, commits.csv, best_configs.csv, workers.csv"
+        + (", sweep.csv" if sweep is not None else ""))
     if fmt == "csv":
         return out / "runs.csv"
     doc = _Doc(fmt, out)
@@ -159,6 +163,14 @@ def write(lin: Lineage, out: Path, fmt: str = "md", by: list[str] | None = None,
         doc.p(f"Warning: {w}")
     doc.h(2, "Runs")
     doc.table(run_table(runs, by or []))
+    busy = crew.gpu_busy(lin)
+    several = busy.filter(pl.col("workers") > 1)["run_id"].to_list()  # search.workers > 1
+    if several:
+        doc.h(2, "Workers")
+        doc.p("Wall time is the union of the attempts' spans; `timed` is the fraction of it the GPU spent in "
+              "timed stages (under the device lock), `busy` adds the correctness checks.")
+        doc.table(busy.filter(pl.col("run_id").is_in(several)))
+        doc.table(crew.per_worker(lin).filter(pl.col("run_id").is_in(several)))
     if sweep is not None:
         doc.h(2, "Sweep by " + ", ".join(by or ["kernel", "group", "agent"]))
         doc.table(sweep_table(sweep, by or ["kernel", "group", "agent"]))
@@ -180,6 +192,8 @@ def write(lin: Lineage, out: Path, fmt: str = "md", by: list[str] | None = None,
             drawn = {name: draw(lin, run_id, d / f"{name}.png") for name, draw in (
                 ("trajectory", plots.trajectory), ("progress", plots.progress), ("configs", plots.config_bars),
                 ("outcomes", plots.outcomes))}
+            if run_id in several:
+                drawn["commits_by_worker"] = crew.plot_commits(lin, run_id, d / "commits_by_worker.png")
             if drawn["trajectory"] is None and r["best_score"] is not None:
                 doc.p(f"Only v{r['best_version']} has a score so far: no trajectory to draw.")
             for path in drawn.values():
