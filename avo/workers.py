@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import polars as pl
 
@@ -70,7 +70,10 @@ class Workers:
         self.next_step = int(rows["step"].max()) + 1 if len(rows) else 1
         self.rngs = [search.rng] + [random.Random(f"{search.cfg.rng}:{len(rows)}:w{w}")
                                     for w in range(1, len(operators))]
-        search.spent = busy_seconds(rows)    # attempts overlap: the clock is their union, not their sum
+        # attempts overlap: the budget's clock is the union of their spans, not their sum (this session's
+        # seed, if any, is already counted by search.t0)
+        began = datetime.now(timezone.utc) - timedelta(seconds=time.monotonic() - search.t0)
+        search.spent = busy_seconds(rows.filter(pl.col("started_at") < began))
         search.progress.workers = len(operators)
 
     # -- the threads ---------------------------------------------------------------------------

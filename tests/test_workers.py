@@ -216,3 +216,17 @@ def test_analysis_shows_attempts_per_worker_gpu_busy_and_commits_over_time(cfg_f
     assert sorted(per["worker"]) == [0, 1, 2] and per["attempts"].sum() == len(lineage.read_run(tmp_path / "run")) - 1
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Workers" in report and "commits_by_worker.png" in report
+
+
+def test_the_budget_clock_counts_each_second_once_after_a_resume(cfg_factory, tmp_path):
+    from avo.workers import Workers
+
+    search(cfg_factory, tmp_path, RacingHarness(), None, "search.workers=3", "search.max_steps=4")
+    cfg = cfg_factory("harness=compile", f"seed={SEED}", "search.workers=3", run_dir=tmp_path)
+    problem = problem_from_cfg(cfg.kernel)
+    ops = make_operators(cfg.agent, tmp_path, problem, 3)
+    s = Search(cfg, tmp_path, _open_run(cfg, tmp_path, problem)["run_id"], problem, RacingHarness(), ops[0], ops[1:])
+    Workers(s, ops)
+    assert s.spent == pytest.approx(busy_seconds(lineage.read_run(tmp_path)))
+    assert s.spent < s.rows.select((pl.col("finished_at") - pl.col("started_at")).dt.total_seconds(
+        fractional=True).sum()).item()
