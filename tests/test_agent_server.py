@@ -142,3 +142,22 @@ def test_a_dead_server_is_restarted_then_given_up_on(tmp_path):
     finally:
         s.stop()
     assert s.proc is None
+
+
+def test_workers_that_find_the_server_dead_restart_it_once_on_the_same_url(tmp_path):
+    exe = tmp_path / "python"
+    exe.write_text(HEALTH_SERVER.format(python=sys.executable))
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    s = ManagedVllm(conf(python=str(exe), start_timeout_s=30, max_restarts=3), "m", tmp_path)
+    url = s.start()
+    try:
+        os.killpg(s.proc.pid, 9)
+        s.proc.wait()
+        threads = [threading.Thread(target=s.ensure_alive) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert s.restarts == 1 and s.base_url == url and healthy(url)
+    finally:
+        s.stop()

@@ -79,7 +79,8 @@ class ManagedVllm:
         return env
 
     def start(self) -> str:
-        self.port = self.cfg.port or free_port()
+        # a restart keeps its port: every client (all of search.workers') holds this base URL
+        self.port = self.cfg.port or self.port or free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command(self.port)
         gpus = ",".join(map(str, self.cfg.gpus)) or "unset"
