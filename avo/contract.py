@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from elftools.elf.elffile import ELFFile
 
+from avo.errors import ContractError
+
 # the ABI's names and grid rule live once, in the self-contained half that exports copy
 from avo.harness.abi import ABI_VERSION, ENTRY, LAUNCH_SYMBOL, launch_grid  # noqa: F401 - re-exported
 
@@ -102,5 +104,3 @@ class LaunchSpec:
         return launch_grid(self.persistent, self.block_m, batch, heads_q, seqlen_q, num_sms)
 
 
-class ContractError(ValueError):
-    """The kernel source breaks the contract in kernels_cuda/CONTRACT.md."""

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from avo import lineage, transfer
 from avo.commit import anchor, decide
+from avo.errors import SearchError
 from avo.harness import make_harness
 from avo.operators import make_operator
 from avo.paired import annotate
@@ -38,10 +39,6 @@ from avo.types import (
     StepContext,
     Version,
 )
-
-
-class SearchError(RuntimeError):
-    """The search cannot go on; the message says why. The lineage so far is intact."""
 
 
 @dataclass
@@ -166,6 +163,7 @@ class Search:
 
     def _seed(self) -> None:
         seed: Seed = resolve(self.cfg.seed)
+        seed.check(self.problem.head_dim, self.harness.arch)
         attempt = 0 if self.rows.is_empty() else int(self.rows["attempt"].max()) + 1
         self.progress.line(f"evaluating the seed {seed.origin} on {self.problem.name} "
                            f"(Hq={self.problem.heads_q}, Hkv={self.problem.heads_kv}, d={self.problem.head_dim})")

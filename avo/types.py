@@ -215,6 +215,7 @@ class ProposalError(Exception):
 class Harness(Protocol):
     name: str
     ranks: bool  # does `score` measure speed?
+    arch: str    # what it compiles for (sm_90a, ...), resolved from the device where it times
 
     def evaluate(self, source: str, problem: Problem, mode: str | None = None,
                  against: list[Reference] | None = None, deadline: float | None = None) -> EvalResult: ...

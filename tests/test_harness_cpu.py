@@ -156,18 +156,21 @@ def test_gpu_harness_unavailable_names_the_cpu_alternative(tmp_path):
         probe_gpu(0)
 
 
-def test_bench_arguments_split_from_hydra_overrides():
-    from avo.bench import _split_args
-
-    split = _split_args(["kernel=gqa", "seeds=[naive, sm80]", "out=/tmp/b", "group=8", "profile=first"])
-    assert split == (["naive", "sm80"], "/tmp/b", "first", ["kernel=gqa", "group=8"])
+def test_bench_is_a_hydra_app_that_stops_with_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "avo.bench", "kernel=mha", "seeds=[naive,sm90]", "kernel.head_dim=64",
+                        f"out={tmp_path / 'b'}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("avo.bench: error: seed=sm90 supports head dims [128], not 64; "
+                                                 "seeds that do: naive, sm80")
+    assert (tmp_path / "b" / ".hydra" / "config.yaml").exists()  # the composed config, beside the results
 
 
 def test_bench_composes_the_search_config():
     from avo.bench import compose
     from avo.problem import problem_from_cfg
 
-    cfg = compose(["kernel=gqa", "group=8", "harness.bench_budget_s=1.5"])
+    cfg = compose(["kernel=gqa", "group=8", "harness.bench_budget_s=1.5", "seeds=[naive,sm80]", "profile=first"])
+    assert list(cfg.seeds) == ["naive", "sm80"] and cfg.profile == "first" and cfg.out is None
     p = problem_from_cfg(cfg.kernel)
     assert (p.heads_q, p.heads_kv, cfg.harness.name, cfg.harness.arch) == (32, 4, "gpu", "auto")
     assert cfg.harness.bench_budget_s == 1.5 and len(p.bench) == 8

@@ -5,13 +5,10 @@ import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
+from avo.errors import HarnessUnavailable
 from avo.fsutil import atomic_write_json, atomic_write_text
 from avo.harness.sandbox import run_worker
 from avo.types import EvalResult, Harness, Problem, Reference, Status
-
-
-class HarnessUnavailable(RuntimeError):
-    """The configured harness cannot run here (e.g. no GPU); the message says what to use instead."""
 
 
 class SandboxHarness:

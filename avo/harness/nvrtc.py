@@ -15,8 +15,8 @@ from pathlib import Path
 from avo.contract import ContractError, LaunchSpec
 from avo.harness.ptxgate import check_ptx
 from avo.harness.static import check_source
+from avo.paths import INCLUDE_DIR
 
-INCLUDE_DIR = Path(__file__).resolve().parents[2] / "kernels_cuda" / "include"
 SOURCE_NAME = "candidate.cu"  # what diagnostics call the candidate (never a path on this machine)
 
 _REGS = re.compile(r"Used (\d+) registers")
