@@ -139,10 +139,10 @@ def test_quantile_and_hidden_work():
     assert hidden_work(0.01, 5.0)          # events saw almost nothing, the device was busy
 
 
-def test_arch_of():
-    from avo.harness.gpu import arch_of
+def test_arch_name():
+    from avo.harness.abi import arch_name
 
-    assert [arch_of(c) for c in ([9, 0], [10, 0], [8, 6])] == ["sm_90a", "sm_100a", "sm_86"]
+    assert [arch_name(*c) for c in ([9, 0], [10, 0], [8, 6])] == ["sm_90a", "sm_100a", "sm_86"]
 
 
 def test_gpu_harness_unavailable_names_the_cpu_alternative(tmp_path):
@@ -196,13 +196,13 @@ def test_adversarial_kernels_reach_the_stage_they_target(name):
 
 
 def test_pack_params_fills_pointers_strides_and_scale():
-    from avo.contract import LaunchSpec
+    from avo.harness.abi import LaunchGeometry
     from avo.harness.launch import pack_params
 
     q = torch.zeros(2, 5, 4, 64, dtype=torch.bfloat16)
     k, v = torch.zeros(2, 7, 2, 64, dtype=torch.bfloat16), torch.zeros(2, 7, 2, 64, dtype=torch.bfloat16)
     o, lse, tc = torch.zeros_like(q), torch.zeros(2, 4, 5), torch.zeros(1, dtype=torch.int32)
-    spec = LaunchSpec(128, 0, 64, 0, 0, 0, 1, 1)
+    spec = LaunchGeometry([128, 0, 64, 0, 0, 0, 1, 1])
     p = pack_params(q, k, v, o, lse, True, 132, tc, spec)
     assert (p.q, p.k, p.v, p.o, p.lse, p.tile_counter) == tuple(t.data_ptr() for t in (q, k, v, o, lse, tc))
     assert (p.q_batch_stride, p.q_row_stride, p.q_head_stride) == (5 * 4 * 64, 4 * 64, 64)
@@ -241,13 +241,11 @@ CONTRACT_GRIDS = [
 
 @pytest.mark.parametrize("args, grid", CONTRACT_GRIDS)
 def test_host_and_exported_geometry_follow_the_contracts_grid_rule(args, grid):
-    from avo.contract import LaunchSpec
     from avo.harness.abi import LaunchGeometry
 
     batch, heads_q, seqlen_q, num_sms, block_m, persistent = args
     rows = 128 if persistent else 0
     ints = [384, 200_000, block_m, persistent, rows, rows, 1, 1]
-    assert LaunchSpec.from_ints(ints).grid(batch, heads_q, seqlen_q, num_sms) == grid
     assert LaunchGeometry(ints).grid(batch, heads_q, seqlen_q, num_sms) == grid
 
 

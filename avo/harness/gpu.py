@@ -29,6 +29,7 @@ from pathlib import Path
 
 from avo.fsutil import atomic_write_json, atomic_write_text
 from avo.harness import HarnessUnavailable, SandboxHarness
+from avo.harness.abi import arch_name
 from avo.harness.profile import ProfileError, export_csv, find_ncu, ncu_command, summarise
 from avo.harness.sandbox import PHASE, RESULT, _die_with_parent, _kill_group, run_worker, wait_worker
 from avo.types import EvalResult, Problem, Reference, Status
@@ -72,11 +73,6 @@ def probe_gpu(device: int = 0) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def arch_of(cc: list[int]) -> str:
-    major, minor = cc
-    return f"sm_{major}{minor}{'a' if major >= 9 else ''}"
-
-
 class GpuHarness(SandboxHarness):
     """evaluate(source, problem, mode=None|"check", against=None): full evaluation, or correctness only."""
     name = "gpu"
@@ -87,7 +83,7 @@ class GpuHarness(SandboxHarness):
         super().__init__(cfg, work_dir)
         info = probe_gpu(cfg.device)
         self.gpu_name = info["name"]
-        self.arch = arch_of(info["cc"]) if cfg.arch == "auto" else cfg.arch
+        self.arch = arch_name(*info["cc"]) if cfg.arch == "auto" else cfg.arch
         locks = Path(cfg.cache_dir).expanduser().parent if cfg.cache_dir else self.work_dir
         self.lock = str(locks / "locks" / f"gpu-{info.get('uuid') or cfg.device}.lock")
         self.n_spares = int(cfg.get("spares", 1)) if spare else 0
