@@ -76,3 +76,21 @@ def test_search_stops_on_a_broken_environment_and_records_nothing(cfg_factory, t
     with pytest.raises(HarnessUnavailable, match="NVRTC"):
         run_search(cfg)
     assert lineage.read_run(run).is_empty()
+
+
+def test_operators_get_a_bench_bound_to_the_step_with_results_cached_by_source(tmp_path):
+    from avo.harness import HarnessBench
+    from avo.harness.profile import ProfileError
+
+    h = _harness(tmp_path)
+    calls = []
+    evaluate = h.evaluate
+    h.evaluate = lambda *a, **kw: calls.append(kw.get("mode")) or evaluate(*a, **kw)
+    bench = HarnessBench(h, PROBLEM)
+    assert (bench.name, bench.ranks, bench.checks, bench.profiles) == ("compile", False, False, False)
+    first = bench.compile(NAIVE)
+    assert first.status == Status.OK and bench.compile(NAIVE) is first and calls == ["compile"]
+    bench.check(NAIVE)
+    assert calls == ["compile", "check"]  # another purpose, another evaluation
+    with pytest.raises(ProfileError, match="harness=compile: it runs no kernel"):
+        bench.profile(NAIVE)

@@ -14,7 +14,7 @@ from avo.types import EvalResult, Harness, Problem, Reference, Status
 class SandboxHarness:
     """Writes a job directory and runs one worker process per evaluation."""
     name = "sandbox"
-    ranks = False
+    ranks = checks = profiles = False
     mode = ""
 
     def __init__(self, cfg, work_dir: Path):
@@ -73,6 +73,50 @@ class CompileHarness(SandboxHarness):
 
     def worker_mode(self, mode: str | None) -> str:
         return "compile"  # every stage it offers is the compile stage
+
+
+class HarnessBench:
+    """The avo.types.Bench an operator gets for one step: the harness bound to the problem and the
+    incumbent (benchmarks are timed side by side with it), results cached by source hash."""
+
+    def __init__(self, harness: Harness, problem: Problem, incumbent: Reference | None = None,
+                 deadline: float | None = None, alpha: float = 0.01):
+        self._harness, self._problem, self._incumbent = harness, problem, incumbent
+        self._deadline, self._alpha = deadline, alpha
+        self.name, self.ranks = harness.name, harness.ranks
+        self.checks, self.profiles = harness.checks, harness.profiles
+        self.timeout_s = float(harness.cfg.timeout_s) if hasattr(harness, "cfg") else 600.0
+        self._results: dict[tuple[str, str], EvalResult] = {}
+
+    def _run(self, source: str, purpose: str) -> EvalResult:
+        from avo.paired import annotate
+
+        key = (hashlib.sha256(source.encode()).hexdigest(), purpose)
+        if key not in self._results:
+            full = purpose == "benchmark"
+            r = self._harness.evaluate(source, self._problem, mode=None if full else purpose,
+                                       against=[self._incumbent] if full and self._incumbent else None,
+                                       deadline=self._deadline)
+            annotate(r, self._alpha)
+            self._results[key] = r
+        return self._results[key]
+
+    def compile(self, source: str) -> EvalResult:
+        return self._run(source, "compile")
+
+    def check(self, source: str) -> EvalResult:
+        return self._run(source, "check")
+
+    def benchmark(self, source: str) -> EvalResult:
+        return self._run(source, "benchmark")
+
+    def profile(self, source: str, shape: str | None = None) -> str:
+        from avo.harness.profile import ProfileError
+
+        if not self.profiles:
+            raise ProfileError(f"profiling is not available with harness={self.name}: it runs no kernel. Use "
+                               "compile (registers, spills, shared memory) instead.")
+        return self._harness.profile(source, self._problem, shape)
 
 
 def make_harness(cfg, work_dir: Path) -> Harness:

@@ -76,7 +76,7 @@ def probe_gpu(device: int = 0) -> dict:
 class GpuHarness(SandboxHarness):
     """evaluate(source, problem, mode=None|"check", against=None): full evaluation, or correctness only."""
     name = "gpu"
-    ranks = True
+    ranks = checks = profiles = True
     mode = "evaluate"
 
     def __init__(self, cfg, work_dir: Path, spare: bool = True):
