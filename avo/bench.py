@@ -109,15 +109,13 @@ def run(cfg, out: Path) -> int:
     harness = GpuHarness(cfg.harness, out / "jobs", spare=False)
     if cfg.profile:
         return _profile(harness, problem, seeds, None if cfg.profile == "first" else cfg.profile)
-    job = harness.job(problem)
-    job["mode"] = "bench"
     job_dir = out / "jobs" / ("bench-" + hashlib.sha256(json.dumps(sorted(seeds)).encode()).hexdigest()[:12])
-    job["sources"] = {}
+    sources = {}
     for name, seed in seeds.items():
         path = job_dir / f"{name.replace(':', '_')}.cu"
         atomic_write_text(path, seed.source)
-        job["sources"][name] = str(path.resolve())
-    atomic_write_json(job_dir / "job.json", job)
+        sources[name] = str(path.resolve())
+    harness.job(problem, "bench", sources=sources).write(job_dir)
     print(f"bench: worker log at {job_dir / 'worker.log'}", flush=True)
     done = threading.Event()
     tail = threading.Thread(target=_follow, args=(job_dir / "worker.log", done), daemon=True)

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
 from pathlib import Path
 
 from avo.errors import HarnessUnavailable
-from avo.fsutil import atomic_write_json, atomic_write_text
+from avo.fsutil import atomic_write_text
+from avo.harness.job import Job
 from avo.harness.sandbox import run_worker
 from avo.types import EvalResult, Harness, Problem, Reference, Status
 
@@ -22,10 +22,11 @@ class SandboxHarness:
         self.work_dir = Path(work_dir)
         self.arch = cfg.arch  # NVRTC target; the GPU harness resolves "auto" to the device's own
 
-    def job(self, problem: Problem) -> dict:
-        return {"mode": self.mode, "problem": asdict(problem), "arch": self.arch,
-                "cache_dir": str(Path(self.cfg.cache_dir).expanduser()) if self.cfg.cache_dir else None,
-                "harness": self._cfg_dict()}
+    def job(self, problem: Problem, mode: str | None = None, **fields) -> Job:
+        """The job this harness would hand its worker (avo.harness.job)."""
+        return Job.for_problem(self.worker_mode(mode), problem, self.arch, self._cfg_dict(),
+                               cache_dir=str(Path(self.cfg.cache_dir).expanduser()) if self.cfg.cache_dir else None,
+                               **fields)
 
     def _cfg_dict(self) -> dict:
         from omegaconf import OmegaConf
@@ -39,14 +40,12 @@ class SandboxHarness:
         return self.run_job(self.write_job(source, problem, mode), {"compile": float(self.cfg.compile_timeout_s)},
                             deadline)
 
-    def write_job(self, source: str, problem: Problem, mode: str | None = None, **extra) -> Path:
-        job = {**self.job(problem), **extra}
-        job["mode"] = self.worker_mode(mode)
+    def write_job(self, source: str, problem: Problem, mode: str | None = None, **fields) -> Path:
+        job = self.job(problem, mode, **fields)
         h = hashlib.sha256(source.encode()).hexdigest()[:16]
-        job_dir = self.work_dir / f"{h}-{job['mode']}"
+        job_dir = self.work_dir / f"{h}-{job.mode}"
         atomic_write_text(job_dir / "source.cu", source)
-        atomic_write_json(job_dir / "job.json", job)
-        return job_dir
+        return job.write(job_dir)
 
     def run_job(self, job_dir: Path, limits: dict[str, float] | None = None,
                 deadline: float | None = None) -> EvalResult:
