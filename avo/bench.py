@@ -1,11 +1,11 @@
 """Benchmark seed kernels against cuDNN and FlashAttention-2 with the search's own harness.
 
     python -m avo.bench kernel=mha seed=naive
-    python -m avo.bench kernel=gqa group=8 seeds=[naive,sm80] out=outputs/bench/x
+    python -m avo.bench kernel=gqa group=8 'seeds=[naive,sm80]' out=outputs/bench/x
     python -m avo.bench kernel=mha seed=sm90 profile=first   # Nsight Compute instead of timing
 
-Every other argument is a Hydra override of conf/config.yaml, so the shapes, tolerances and
-timing protocol are exactly those a search with the same overrides would use. All seeds are
+A Hydra app on conf/bench.yaml, which is conf/config.yaml plus `seeds`, `out` and `profile`, so the
+shapes, tolerances and timing protocol are exactly those a search with the same overrides would use. All seeds are
 verified, then timed interleaved with the baselines in one worker process. Writes bench.json
 and bench.parquet (one row per seed and shape) to `out`. `profile=<shape key>` (or `first`) prints the
 agent's profile summary of each seed on that shape and keeps ncu's report in `out/jobs`.
@@ -22,42 +22,22 @@ from pathlib import Path
 from avo.fsutil import atomic_write_json, atomic_write_text
 from avo.types import EvalResult
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels_cuda"
-
-
-def _split_args(argv: list[str]) -> tuple[list[str], str | None, str | None, list[str]]:
-    seeds, out, profile, rest = [], None, None, []
-    for a in argv:
-        if a.startswith("seeds="):
-            seeds = [s.strip() for s in a[len("seeds="):].strip("[]").split(",") if s.strip()]
-        elif a.startswith("out="):
-            out = a[len("out="):]
-        elif a.startswith("profile="):
-            profile = a[len("profile="):]
-        else:
-            rest.append(a)
-    return seeds, out, profile, rest
-
 
 def compose(overrides: list[str]):
+    """The config `python -m avo.bench <overrides>` runs with (for scripts and tests)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     from avo.config import register
+    from avo.paths import CONF_DIR
 
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return hydra_compose("config", overrides=overrides)
+        return hydra_compose("bench", overrides=overrides, return_hydra_config=False)
 
 
 def seed_source(spec: str) -> str:
-    path = KERNELS_DIR / spec / f"{spec}.cu"
-    if path.exists():
-        return path.read_text()
-    if spec.endswith(".cu") and Path(spec).is_file():
-        return Path(spec).read_text()
-    from avo.seeds import resolve  # a run directory: needs the lineage reader
+    from avo.seeds import resolve
 
     return resolve(spec).source
 
@@ -114,31 +94,28 @@ def write_outputs(out: Path, problem, results: dict[str, EvalResult], meta: dict
         pq.write_table(pa.Table.from_pylist(rows), out / "bench.parquet")
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(cfg, out: Path) -> int:
     from avo.harness.gpu import GpuHarness
     from avo.harness.sandbox import run_worker
     from avo.problem import problem_from_cfg
+    from avo.seeds import resolve
 
-    seeds, out, profile, overrides = _split_args(sys.argv[1:] if argv is None else argv)
-    cfg = compose(overrides)
-    seeds = seeds or [str(cfg.seed)]
     problem = problem_from_cfg(cfg.kernel)
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    out = Path(out or f"outputs/bench/{stamp}_{problem.name}_g{cfg.group}")
+    seeds = {s.name: s for s in (resolve(spec) for spec in (list(cfg.seeds) or [str(cfg.seed)]))}
     print(f"bench: {problem.name} ({problem.heads_q}/{problem.heads_kv} heads, d{problem.head_dim}), "
-          f"{len(problem.bench)} shapes, seeds {seeds} -> {out}", flush=True)
+          f"{len(problem.bench)} shapes, seeds {list(seeds)} -> {out}", flush=True)
+    for seed in seeds.values():
+        seed.check(problem.head_dim, cfg.harness.arch)
     harness = GpuHarness(cfg.harness, out / "jobs", spare=False)
-    if profile:
-        return _profile(harness, problem, seeds, None if profile == "first" else profile)
-    job = harness.job(problem)
-    job["mode"] = "bench"
-    job_dir = out / "jobs" / ("bench-" + hashlib.sha256(json.dumps([seeds, overrides]).encode()).hexdigest()[:12])
-    job["sources"] = {}
-    for s in seeds:
-        path = job_dir / f"{Path(s).stem}.cu"
-        atomic_write_text(path, seed_source(s))
-        job["sources"][Path(s).stem] = str(path.resolve())
-    atomic_write_json(job_dir / "job.json", job)
+    if cfg.profile:
+        return _profile(harness, problem, seeds, None if cfg.profile == "first" else cfg.profile)
+    job_dir = out / "jobs" / ("bench-" + hashlib.sha256(json.dumps(sorted(seeds)).encode()).hexdigest()[:12])
+    sources = {}
+    for name, seed in seeds.items():
+        path = job_dir / f"{name.replace(':', '_')}.cu"
+        atomic_write_text(path, seed.source)
+        sources[name] = str(path.resolve())
+    harness.job(problem, "bench", sources=sources).write(job_dir)
     print(f"bench: worker log at {job_dir / 'worker.log'}", flush=True)
     done = threading.Event()
     tail = threading.Thread(target=_follow, args=(job_dir / "worker.log", done), daemon=True)
@@ -152,22 +129,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: the worker failed: {summary.status.value}: {summary.error}", file=sys.stderr)
         return 1
     results = {n: EvalResult.from_dict(d) for n, d in json.loads((job_dir / "bench.json").read_text()).items()}
-    meta = {"kernel": problem.name, "group": int(cfg.group), "arch": harness.arch, "seeds": seeds,
-            "timestamp": stamp}
+    meta = {"kernel": problem.name, "group": int(cfg.group), "arch": harness.arch, "seeds": list(seeds),
+            "timestamp": time.strftime("%Y-%m-%d_%H-%M-%S")}
     write_outputs(out, problem, results, meta)
     print_table(problem, results)
     print(f"bench: wrote {out / 'bench.json'} and {out / 'bench.parquet'}")
     return 0 if summary.ok else 2
 
 
-def _profile(harness, problem, seeds: list[str], shape: str | None) -> int:
+def _profile(harness, problem, seeds: dict, shape: str | None) -> int:
     from avo.harness.profile import ProfileError
 
     failed = 0
-    for s in seeds:
+    for s, seed in seeds.items():
         print(f"== {s}", flush=True)
         try:
-            print(harness.profile(seed_source(s), problem, shape))
+            print(harness.profile(seed.source, problem, shape))
         except ProfileError as e:
             print(f"bench: no profile of {s}: {e}", file=sys.stderr)
             failed += 1
@@ -175,5 +152,27 @@ def _profile(harness, problem, seeds: list[str], shape: str | None) -> int:
     return 2 if failed else 0
 
 
+def _app():
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from avo.config import register, validate
+    from avo.errors import USER_ERRORS
+
+    register()
+
+    @hydra.main(version_base=None, config_path="../conf", config_name="bench")
+    def main(cfg) -> None:
+        try:
+            validate(cfg, check_seed=False)  # run() checks each of `seeds` instead
+            rc = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except USER_ERRORS as e:
+            print(f"avo.bench: error: {e}", file=sys.stderr, flush=True)
+            rc = 2
+        sys.exit(rc)  # Hydra drops the task's return value
+
+    return main
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _app()()

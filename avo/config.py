@@ -15,9 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message is one line a person can act on."""
+from avo.errors import ConfigError
 
 
 # -- search ---------------------------------------------------------------------------------------
@@ -246,6 +244,10 @@ class Config:
     rng: int = 0                      # random seed of the operator
     resume: str | None = None         # an existing run directory to continue
     run_dir: str = "${hydra:runtime.output_dir}"
+    # python -m avo.bench only (conf/bench.yaml): what to time, and where the results go
+    seeds: list[str] = field(default_factory=list)  # seed specs as for `seed`; [] = [seed]
+    out: str | None = None            # output folder; None = outputs/bench/<date>_<kernel>_g<group>
+    profile: str | None = None        # a benchmark shape key, or "first": Nsight Compute instead of timing
 
 
 def register() -> None:
@@ -284,7 +286,7 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("avo_dirname", flat_dirname)
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, check_seed: bool = True) -> None:
     """Resolve the whole config and check cross-field rules; raise ConfigError with one line."""
     if not isinstance(cfg.group, int) or cfg.group < 1:
         raise ConfigError(f"group={cfg.group} must be an integer >= 1")
@@ -301,6 +303,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"kernel.heads_kv={k.heads_kv} does not divide kernel.heads_q={k.heads_q}")
     if k.head_dim not in (64, 128):
         raise ConfigError(f"kernel.head_dim={k.head_dim}: supported head dims are 64 and 128")
+    if check_seed and not cfg.get("resume"):  # the seed's YAML says which head dims and architectures it runs
+        from avo.seeds import resolve
+
+        resolve(cfg.seed).check(k.head_dim, cfg.harness.arch)
     for name in ("max_steps", "attempts_per_step"):
         if s[name] < 1 if name == "attempts_per_step" else s[name] < 0:
             raise ConfigError(f"search.{name}={s[name]} must be {'>= 1' if name == 'attempts_per_step' else '>= 0'}")

@@ -22,11 +22,10 @@ from importlib.metadata import version as dist_version
 from pathlib import Path
 from string import Template
 
-import yaml
+from avo.errors import ExportError, SeedError
+from avo.harness.nvrtc import compile_source
+from avo.paths import INCLUDE_DIR
 
-from avo.harness.nvrtc import INCLUDE_DIR, compile_source
-
-KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels_cuda"
 TEMPLATE_DIR = Path(__file__).resolve().parent / "export_template"
 ABI_MODULE = Path(__file__).resolve().parent / "harness" / "abi.py"
 META_FILE = "avo_export.json"
@@ -34,19 +33,8 @@ SOURCE_FILE = "kernel.cu"
 FORMAT = 1
 
 
-class ExportError(ValueError):
-    """The export cannot be made; the message says why and what to do."""
-
-
 def _resolve(spec: str):
-    """avo.seeds.resolve; seed names and .cu files without importing the lineage stack (polars)."""
-    if (KERNELS_DIR / spec / f"{spec}.cu").is_file() or (spec.endswith(".cu") and Path(spec).expanduser().is_file()):
-        from types import SimpleNamespace
-
-        path = KERNELS_DIR / spec / f"{spec}.cu" if (KERNELS_DIR / spec).is_dir() else Path(spec).expanduser()
-        origin = f"kernels_cuda/{spec}" if (KERNELS_DIR / spec).is_dir() else str(path)
-        return SimpleNamespace(source=path.read_text(), origin=origin, run_dir=None, version=None)
-    from avo.seeds import SeedError, resolve
+    from avo.seeds import resolve
 
     try:
         return resolve(spec)
@@ -57,8 +45,7 @@ def _resolve(spec: str):
 def _origin(seed) -> dict:
     """Where the source comes from and what the search verified it for."""
     if seed.run_dir is None:
-        spec = KERNELS_DIR / Path(seed.origin).name / f"{Path(seed.origin).name}.yaml"
-        head_dims = yaml.safe_load(spec.read_text()).get("head_dims", [128]) if spec.exists() else [128]
+        head_dims = seed.meta.get("head_dims", [128])
         return {"spec": seed.origin, "run_dir": None, "verified": False, "head_dims": list(head_dims),
                 "groups": [1], "scores": []}
     import polars as pl

@@ -6,20 +6,20 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from avo.config import ConfigError, register, validate
+from avo.config import register, validate
+from avo.errors import USER_ERRORS
 
 register()
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig):
-    from avo.errors import USER_ERRORS
     from avo.launcher import launch
 
     try:
         validate(cfg)
         return launch(cfg)
-    except (ConfigError, *USER_ERRORS) as e:
+    except USER_ERRORS as e:
         print(f"avo: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

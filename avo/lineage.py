@@ -24,6 +24,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from avo.errors import LineageError
 from avo.fsutil import atomic_write_bytes, atomic_write_text
 
 SCHEMA_VERSION = 3  # 3: worker, island
@@ -116,10 +117,6 @@ def append_supervisor(run_dir: str | Path, row: dict) -> None:
     row = {"at": datetime.now(timezone.utc), **row}
     path = lineage_dir(run_dir) / "supervisor" / f"part-s{row['step']:05d}-{row['at'].strftime('%H%M%S%f')}.parquet"
     atomic_write_bytes(path, _to_parquet([row], SUPERVISOR_SCHEMA))
-
-
-class LineageError(RuntimeError):
-    """A run's lineage cannot be read back; the message names the file and how to recover."""
 
 
 _CHUNK = re.compile(r"chunk-(s\d{5}-a\d{2})-(s\d{5}-a\d{2})(?:-([0-9a-f]{16}))?\.parquet")

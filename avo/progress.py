@@ -6,6 +6,11 @@ import sys
 import polars as pl
 
 
+def launcher_log(msg: str) -> None:
+    """A line from the launcher (submissions, restarts, the server's URL)."""
+    print(f"[avo.launcher] {msg}", flush=True)
+
+
 def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 

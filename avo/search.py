@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from avo import lineage, transfer
 from avo.commit import anchor, decide
-from avo.harness import make_harness
+from avo.errors import SearchError
+from avo.harness import HarnessBench, make_harness
 from avo.operators import make_operators
 from avo.paired import annotate
 from avo.problem import problem_from_cfg
@@ -39,10 +40,6 @@ from avo.types import (
     Version,
 )
 from avo.workers import Workers
-
-
-class SearchError(RuntimeError):
-    """The search cannot go on; the message says why. The lineage so far is intact."""
 
 
 @dataclass
@@ -144,6 +141,11 @@ class Search:
             return last["step"] + 1, 0
         return last["step"], last["attempt"] + 1
 
+    def _bench(self, best: Version | None) -> HarnessBench:
+        """What the operator may do with the harness in a step: bound to the problem and the incumbent."""
+        inc = best.reference("incumbent") if best is not None and self.history else None
+        return HarnessBench(self.harness, self.problem, inc, self.deadline(), self.s.commit.alpha)
+
     def elapsed(self) -> float:
         return self.spent + time.monotonic() - self.t0
 
@@ -169,6 +171,7 @@ class Search:
 
     def _seed(self) -> None:
         seed: Seed = resolve(self.cfg.seed)
+        seed.check(self.problem.head_dim, self.harness.arch)
         attempt = 0 if self.rows.is_empty() else int(self.rows["attempt"].max()) + 1
         self.progress.line(f"evaluating the seed {seed.origin} on {self.problem.name} "
                            f"(Hq={self.problem.heads_q}, Hkv={self.problem.heads_kv}, d={self.problem.head_dim})")
@@ -217,7 +220,7 @@ class Search:
         failures = [Attempt(r["candidate_id"], lineage.read_source(self.run_dir, r["source_sha"]), Status(r["status"]),
                             r["decision"], r["score"], r["error"] or "", r["message"] or "")
                     for r in self.rows.filter(seen).iter_rows(named=True)]
-        ctx = StepContext(step, attempt, best, list(self.history), failures, self.problem, self.harness,
+        ctx = StepContext(step, attempt, best, list(self.history), failures, self.problem, self._bench(best),
                           self.run_dir, self.rng, set(self.tried), self.directive, self.deadline())
         started = datetime.now(timezone.utc)
         t = time.monotonic()
@@ -286,7 +289,7 @@ class Search:
             return None
         best = self.history[-1] if self.history else self.pending
         operator = operator or self.operator
-        ctx = StepContext(step, 0, best, list(self.history), [], self.problem, self.harness, self.run_dir,
+        ctx = StepContext(step, 0, best, list(self.history), [], self.problem, self._bench(best), self.run_dir,
                           rng or self.rng, set(self.tried), self.directive, self.deadline())
         r = operator.redirect(ctx, reason) or Redirect("")
         directive = r.directive

@@ -185,7 +185,7 @@ class StepContext:
     history: list[Version]         # all committed versions, oldest first
     failures: list[Attempt]        # this step's earlier attempts
     problem: Problem
-    harness: "Harness"
+    bench: "Bench"                 # what the operator may do with the harness, bound to this step
     run_dir: Path
     rng: random.Random
     tried: set[str]                # source hashes already evaluated in this run
@@ -212,9 +212,36 @@ class ProposalError(Exception):
         self.proposal = proposal
 
 
+class Bench(Protocol):
+    """An operator's narrow view of the harness for one step: its problem and its incumbent are bound.
+
+    Results are cached by source hash and purpose, so no tool evaluates the same source twice for
+    the same question; the commit decision stays the search's own evaluation."""
+    name: str
+    ranks: bool      # benchmark() measures speed
+    checks: bool     # check() runs the kernel (False: it only compiles)
+    profiles: bool   # profile() can run Nsight Compute
+    timeout_s: float  # the longest one evaluation can take
+
+    def compile(self, source: str) -> EvalResult: ...
+
+    def check(self, source: str) -> EvalResult: ...
+
+    def benchmark(self, source: str) -> EvalResult:
+        """The full evaluation, timed side by side with the step's incumbent where the harness times."""
+        ...
+
+    def profile(self, source: str, shape: str | None = None) -> str:
+        """Nsight Compute's summary; raises ProfileError with one line where there is none."""
+        ...
+
+
 class Harness(Protocol):
     name: str
     ranks: bool  # does `score` measure speed?
+    checks: bool  # does it run kernels (correctness)?
+    profiles: bool  # can it profile?
+    arch: str    # what it compiles for (sm_90a, ...), resolved from the device where it times
 
     def evaluate(self, source: str, problem: Problem, mode: str | None = None,
                  against: list[Reference] | None = None, deadline: float | None = None) -> EvalResult: ...

@@ -157,7 +157,7 @@ class Workers:
             failures = [Attempt(r["candidate_id"], lineage.read_source(s.run_dir, r["source_sha"]),
                                 Status(r["status"]), r["decision"], r["score"], r["error"] or "", r["message"] or "")
                         for r in s.rows.filter(seen).iter_rows(named=True)]
-            ctx = StepContext(step, attempt, parent, history, failures, s.problem, s.harness, s.run_dir,
+            ctx = StepContext(step, attempt, parent, history, failures, s.problem, s._bench(parent), s.run_dir,
                               self.rngs[w], set(s.tried) | self.inflight, s.directive, s.deadline())
         started = datetime.now(timezone.utc)
         t = time.monotonic()

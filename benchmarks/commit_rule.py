@@ -52,18 +52,17 @@ def main(argv: list[str]) -> int:
     out = Path(opts.get("out", f"outputs/bench/commit_rule_{time.strftime('%Y-%m-%d_%H-%M-%S')}"))
     base = seed_source(opts.get("seed", "sm90"))
     harness = GpuHarness(cfg.harness, out / "jobs", spare=False)
-    job = harness.job(problem)
     job_dir = out / "jobs" / "trials"
     sources = {"base": base, "copy": base + "\n// a copy\n", **{f"slow{n}": slowed(base, n) for n in slows}}
-    job.update(mode="trials", trials=trials, sources={},
-               pairs=[["A/A", "copy", "base"], *[[f"slow{n}", "base", f"slow{n}"] for n in slows]])
+    paths = {}
     for name, src in sources.items():
         atomic_write_text(job_dir / f"{name}.cu", src)
-        job["sources"][name] = str((job_dir / f"{name}.cu").resolve())
-    atomic_write_json(job_dir / "job.json", job)
-    print(f"commit_rule: {trials} trials x {len(job['pairs'])} conditions on {problem.name}, log {job_dir}/worker.log",
+        paths[name] = str((job_dir / f"{name}.cu").resolve())
+    pairs = [["A/A", "copy", "base"], *[[f"slow{n}", "base", f"slow{n}"] for n in slows]]
+    harness.job(problem, "trials", sources=paths, pairs=pairs, trials=trials).write(job_dir)
+    print(f"commit_rule: {trials} trials x {len(pairs)} conditions on {problem.name}, log {job_dir}/worker.log",
           flush=True)
-    r = run_worker(job_dir, cfg.harness.timeout_s * trials * len(job["pairs"]), env=harness.env())
+    r = run_worker(job_dir, cfg.harness.timeout_s * trials * len(pairs), env=harness.env())
     harness.close()
     if not (job_dir / "trials.json").exists() or not r.ok:
         print(f"commit_rule: the worker failed: {r.status.value}: {r.error}", file=sys.stderr)

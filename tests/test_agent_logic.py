@@ -22,7 +22,7 @@ def ctx(tmp_path, source="AVO_LAUNCH(32,0,1,0,0,0);\nvoid avo_attention() { int 
     problem = Problem("mha", 2, 2, 64, (shape,), (shape,))
     v0 = Version(0, "00000.00", source, None, [], "seed")
     v1 = Version(1, "00001.00", source.replace("= 1", "= 2"), None, [], "x = 2")
-    return StepContext(3, 0, v1, [v0, v1], list(failures), problem, harness=None, run_dir=tmp_path,
+    return StepContext(3, 0, v1, [v0, v1], list(failures), problem, bench=None, run_dir=tmp_path,
                        rng=random.Random(0), tried=set())
 
 

@@ -16,7 +16,7 @@ from avo.agent.replay import ReplayError, replay
 from avo.agent.replay import main as replay_main
 from avo.agent.transcript import read
 from avo.config import register
-from avo.harness import make_harness
+from avo.harness import HarnessBench, make_harness
 from avo.problem import problem_from_cfg
 from avo.seeds import resolve
 from avo.types import ProposalError, StepContext, Version
@@ -68,7 +68,8 @@ def setup(cfg, tmp_path):
         for k, v in agent.items():
             acfg[k] = v
         op = LlmOperator(acfg, tmp_path, Scripted(*script))
-        ctx = StepContext(step, 0, best, [best], [], problem, harness, tmp_path, random.Random(0), set())
+        ctx = StepContext(step, 0, best, [best], [], problem, HarnessBench(harness, problem), tmp_path,
+                          random.Random(0), set())
         return op, ctx
     return make
 

@@ -22,7 +22,7 @@ from avo.agent.replay import ReplayError, replay
 from avo.agent.server import healthy
 from avo.agent.transcript import read
 from avo.config import register, validate
-from avo.harness import make_harness
+from avo.harness import HarnessBench, make_harness
 from avo.problem import problem_from_cfg
 from avo.seeds import resolve
 from avo.types import ProposalError, StepContext, Version
@@ -90,7 +90,8 @@ def test_agent_steps_against_the_real_model(tmp_path):
         assert healthy(op.client.base_url) and server_processes(tmp_path)
         best = Version(0, "00000.00", resolve("naive").source, None, [], "seed")
         for step in (1, 2):
-            ctx = StepContext(step, 0, best, [best], [], problem, harness, tmp_path, random.Random(step), set())
+            ctx = StepContext(step, 0, best, [best], [], problem, HarnessBench(harness, problem), tmp_path,
+                              random.Random(step), set())
             t0 = time.monotonic()
             try:
                 p = op.propose(ctx)

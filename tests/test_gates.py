@@ -82,3 +82,12 @@ def test_ptx_gate_accepts_the_seeds_constant_tables_and_printf_when_checking():
     assert check_ptx(_ptx_of(table)) is None
     printf = NAIVE.replace(RET, f'  if (row == 123456) printf("x");\n{RET}')
     assert check_ptx(_ptx_of(printf), allow_printf=True) is None
+
+
+def test_launch_geometry_is_validated_once_for_host_and_exports():
+    pytest.importorskip("cuda.core")
+    from avo.harness.nvrtc import compile_source
+
+    src = NAIVE.replace("AVO_LAUNCH(ROWS_PER_BLOCK * 32,", "AVO_LAUNCH(ROWS_PER_BLOCK * 32 + 1,")
+    c = compile_source(src, "sm_90a", 128)
+    assert not c.ok and c.error == "threads=129: need a multiple of 32 in [32, 1024]"

@@ -139,10 +139,10 @@ def test_quantile_and_hidden_work():
     assert hidden_work(0.01, 5.0)          # events saw almost nothing, the device was busy
 
 
-def test_arch_of():
-    from avo.harness.gpu import arch_of
+def test_arch_name():
+    from avo.harness.abi import arch_name
 
-    assert [arch_of(c) for c in ([9, 0], [10, 0], [8, 6])] == ["sm_90a", "sm_100a", "sm_86"]
+    assert [arch_name(*c) for c in ([9, 0], [10, 0], [8, 6])] == ["sm_90a", "sm_100a", "sm_86"]
 
 
 def test_gpu_harness_unavailable_names_the_cpu_alternative(tmp_path):
@@ -156,18 +156,21 @@ def test_gpu_harness_unavailable_names_the_cpu_alternative(tmp_path):
         probe_gpu(0)
 
 
-def test_bench_arguments_split_from_hydra_overrides():
-    from avo.bench import _split_args
-
-    split = _split_args(["kernel=gqa", "seeds=[naive, sm80]", "out=/tmp/b", "group=8", "profile=first"])
-    assert split == (["naive", "sm80"], "/tmp/b", "first", ["kernel=gqa", "group=8"])
+def test_bench_is_a_hydra_app_that_stops_with_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "avo.bench", "kernel=mha", "seeds=[naive,sm90]", "kernel.head_dim=64",
+                        f"out={tmp_path / 'b'}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("avo.bench: error: seed=sm90 supports head dims [128], not 64; "
+                                                 "seeds that do: naive, sm80")
+    assert (tmp_path / "b" / ".hydra" / "config.yaml").exists()  # the composed config, beside the results
 
 
 def test_bench_composes_the_search_config():
     from avo.bench import compose
     from avo.problem import problem_from_cfg
 
-    cfg = compose(["kernel=gqa", "group=8", "harness.bench_budget_s=1.5"])
+    cfg = compose(["kernel=gqa", "group=8", "harness.bench_budget_s=1.5", "seeds=[naive,sm80]", "profile=first"])
+    assert list(cfg.seeds) == ["naive", "sm80"] and cfg.profile == "first" and cfg.out is None
     p = problem_from_cfg(cfg.kernel)
     assert (p.heads_q, p.heads_kv, cfg.harness.name, cfg.harness.arch) == (32, 4, "gpu", "auto")
     assert cfg.harness.bench_budget_s == 1.5 and len(p.bench) == 8
@@ -193,13 +196,13 @@ def test_adversarial_kernels_reach_the_stage_they_target(name):
 
 
 def test_pack_params_fills_pointers_strides_and_scale():
-    from avo.contract import LaunchSpec
+    from avo.harness.abi import LaunchGeometry
     from avo.harness.launch import pack_params
 
     q = torch.zeros(2, 5, 4, 64, dtype=torch.bfloat16)
     k, v = torch.zeros(2, 7, 2, 64, dtype=torch.bfloat16), torch.zeros(2, 7, 2, 64, dtype=torch.bfloat16)
     o, lse, tc = torch.zeros_like(q), torch.zeros(2, 4, 5), torch.zeros(1, dtype=torch.int32)
-    spec = LaunchSpec(128, 0, 64, 0, 0, 0, 1, 1)
+    spec = LaunchGeometry([128, 0, 64, 0, 0, 0, 1, 1])
     p = pack_params(q, k, v, o, lse, True, 132, tc, spec)
     assert (p.q, p.k, p.v, p.o, p.lse, p.tile_counter) == tuple(t.data_ptr() for t in (q, k, v, o, lse, tc))
     assert (p.q_batch_stride, p.q_row_stride, p.q_head_stride) == (5 * 4 * 64, 4 * 64, 64)
@@ -238,13 +241,11 @@ CONTRACT_GRIDS = [
 
 @pytest.mark.parametrize("args, grid", CONTRACT_GRIDS)
 def test_host_and_exported_geometry_follow_the_contracts_grid_rule(args, grid):
-    from avo.contract import LaunchSpec
     from avo.harness.abi import LaunchGeometry
 
     batch, heads_q, seqlen_q, num_sms, block_m, persistent = args
     rows = 128 if persistent else 0
     ints = [384, 200_000, block_m, persistent, rows, rows, 1, 1]
-    assert LaunchSpec.from_ints(ints).grid(batch, heads_q, seqlen_q, num_sms) == grid
     assert LaunchGeometry(ints).grid(batch, heads_q, seqlen_q, num_sms) == grid
 
 

@@ -76,3 +76,37 @@ def test_search_stops_on_a_broken_environment_and_records_nothing(cfg_factory, t
     with pytest.raises(HarnessUnavailable, match="NVRTC"):
         run_search(cfg)
     assert lineage.read_run(run).is_empty()
+
+
+def test_operators_get_a_bench_bound_to_the_step_with_results_cached_by_source(tmp_path):
+    from avo.harness import HarnessBench
+    from avo.harness.profile import ProfileError
+
+    h = _harness(tmp_path)
+    calls = []
+    evaluate = h.evaluate
+    h.evaluate = lambda *a, **kw: calls.append(kw.get("mode")) or evaluate(*a, **kw)
+    bench = HarnessBench(h, PROBLEM)
+    assert (bench.name, bench.ranks, bench.checks, bench.profiles) == ("compile", False, False, False)
+    first = bench.compile(NAIVE)
+    assert first.status == Status.OK and bench.compile(NAIVE) is first and calls == ["compile"]
+    bench.check(NAIVE)
+    assert calls == ["compile", "check"]  # another purpose, another evaluation
+    with pytest.raises(ProfileError, match="harness=compile: it runs no kernel"):
+        bench.profile(NAIVE)
+
+
+def test_the_job_contract_round_trips_and_refuses_fields_it_does_not_know(tmp_path):
+    import json
+
+    from avo.harness.job import Job
+
+    h = _harness(tmp_path)
+    job_dir = h.write_job(NAIVE, PROBLEM, sources={"a": "/x/a.cu"})
+    job = Job.read(job_dir)
+    assert (job.mode, job.arch, job.problem_of(), job.sources) == ("compile", "sm_90a", PROBLEM, {"a": "/x/a.cu"})
+    assert job.job_dir == str(job_dir) and (job_dir / "source.cu").read_text() == NAIVE
+    d = json.loads((job_dir / "job.json").read_text())
+    (job_dir / "job.json").write_text(json.dumps({**d, "sneaky": 1}))
+    with pytest.raises(ValueError, match="unknown fields \\['sneaky'\\]"):
+        Job.read(job_dir)

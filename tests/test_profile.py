@@ -15,7 +15,7 @@ import pytest
 from avo.agent.knowledge import KnowledgeBase
 from avo.agent.memory import Notes
 from avo.agent.tools import Workbench
-from avo.harness import CompileHarness
+from avo.harness import CompileHarness, HarnessBench
 from avo.harness.gpu import GpuHarness
 from avo.harness.profile import REPORT, ProfileError, export_csv, find_ncu, ncu_command, stalls, summarise
 from avo.harness.sandbox import run_worker
@@ -114,17 +114,17 @@ def test_profile_arguments_are_checked_before_any_run(tmp_path):
 
 def test_profile_tool_reports_why_there_is_no_profile(tmp_path):
     c = ctx(tmp_path)
-    c.harness = CompileHarness(SimpleNamespace(arch="sm_90a"), tmp_path)
+    c.bench = HarnessBench(CompileHarness(SimpleNamespace(arch="sm_90a", timeout_s=60), tmp_path), c.problem)
     r = Workbench(c, Notes(tmp_path), KnowledgeBase()).call("profile", {})
     assert not r.ok and "not available with harness=compile" in r.text
 
     class Refuses:  # a harness whose profiler failed: the message reaches the model, nothing raises
-        name = "gpu"
+        name, ranks, checks, profiles = "gpu", True, True, True
 
         def profile(self, source, problem, shape=None):
             raise ProfileError(f"unknown shape {shape!r}")
 
-    c.harness = Refuses()
+    c.bench = HarnessBench(Refuses(), c.problem)
     r = Workbench(c, Notes(tmp_path), KnowledgeBase()).call("profile", {"shape": "s9"})
     assert not r.ok and r.text == "profile: unknown shape 's9'"
 

@@ -24,7 +24,7 @@ class ScoreHarness:
     """Scores a source by its tunables; fails correctness for one combination. Test double only.
 
     Timed "side by side" with the incumbent: both get per-iteration times from their scores."""
-    name, ranks = "score", True
+    name, ranks, arch, checks, profiles = "score", True, "sm_90a", True, False
 
     def __init__(self):
         self.calls = 0

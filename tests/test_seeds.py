@@ -53,3 +53,24 @@ def test_sm90_rejects_a_register_split_over_the_cta_pool():
     src = (KERNELS_DIR / "sm90" / "sm90.cu").read_text()
     c = compile_source(set_tunables(src, {"PRODUCER_REGS": "32", "CONSUMER_REGS": "240"}), "sm_90a", 128)
     assert not c.ok and "sm90 rule [register pool]" in c.log
+
+
+def test_a_seed_that_cannot_run_the_problem_stops_the_launch_with_one_line(cfg_factory):
+    from avo.config import validate
+    from avo.errors import SeedError
+
+    with pytest.raises(SeedError, match=r"seed=sm90 supports head dims \[128\], not 64; seeds that do: naive, sm80"):
+        validate(cfg_factory("seed=sm90", "kernel.head_dim=64", "harness=compile"))
+    with pytest.raises(SeedError, match="needs sm_90a or newer, this target is sm_80"):
+        validate(cfg_factory("seed=sm90", "harness=compile", "harness.arch=sm_80"))
+    validate(cfg_factory("seed=naive", "kernel.head_dim=64", "harness=compile"))
+
+
+def test_one_resolver_serves_search_bench_and_export():
+    from avo.bench import seed_source
+    from avo.export import _resolve
+    from avo.seeds import resolve
+
+    for spec in ("naive", str(KERNELS_DIR / "sm80" / "sm80.cu")):
+        assert seed_source(spec) == resolve(spec).source == _resolve(spec).source
+    assert resolve("sm90").meta["min_arch"] == "sm_90a" and resolve("sm90").name == "sm90"

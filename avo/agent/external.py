@@ -66,7 +66,7 @@ class ExternalOperator:
             s = OpenStep(ctx, bench, tr, context, b.max_seconds, b.max_tool_calls, b.idle_seconds)
             self.desk.open(s)
             # a call in flight when the step ends runs the harness, which kills its worker after timeout_s
-            grace = float(getattr(getattr(ctx.harness, "cfg", None), "timeout_s", 600.0)) + 30.0
+            grace = ctx.bench.timeout_s + 30.0
             stop = self.desk.wait(s, grace)
             return self._finish(s, stop, path)
 

@@ -12,10 +12,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from avo.paths import KERNELS_DIR
 from avo.types import Version
 
 KNOWLEDGE_DIR = Path(__file__).resolve().parent / "knowledge"
-REPO_DOCS = [Path(__file__).resolve().parents[2] / "kernels_cuda" / n for n in ("CONTRACT.md", "NOTES.md")]
+REPO_DOCS = [KERNELS_DIR / n for n in ("CONTRACT.md", "NOTES.md")]
 
 _TOKEN = re.compile(r"[a-z_][a-z0-9_.]*|\d+")
 _STOP = frozenset("a an the of to in on for and or is are be by with as at it this that from".split())

@@ -239,7 +239,7 @@ class LlmOperator:
 def step_prompt(ctx: StepContext, notes: str, budget: str, source_in_prompt: bool) -> str:
     """The step's first message (shared by every operator that serves a step to a model)."""
     p, best = ctx.problem, ctx.best
-    harness = ctx.harness
+    bench = ctx.bench
     shapes = ", ".join(s.key for s in p.bench)
     configs = "\n".join(f"  {c.key}: {c.tflops:.1f} TFLOPS" + (f" ({c.vs_cudnn:.3f} of cuDNN)" if c.vs_cudnn
                                                                else "") for c in best.configs if c.tflops)
@@ -249,8 +249,8 @@ def step_prompt(ctx: StepContext, notes: str, budget: str, source_in_prompt: boo
         "step", step=ctx.step, attempt=ctx.attempt,
         problem=f"{p.name}, heads_q={p.heads_q}, heads_kv={p.heads_kv} (group {p.group}), head_dim={p.head_dim};"
                 f" benchmark shapes: {shapes}; {len(p.check)} correctness shapes",
-        harness=f"{getattr(harness, 'name', '?')} ("
-                + ("times kernels: scores are TFLOPS" if getattr(harness, "ranks", False)
+        harness=f"{bench.name} ("
+                + ("times kernels: scores are TFLOPS" if bench.ranks
                    else "compiles and checks only: no timing, nothing is ranked") + ")",
         budget=budget, lineage=lineage_text(ctx), best_version=best.version,
         best_score=f"{best.score:.1f} TFLOPS" if best.score is not None else "unranked",

@@ -17,9 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-
-class ServerError(RuntimeError):
-    """The LLM endpoint cannot be reached or started; the message says what to check."""
+from avo.errors import ServerError
 
 
 def free_port() -> int:

@@ -14,7 +14,6 @@ from avo.agent.knowledge import KnowledgeBase
 from avo.agent.memory import Notes
 from avo.harness.profile import ProfileError
 from avo.lineage import sha256
-from avo.paired import annotate
 from avo.types import EvalResult, StepContext
 
 
@@ -155,20 +154,11 @@ class Workbench:
         return ToolResult(f"{what} ({len(new.splitlines())} lines). Diff:\n{truncate(d, 3000)}", True, True)
 
     # -- the harness -----------------------------------------------------------------------------
-    def _evaluate(self, mode: str | None) -> EvalResult:
-        key = (sha256(self.source), mode or "full")
-        if key not in self._evals:
-            # a benchmark is timed side by side with the best version, as the search will time it
-            against = [self.ctx.best.reference("incumbent")] if mode is None and self.ctx.best.version >= 0 else None
-            r = self.ctx.harness.evaluate(self.source, self.ctx.problem, mode=mode, against=against,
-                                          deadline=self.ctx.deadline)
-            annotate(r, 0.01)
-            self._evals[key] = r
-        r = self._evals[key]
+    def _evaluate(self, purpose: str) -> EvalResult:
+        r = getattr(self.ctx.bench, purpose)(self.source)
         if r.ok:
             self.compiled_ok = self.source
-            # a compile-only harness checks nothing, whatever mode it was asked for
-            if mode != "compile" and getattr(self.ctx.harness, "name", "") != "compile":
+            if purpose != "compile" and self.ctx.bench.checks:  # a compile-only harness checks nothing
                 self.checked_ok = self.source
         return r
 
@@ -181,16 +171,12 @@ class Workbench:
         return ToolResult(format_eval(r, "test", self.ctx), r.ok)
 
     def t_benchmark(self) -> ToolResult:
-        r = self._evaluate(None)
+        r = self._evaluate("benchmark")
         return ToolResult(format_eval(r, "benchmark", self.ctx), r.ok)
 
     def t_profile(self, shape: str = "") -> ToolResult:
-        harness = self.ctx.harness
-        if not callable(getattr(harness, "profile", None)):
-            return ToolResult(f"profiling is not available with harness={getattr(harness, 'name', '?')}: it runs no "
-                              "kernel. Use compile (registers, spills, shared memory) instead.", False)
         try:
-            return ToolResult(harness.profile(self.source, self.ctx.problem, str(shape) or None), True)
+            return ToolResult(self.ctx.bench.profile(self.source, str(shape) or None), True)
         except ProfileError as e:
             return ToolResult(f"profile: {e}", False)
 
@@ -266,7 +252,7 @@ def lineage_text(ctx: StepContext, last: int = 12) -> str:
 
 
 def format_eval(r: EvalResult, what: str, ctx: StepContext) -> str:
-    name = getattr(ctx.harness, "name", "?")
+    name = ctx.bench.name
     note = ""
     if what == "test":
         note = (" (harness=compile compiles only: nothing was checked)" if name == "compile"

@@ -92,7 +92,7 @@ def _arch(device: torch.device) -> str:
     if (major, minor) < tuple(META["min_capability"]):
         raise UnsupportedError(f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}; this kernel needs "
                                f"sm_{META['min_capability'][0]}{META['min_capability'][1]} or newer")
-    return f"sm_{major}{minor}{'a' if major >= 9 else ''}"
+    return _abi.arch_name(major, minor)
 
 
 def _cuda_include() -> str:

@@ -7,22 +7,19 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import asdict
 from pathlib import Path
 
-from avo.fsutil import atomic_write_json, atomic_write_text
+from avo.errors import HarnessUnavailable
+from avo.fsutil import atomic_write_text
+from avo.harness.job import Job
 from avo.harness.sandbox import run_worker
 from avo.types import EvalResult, Harness, Problem, Reference, Status
-
-
-class HarnessUnavailable(RuntimeError):
-    """The configured harness cannot run here (e.g. no GPU); the message says what to use instead."""
 
 
 class SandboxHarness:
     """Writes a job directory and runs one worker process per evaluation."""
     name = "sandbox"
-    ranks = False
+    ranks = checks = profiles = False
     mode = ""
 
     def __init__(self, cfg, work_dir: Path):
@@ -30,10 +27,11 @@ class SandboxHarness:
         self.work_dir = Path(work_dir)
         self.arch = cfg.arch  # NVRTC target; the GPU harness resolves "auto" to the device's own
 
-    def job(self, problem: Problem) -> dict:
-        return {"mode": self.mode, "problem": asdict(problem), "arch": self.arch,
-                "cache_dir": str(Path(self.cfg.cache_dir).expanduser()) if self.cfg.cache_dir else None,
-                "harness": self._cfg_dict()}
+    def job(self, problem: Problem, mode: str | None = None, **fields) -> Job:
+        """The job this harness would hand its worker (avo.harness.job)."""
+        return Job.for_problem(self.worker_mode(mode), problem, self.arch, self._cfg_dict(),
+                               cache_dir=str(Path(self.cfg.cache_dir).expanduser()) if self.cfg.cache_dir else None,
+                               **fields)
 
     def _cfg_dict(self) -> dict:
         from omegaconf import OmegaConf
@@ -47,14 +45,12 @@ class SandboxHarness:
         return self.run_job(self.write_job(source, problem, mode), {"compile": float(self.cfg.compile_timeout_s)},
                             deadline)
 
-    def write_job(self, source: str, problem: Problem, mode: str | None = None, **extra) -> Path:
-        job = {**self.job(problem), **extra}
-        job["mode"] = self.worker_mode(mode)
+    def write_job(self, source: str, problem: Problem, mode: str | None = None, **fields) -> Path:
+        job = self.job(problem, mode, **fields)
         h = hashlib.sha256(source.encode()).hexdigest()[:16]
-        job_dir = self.work_dir / f"{h}-{job['mode']}{_thread_tag()}"
+        job_dir = self.work_dir / f"{h}-{job.mode}{_thread_tag()}"
         atomic_write_text(job_dir / "source.cu", source)
-        atomic_write_json(job_dir / "job.json", job)
-        return job_dir
+        return job.write(job_dir)
 
     def run_job(self, job_dir: Path, limits: dict[str, float] | None = None,
                 deadline: float | None = None) -> EvalResult:
@@ -87,6 +83,50 @@ class CompileHarness(SandboxHarness):
 
     def worker_mode(self, mode: str | None) -> str:
         return "compile"  # every stage it offers is the compile stage
+
+
+class HarnessBench:
+    """The avo.types.Bench an operator gets for one step: the harness bound to the problem and the
+    incumbent (benchmarks are timed side by side with it), results cached by source hash."""
+
+    def __init__(self, harness: Harness, problem: Problem, incumbent: Reference | None = None,
+                 deadline: float | None = None, alpha: float = 0.01):
+        self._harness, self._problem, self._incumbent = harness, problem, incumbent
+        self._deadline, self._alpha = deadline, alpha
+        self.name, self.ranks = harness.name, harness.ranks
+        self.checks, self.profiles = harness.checks, harness.profiles
+        self.timeout_s = float(harness.cfg.timeout_s) if hasattr(harness, "cfg") else 600.0
+        self._results: dict[tuple[str, str], EvalResult] = {}
+
+    def _run(self, source: str, purpose: str) -> EvalResult:
+        from avo.paired import annotate
+
+        key = (hashlib.sha256(source.encode()).hexdigest(), purpose)
+        if key not in self._results:
+            full = purpose == "benchmark"
+            r = self._harness.evaluate(source, self._problem, mode=None if full else purpose,
+                                       against=[self._incumbent] if full and self._incumbent else None,
+                                       deadline=self._deadline)
+            annotate(r, self._alpha)
+            self._results[key] = r
+        return self._results[key]
+
+    def compile(self, source: str) -> EvalResult:
+        return self._run(source, "compile")
+
+    def check(self, source: str) -> EvalResult:
+        return self._run(source, "check")
+
+    def benchmark(self, source: str) -> EvalResult:
+        return self._run(source, "benchmark")
+
+    def profile(self, source: str, shape: str | None = None) -> str:
+        from avo.harness.profile import ProfileError
+
+        if not self.profiles:
+            raise ProfileError(f"profiling is not available with harness={self.name}: it runs no kernel. Use "
+                               "compile (registers, spills, shared memory) instead.")
+        return self._harness.profile(source, self._problem, shape)
 
 
 def make_harness(cfg, work_dir: Path) -> Harness:

@@ -101,7 +101,7 @@ def pack_params(q, k, v, o, lse, causal: bool, num_sms: int, tile_counter, launc
                 softmax_scale: float | None = None) -> AvoAttnParams:
     """Fill AvoAttnParams for (B, S, H, D) q/k/v/o and (B, Hq, Sq) lse tensors.
 
-    launch: anything with tma_rows_q and tma_rows_kv (avo.contract.LaunchSpec, or LaunchGeometry).
+    launch: the LaunchGeometry (anything with tma_rows_q and tma_rows_kv).
     """
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -137,12 +137,28 @@ class LaunchGeometry:
             raise ValueError(f"kernel written for ABI {self.abi}, this host code speaks {ABI_VERSION}")
         if self.cluster != 1:
             raise ValueError(f"cluster={self.cluster}: only cluster size 1 is supported")
+        if not (32 <= self.threads <= 1024 and self.threads % 32 == 0):
+            raise ValueError(f"threads={self.threads}: need a multiple of 32 in [32, 1024]")
+        if not (0 <= self.smem <= 227 * 1024):
+            raise ValueError(f"smem={self.smem} bytes: Hopper allows at most 232448 per block")
+        if self.block_m <= 0:
+            raise ValueError(f"block_m={self.block_m} must be positive")
+        if self.persistent < 0 or self.tma_rows_q < 0 or self.tma_rows_kv < 0:
+            raise ValueError("persistent and tma rows must be >= 0")
+        if (self.tma_rows_q > 0) != (self.tma_rows_kv > 0) or max(self.tma_rows_q, self.tma_rows_kv) > 256:
+            raise ValueError("tma rows: both zero, or both in [1, 256]")
 
-    def as_dict(self) -> dict:
-        return {n: getattr(self, n) for n in self.NAMES}
+    def __repr__(self) -> str:
+        return "LaunchGeometry(" + ", ".join(f"{n}={getattr(self, n)}" for n in self.NAMES) + ")"
 
     def grid(self, batch: int, heads_q: int, seqlen_q: int, num_sms: int) -> tuple[int, int, int]:
         return launch_grid(self.persistent, self.block_m, batch, heads_q, seqlen_q, num_sms)
+
+
+def arch_name(major: int, minor: int) -> str:
+    """NVRTC's target for a compute capability: Hopper and newer get their architecture-specific
+    features (wgmma, setmaxnreg) with the 'a' suffix."""
+    return f"sm_{major}{minor}{'a' if major >= 9 else ''}"
 
 
 def launch_grid(persistent: int, block_m: int, batch: int, heads_q: int, seqlen_q: int,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from avo.harness.abi import arch_name
 from avo.harness.check import Outputs, compare, random_scale, verify
 from avo.harness.devlock import gpu_lock
 from avo.harness.launch import Kernel
@@ -33,8 +34,7 @@ _FLAGS = ("left NaN in its outputs", "wrote Inf into O", "wrong rows of O", "wro
 
 
 def device_arch(device: int = 0) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}{'a' if major >= 9 else ''}"
+    return arch_name(*torch.cuda.get_device_capability(device))
 
 
 def prepare(source: str, problem: Problem, hc: dict, arch: str, cache_dir, allow_printf: bool,
@@ -49,7 +49,7 @@ def prepare(source: str, problem: Problem, hc: dict, arch: str, cache_dir, allow
         res.status, res.error = Status.COMPILE_ERROR, c.error or "compile error"
         return None, res
     res.smem_bytes, res.threads = c.launch.smem, c.launch.threads
-    kernel = Kernel(c.cubin, c.launch, hc.get("device", 0))
+    kernel = Kernel(c.cubin, hc.get("device", 0))
     if res.registers is None:  # some NVRTC builds return no ptxas report: ask the loaded function
         res.registers = kernel.attribute("NUM_REGS")
         res.stack_bytes = kernel.attribute("LOCAL_SIZE_BYTES")

@@ -28,10 +28,12 @@ import time
 import uuid
 from pathlib import Path
 
-from avo.fsutil import atomic_write_json, atomic_write_text
+from avo.fsutil import atomic_write_text
 from avo.harness import HarnessUnavailable, SandboxHarness
+from avo.harness.abi import arch_name
+from avo.harness.job import Job
 from avo.harness.profile import ProfileError, export_csv, find_ncu, ncu_command, summarise
-from avo.harness.sandbox import PHASE, RESULT, _die_with_parent, _kill_group, run_worker, wait_worker
+from avo.harness.sandbox import PHASE, RESULT, _kill_group, run_worker, spawn, wait_worker
 from avo.types import EvalResult, Problem, Reference, Status
 
 _PROBE = """
@@ -73,22 +75,17 @@ def probe_gpu(device: int = 0) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def arch_of(cc: list[int]) -> str:
-    major, minor = cc
-    return f"sm_{major}{minor}{'a' if major >= 9 else ''}"
-
-
 class GpuHarness(SandboxHarness):
     """evaluate(source, problem, mode=None|"check", against=None): full evaluation, or correctness only."""
     name = "gpu"
-    ranks = True
+    ranks = checks = profiles = True
     mode = "evaluate"
 
     def __init__(self, cfg, work_dir: Path, spare: bool = True):
         super().__init__(cfg, work_dir)
         info = probe_gpu(cfg.device)
         self.gpu_name = info["name"]
-        self.arch = arch_of(info["cc"]) if cfg.arch == "auto" else cfg.arch
+        self.arch = arch_name(*info["cc"]) if cfg.arch == "auto" else cfg.arch
         locks = Path(cfg.cache_dir).expanduser().parent if cfg.cache_dir else self.work_dir
         self.lock = str(locks / "locks" / f"gpu-{info.get('uuid') or cfg.device}.lock")
         self.n_spares = int(cfg.get("spares", 1)) if spare else 0
@@ -97,18 +94,15 @@ class GpuHarness(SandboxHarness):
         with self._spares_lock:
             self._fill_spares()
 
-    def job(self, problem: Problem) -> dict:
-        return {**super().job(problem), "lock": self.lock}
+    def job(self, problem: Problem, mode: str | None = None, **fields) -> Job:
+        return super().job(problem, mode, lock=self.lock, **fields)
 
     def _fill_spares(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         while len(self._spares) < self.n_spares:
             log_path = self.work_dir / f".spare-{uuid.uuid4().hex[:8]}.log"
             log = open(log_path, "wb")
-            proc = subprocess.Popen([sys.executable, "-m", "avo.harness.worker", "--standby", str(self.cfg.device),
-                                     self.lock], stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, preexec_fn=_die_with_parent,
-                                    env={**os.environ, **self.env()})
+            proc = spawn(["--standby", str(self.cfg.device), self.lock], log, env=self.env(), stdin=subprocess.PIPE)
             self._spares.append((proc, log_path, log))
 
     def evaluate(self, source: str, problem: Problem, mode: str | None = None, against: list[Reference] | None = None,
@@ -118,17 +112,14 @@ class GpuHarness(SandboxHarness):
         job_dir = self.write_job(source, problem, mode, others=others)
         return self.run_job(job_dir, self.limits(others), deadline)
 
-    def write_job(self, source: str, problem: Problem, mode: str | None = None, others=None, **extra) -> Path:
-        job_dir = super().write_job(source, problem, mode, **extra)
-        if others:
-            paths = {}
+    def write_job(self, source: str, problem: Problem, mode: str | None = None, others=None, **fields) -> Path:
+        job_dir = super().write_job(source, problem, mode, **fields)
+        if others:  # the versions timed side by side, as files beside the candidate
+            job = Job.read(job_dir)
             for ref in others:
-                path = job_dir / f"{ref.role}.cu"
-                atomic_write_text(path, ref.source)
-                paths[ref.role] = str(path)
-            job = json.loads((job_dir / "job.json").read_text())
-            job["others"] = paths
-            atomic_write_json(job_dir / "job.json", job)
+                atomic_write_text(job_dir / f"{ref.role}.cu", ref.source)
+                job.others[ref.role] = str(job_dir / f"{ref.role}.cu")
+            job.write(job_dir)
         return job_dir
 
     def limits(self, against: list[Reference] | None) -> dict[str, float]:
@@ -206,9 +197,8 @@ class GpuHarness(SandboxHarness):
         return summarise(*export_csv(ncu, job_dir), key)
 
     def worker_mode(self, mode: str | None) -> str:
-        if mode == "profile":
-            return mode
-        if mode not in (None, "evaluate", "check", "compile"):
+        """None: the full evaluation; check, compile, profile; bench and trials (avo.bench, benchmarks/)."""
+        if mode not in (None, "evaluate", "check", "compile", "profile", "bench", "trials"):
             raise ValueError(f"mode={mode!r}: use None (full evaluation), 'check' (correctness only) "
                              "or 'compile' (NVRTC and resources only)")
         return mode or self.mode

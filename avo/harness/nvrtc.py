@@ -12,11 +12,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from avo.contract import ContractError, LaunchSpec
+from avo.contract import ContractError, LaunchGeometry, launch_from_cubin
 from avo.harness.ptxgate import check_ptx
 from avo.harness.static import check_source
+from avo.paths import INCLUDE_DIR
 
-INCLUDE_DIR = Path(__file__).resolve().parents[2] / "kernels_cuda" / "include"
 SOURCE_NAME = "candidate.cu"  # what diagnostics call the candidate (never a path on this machine)
 
 _REGS = re.compile(r"Used (\d+) registers")
@@ -29,7 +29,7 @@ class Compiled:
     log: str
     cubin: bytes = b""
     ptx: str = ""
-    launch: LaunchSpec | None = None
+    launch: LaunchGeometry | None = None
     registers: int | None = None
     stack_bytes: int | None = None
     spill_bytes: int | None = None  # stores + loads, as ptxas reports
@@ -131,7 +131,7 @@ def compile_source(source: str, arch: str, head_dim: int, cache_dir: str | os.Pa
                 atomic_write_bytes(f, data)
     res = _parse(log)
     try:
-        launch = LaunchSpec.from_cubin(cubin)
+        launch = launch_from_cubin(cubin)
     except ContractError as e:
         return Compiled(ok=False, log=log, ptx=ptx, error=str(e), **res)
     return Compiled(ok=True, log=log, cubin=cubin, ptx=ptx, launch=launch, cached=cached, **res)

@@ -41,10 +41,16 @@ def run_worker(job_dir: Path, timeout_s: float, env: dict[str, str] | None = Non
     (job_dir / PHASE).unlink(missing_ok=True)
     t0 = time.monotonic()
     with open(job_dir / "worker.log", "wb") as log:
-        proc = subprocess.Popen([*(prefix or []), sys.executable, "-m", "avo.harness.worker", str(job_dir)],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=_die_with_parent, env={**os.environ, **(env or {})})
-        return wait_worker(proc, job_dir, timeout_s, t0, limits, deadline)
+        return wait_worker(spawn([str(job_dir)], log, env=env, prefix=prefix), job_dir, timeout_s, t0, limits, deadline)
+
+
+def spawn(args: list[str], log, env: dict[str, str] | None = None, prefix: list[str] | None = None,
+          stdin=subprocess.DEVNULL) -> subprocess.Popen:
+    """The one way a worker starts: `python -m avo.harness.worker ARGS` in its own process group
+    (so a kill reaches everything it started), dying with its parent, output to `log`."""
+    return subprocess.Popen([*(prefix or []), sys.executable, "-m", "avo.harness.worker", *args], stdout=log,
+                            stderr=subprocess.STDOUT, stdin=stdin, start_new_session=True,
+                            preexec_fn=_die_with_parent, env={**os.environ, **(env or {})})
 
 
 def wait_worker(proc: subprocess.Popen, job_dir: Path, timeout_s: float, t0: float,

@@ -8,28 +8,23 @@ stage to its own time limit. A broken environment (no NVRTC, no driver, no GPU) 
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 import traceback
 from pathlib import Path
 
 from avo.fsutil import atomic_write_json, atomic_write_text
+from avo.harness.job import Job
 from avo.harness.nvrtc import compile_candidate, nvrtc_version
 from avo.harness.sandbox import PHASE, RESULT, _die_with_parent
-from avo.types import EvalResult, Problem, Shape, Status
+from avo.types import EvalResult, Status
 
 
-def problem_from_dict(d: dict) -> Problem:
-    return Problem(d["name"], d["heads_q"], d["heads_kv"], d["head_dim"],
-                   tuple(Shape(**s) for s in d["bench"]), tuple(Shape(**s) for s in d["check"]))
-
-
-def compile_only(source: str, job: dict) -> EvalResult:
-    problem = problem_from_dict(job["problem"])
+def compile_only(source: str, job: Job) -> EvalResult:
+    problem = job.problem_of()
     _phase(job, "compile")
     t0 = time.perf_counter()
-    c = compile_candidate(source, job["arch"], problem.head_dim, job.get("cache_dir"), allow_printf=True)
+    c = compile_candidate(source, job.arch, problem.head_dim, job.cache_dir, allow_printf=True)
     dt = time.perf_counter() - t0
     common = dict(log=c.log[-8000:], registers=c.registers, spill_bytes=c.spill_bytes,
                   stack_bytes=c.stack_bytes, compile_s=dt)
@@ -42,74 +37,74 @@ def _log(line: str) -> None:
     print(line, flush=True)  # the worker's stdout is JOB_DIR/worker.log
 
 
-def _phase(job: dict, name: str) -> None:
-    atomic_write_text(Path(job["job_dir"]) / PHASE, name)
+def _phase(job: Job, name: str) -> None:
+    atomic_write_text(Path(job.job_dir) / PHASE, name)
 
 
-def gpu_evaluate(source: str, job: dict, check_only: bool = False) -> EvalResult:
+def gpu_evaluate(source: str, job: Job, check_only: bool = False) -> EvalResult:
     from avo.harness.evaluate import evaluate
 
-    others = {name: Path(path).read_text() for name, path in (job.get("others") or {}).items()}
-    return evaluate(source, problem_from_dict(job["problem"]), job["harness"], job["arch"],
-                    job.get("cache_dir"), check_only, _log, others, lambda name: _phase(job, name), job.get("lock"))
+    others = {name: Path(path).read_text() for name, path in job.others.items()}
+    return evaluate(source, job.problem_of(), job.harness, job.arch, job.cache_dir, check_only, _log, others,
+                    lambda name: _phase(job, name), job.lock)
 
 
-def gpu_check(source: str, job: dict) -> EvalResult:
+def gpu_check(source: str, job: Job) -> EvalResult:
     return gpu_evaluate(source, job, check_only=True)
 
 
-def gpu_bench(source: str, job: dict) -> EvalResult:
-    """Several named sources (job["sources"]: name -> path), verified, then timed interleaved.
+def gpu_bench(source: str, job: Job) -> EvalResult:
+    """Several named sources (job.sources: name -> path), verified, then timed interleaved.
 
     Writes JOB_DIR/bench.json (name -> EvalResult); the returned result summarises the batch.
     """
     from avo.harness.devlock import gpu_lock
     from avo.harness.evaluate import benchmark, device_arch, finish, prepare, run_checks
 
-    problem, hc = problem_from_dict(job["problem"]), job["harness"]
-    arch = device_arch(hc.get("device", 0)) if job["arch"] == "auto" else job["arch"]
+    problem, hc = job.problem_of(), job.harness
+    arch = device_arch(hc.get("device", 0)) if job.arch == "auto" else job.arch
     results, kernels = {}, {}
-    for name, path in job["sources"].items():
+    for name, path in job.sources.items():
         _log(f"== {name}: compile and verify")
-        kernel, res = prepare(Path(path).read_text(), problem, hc, arch, job.get("cache_dir"), False, _log)
+        kernel, res = prepare(Path(path).read_text(), problem, hc, arch, job.cache_dir, False, _log)
         results[name] = res
         if kernel is not None and run_checks(kernel, problem, hc, res, _log):
             kernels[name] = kernel
     if kernels:
         _log(f"== timing {', '.join(kernels)} with baselines {', '.join(hc['baselines'])}")
         t0 = time.perf_counter()
-        with gpu_lock(job.get("lock"), exclusive=True):
+        with gpu_lock(job.lock, exclusive=True):
             b = benchmark(kernels, problem.bench, hc, _log, set(kernels))
         for name in kernels:
             finish(results[name], b.configs[name], b.errors.get(name), b.sensed, time.perf_counter() - t0)
-    atomic_write_json(Path(job["job_dir"]) / "bench.json", {n: r.to_dict() for n, r in results.items()})
+    atomic_write_json(Path(job.job_dir) / "bench.json", {n: r.to_dict() for n, r in results.items()})
     bad = [n for n, r in results.items() if not r.ok]
     return EvalResult(Status.ERROR if bad else Status.OK, error=f"not ok: {', '.join(bad)}" if bad else "")
 
 
-def gpu_trials(source: str, job: dict) -> EvalResult:
+def gpu_trials(source: str, job: Job) -> EvalResult:
     """Repeated paired benchmarks, for measuring the commit rule (benchmarks/commit_rule.py).
 
-    job["sources"]: name -> path; job["pairs"]: [[condition, candidate name, incumbent name], ...];
-    job["trials"]: repetitions. Each trial is the search's own full paired benchmark (baselines
+    job.sources: name -> path; job.pairs: [[condition, candidate name, incumbent name], ...];
+    job.trials: repetitions. Each trial is the search's own full paired benchmark (baselines
     included); conditions alternate, so slow drift affects them alike. Writes JOB_DIR/trials.json.
     """
     from avo.harness.devlock import gpu_lock
     from avo.harness.evaluate import benchmark, device_arch, prepare
 
-    problem, hc = problem_from_dict(job["problem"]), job["harness"]
-    arch = device_arch(hc.get("device", 0)) if job["arch"] == "auto" else job["arch"]
+    problem, hc = job.problem_of(), job.harness
+    arch = device_arch(hc.get("device", 0)) if job.arch == "auto" else job.arch
     kernels = {}
-    for name, path in job["sources"].items():
-        kernel, res = prepare(Path(path).read_text(), problem, hc, arch, job.get("cache_dir"), False, _log)
+    for name, path in job.sources.items():
+        kernel, res = prepare(Path(path).read_text(), problem, hc, arch, job.cache_dir, False, _log)
         if kernel is None:
             return res
         kernels[name] = kernel
     out = []
-    with gpu_lock(job.get("lock"), exclusive=True):
-        for t in range(job["trials"]):
-            for cond, cand, inc in job["pairs"]:
-                _log(f"== trial {t + 1}/{job['trials']}: {cond} ({cand} against {inc})")
+    with gpu_lock(job.lock, exclusive=True):
+        for t in range(job.trials):
+            for cond, cand, inc in job.pairs:
+                _log(f"== trial {t + 1}/{job.trials}: {cond} ({cand} against {inc})")
                 b = benchmark({"candidate": kernels[cand], "incumbent": kernels[inc]}, problem.bench, hc, _log,
                               {"candidate"})
                 if b.errors:
@@ -118,21 +113,21 @@ def gpu_trials(source: str, job: dict) -> EvalResult:
                     {"key": c.key, "samples": c.samples, "incumbent_samples": o.samples, "tflops": c.tflops,
                      "incumbent_tflops": o.tflops} for c, o in zip(b.configs["candidate"], b.configs["incumbent"],
                                                                    strict=True)]})
-                atomic_write_json(Path(job["job_dir"]) / "trials.json", out)
+                atomic_write_json(Path(job.job_dir) / "trials.json", out)
     return EvalResult(Status.OK)
 
 
-def gpu_profile(source: str, job: dict) -> EvalResult:
-    """Compile, then launch twice on job["shape"]: the profiler records the second launch."""
+def gpu_profile(source: str, job: Job) -> EvalResult:
+    """Compile, then launch twice on job.shape: the profiler records the second launch."""
     import torch
 
     from avo.harness.check import Outputs, random_inputs
     from avo.harness.evaluate import device_arch, prepare
 
-    problem, hc = problem_from_dict(job["problem"]), job["harness"]
-    shape = next(s for s in problem.bench if s.key == job["shape"])
-    arch = device_arch(hc.get("device", 0)) if job["arch"] == "auto" else job["arch"]
-    kernel, res = prepare(source, problem, hc, arch, job.get("cache_dir"), False, _log)
+    problem, hc = job.problem_of(), job.harness
+    shape = next(s for s in problem.bench if s.key == job.shape)
+    arch = device_arch(hc.get("device", 0)) if job.arch == "auto" else job.arch
+    kernel, res = prepare(source, problem, hc, arch, job.cache_dir, False, _log)
     if kernel is None:
         return res
     gen = torch.Generator(device="cuda")
@@ -150,18 +145,18 @@ MODES = {"compile": compile_only, "evaluate": gpu_evaluate, "check": gpu_check, 
          "profile": gpu_profile, "trials": gpu_trials}
 
 
-def environment(job: dict) -> None:
+def environment(job: Job) -> None:
     """What every GPU job needs before any candidate runs; raises EnvironmentError with one line."""
     try:
         nvrtc_version()
     except RuntimeError as e:
         raise OSError(str(e)) from None
-    if job["mode"] == "compile":
+    if job.mode == "compile":
         return
     try:
         import torch
 
-        torch.cuda.set_device(job["harness"].get("device", 0))
+        torch.cuda.set_device(job.harness.get("device", 0))
         torch.empty(1, device="cuda")
     except Exception as e:  # noqa: BLE001 - whatever CUDA raises here, the GPU is not usable
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -171,8 +166,7 @@ def environment(job: dict) -> None:
 
 def main(job_dir: str, env_error: str = "") -> int:
     job_dir = Path(job_dir)
-    job = json.loads((job_dir / "job.json").read_text())
-    job["job_dir"] = str(job_dir)
+    job = Job.read(job_dir)
     source_path = job_dir / "source.cu"
     source = source_path.read_text() if source_path.exists() else ""
     try:
@@ -183,7 +177,7 @@ def main(job_dir: str, env_error: str = "") -> int:
         atomic_write_json(job_dir / RESULT, EvalResult(Status.UNAVAILABLE, error=str(e)).to_dict())
         return 0
     try:
-        result = MODES[job["mode"]](source, job)
+        result = MODES[job.mode](source, job)
     except Exception as e:  # noqa: BLE001 - everything is reported to the parent as a result
         first = (str(e).strip().splitlines() or [""])[0]  # torch appends paragraphs of advice
         result = EvalResult(Status.CRASHED, error=f"{type(e).__name__}: {first}", log=traceback.format_exc()[-8000:])

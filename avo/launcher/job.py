@@ -20,22 +20,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from avo.config import ConfigError, register
+from avo.config import register
+from avo.errors import LaunchError, RunDirBusy  # noqa: F401 - LaunchError: part of this module's interface
 from avo.fsutil import atomic_write_text
+from avo.progress import launcher_log as log
 
 LOCK = ".avo-run.lock"
-
-
-class LaunchError(ConfigError):
-    """A job that cannot be submitted or started; the message is one line a person can act on."""
-
-
-class RunDirBusy(LaunchError):
-    """Another live process is already running this run directory."""
-
-
-def log(msg: str) -> None:
-    print(f"[avo.launcher] {msg}", flush=True)
 
 
 def run_dir_of(cfg) -> Path:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from avo.errors import LaunchError
 from avo.fsutil import atomic_write_text
-from avo.launcher.job import LaunchError, log
+from avo.progress import launcher_log as log
 
 
 def _public_server(cfg: DictConfig, log_dir: Path):

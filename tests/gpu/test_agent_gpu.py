@@ -9,6 +9,7 @@ import pytest
 from avo.agent.knowledge import KnowledgeBase
 from avo.agent.memory import Notes
 from avo.agent.tools import Workbench
+from avo.harness import HarnessBench
 from avo.types import ConfigResult, Problem, Shape, StepContext, Version
 from tests.conftest import open_gpu_harness
 
@@ -30,7 +31,8 @@ def test_tools_report_what_the_gpu_harness_measured(harness, tmp_path):
     bench = tuple(Shape(2, 1024, 1024, 8, 8, 128, c) for c in (False, True))
     problem = Problem("mha", 4, 4, 128, bench, check)
     best = Version(0, "00000.00", NAIVE, 1.0, [ConfigResult(b.key, tflops=1.0) for b in bench], "seed")
-    ctx = StepContext(1, 0, best, [best], [], problem, harness, tmp_path, random.Random(0), set())
+    ctx = StepContext(1, 0, best, [best], [], problem, HarnessBench(harness, problem, best.reference("incumbent")),
+                      tmp_path, random.Random(0), set())
     bench_ = Workbench(ctx, Notes(tmp_path), KnowledgeBase())
     line = next(ln for ln in NAIVE.splitlines() if "@tunable" in ln)
     assert bench_.call("edit", {"search": line, "replace": line.replace(" 4 ", " 8 ", 1)}).ok

@@ -10,6 +10,7 @@ import pytest
 from avo.agent.knowledge import KnowledgeBase
 from avo.agent.memory import Notes
 from avo.agent.tools import Workbench
+from avo.harness import HarnessBench
 from avo.harness.profile import ProfileError, find_ncu
 from avo.types import Problem, Shape, StepContext, Version
 from tests.conftest import open_gpu_harness
@@ -36,7 +37,7 @@ def harness(tmp_path_factory):
 
 def test_profile_tool_summarises_one_launch_of_the_working_copy(harness, tmp_path):
     v0 = Version(0, "00000.00", SM90, None, [], "seed")
-    ctx = StepContext(1, 0, v0, [v0], [], PROBLEM, harness, tmp_path, random.Random(0), set())
+    ctx = StepContext(1, 0, v0, [v0], [], PROBLEM, HarnessBench(harness, PROBLEM), tmp_path, random.Random(0), set())
     r = Workbench(ctx, Notes(tmp_path), KnowledgeBase(), output_chars=100_000).call(
         "profile", {"shape": BENCH[1].key})
     print(r.text)

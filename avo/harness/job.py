@@ -1,0 +1,55 @@
+"""The job contract between the harness and its worker process: JOB_DIR/job.json, typed.
+
+The parent writes a Job (atomically) beside the candidate's source.cu; the worker reads it back,
+does what `mode` says and writes result.json. Every field the worker reads is declared here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from avo.fsutil import atomic_write_json
+from avo.types import Problem, Shape
+
+JOB_FILE = "job.json"
+
+
+@dataclass
+class Job:
+    mode: str                       # compile | evaluate | check | bench | trials | profile
+    problem: dict                   # avo.types.Problem as a dict (problem_of() reads it back)
+    arch: str                       # NVRTC target, or "auto": the device's own
+    harness: dict                   # the resolved harness config (tolerances, timing, limits)
+    cache_dir: str | None = None    # cubin cache
+    lock: str | None = None         # the device lock file (avo.harness.devlock)
+    others: dict[str, str] = field(default_factory=dict)   # evaluate: role -> source path (incumbent, anchor)
+    sources: dict[str, str] = field(default_factory=dict)  # bench, trials: name -> source path
+    pairs: list[list[str]] = field(default_factory=list)   # trials: [condition, candidate, incumbent]
+    trials: int = 0
+    shape: str = ""                 # profile: the benchmark shape's key
+    job_dir: str = ""               # filled in by read(): where the job lives
+
+    def problem_of(self) -> Problem:
+        d = self.problem
+        return Problem(d["name"], d["heads_q"], d["heads_kv"], d["head_dim"],
+                       tuple(Shape(**s) for s in d["bench"]), tuple(Shape(**s) for s in d["check"]))
+
+    def write(self, job_dir: Path) -> Path:
+        d = asdict(self)
+        d.pop("job_dir")
+        atomic_write_json(Path(job_dir) / JOB_FILE, d)
+        return Path(job_dir)
+
+    @classmethod
+    def read(cls, job_dir: Path) -> "Job":
+        d = json.loads((Path(job_dir) / JOB_FILE).read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"{job_dir}/{JOB_FILE}: unknown fields {sorted(unknown)} (a newer AVO wrote it?)")
+        return cls(**d, job_dir=str(job_dir))
+
+    @classmethod
+    def for_problem(cls, mode: str, problem: Problem, arch: str, harness: dict, **kw) -> "Job":
+        return cls(mode, asdict(problem), arch, harness, **kw)
