@@ -107,7 +107,7 @@ class AdaptingOperator:
 
 def test_the_first_correct_candidate_becomes_v0(mha_run, tmp_path, monkeypatch, cfg_factory):
     op = AdaptingOperator()
-    monkeypatch.setattr(search, "make_operator", lambda *a: op)
+    monkeypatch.setattr(search, "make_operators", lambda *a, **kw: [op])
     cfg = cfg_factory("kernel=gqa", "group=8", "kernel.head_dim=64", f"seed={mha_run}", "harness=compile",
                       "search.max_steps=2", "search.attempts_per_step=1", f"harness.cache_dir={tmp_path / 'cubin'}",
                       run_dir=tmp_path / "run")
