@@ -86,10 +86,10 @@ def write_outputs(out: Path, problem, results: dict[str, EvalResult], meta: dict
     rows = []
     for n, r in results.items():
         for c in r.configs:
-            rows.append({"seed": n, "status": r.status.value, "gpu": r.gpu, "key": c.key, "tflops": c.tflops,
-                         "ms": c.ms, "ms_p10": c.ms_p10, "ms_p90": c.ms_p90, "cudnn_tflops": c.cudnn_tflops,
-                         "fa2_tflops": c.fa2_tflops, "vs_cudnn": c.vs_cudnn, "sm_clock_mhz": r.sm_clock_mhz,
-                         "power_w": r.power_w, **{k: v for k, v in meta.items() if k != "seeds"}})
+            scalars = {k: v for k, v in vars(c).items() if not isinstance(v, list)}  # one row: avo.types.ConfigResult
+            rows.append({"seed": n, "status": r.status.value, "gpu": r.gpu, **scalars, "vs_cudnn": c.vs_cudnn,
+                         "sm_clock_mhz": r.sm_clock_mhz, "power_w": r.power_w,
+                         **{k: v for k, v in meta.items() if k != "seeds"}})
     if rows:
         pq.write_table(pa.Table.from_pylist(rows), out / "bench.parquet")
 

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import re
+import socket
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,6 +60,7 @@ SCHEMA = pa.schema([
     ("started_at", TS), ("finished_at", TS), ("host", pa.string()), ("extra", pa.string()),
     ("worker", pa.int32()), ("island", pa.int32()),  # which of search.workers proposed it, on which lineage
 ])
+WIDE_COLUMNS = ("configs", "message", "error", "extra")  # lists and free text: read only where needed
 SUPERVISOR_SCHEMA = pa.schema([("run_id", pa.string()), ("step", pa.int32()), ("reason", pa.string()),
                                ("directive", pa.string()), ("operator", pa.string()), ("at", TS),
                                ("model", pa.string()), ("prompt_tokens", pa.int64()),
@@ -97,6 +99,35 @@ def _to_parquet(rows: list[dict], schema: pa.Schema) -> bytes:
     return buf.getvalue()
 
 
+def attempt_row(*, run_id: str, step: int, attempt: int, parent, version: int | None, decision: str, result,
+                proposal, operator, problem, directive: str | None, started, propose_s: float, source_sha: str,
+                worker: int = 0, island: int = 0) -> dict:
+    """The one place an attempt becomes a row of SCHEMA: from the search's objects (parent: the
+    Version varied, result: EvalResult, proposal: Proposal, operator: name and model, problem: Problem)."""
+    return {
+        "run_id": run_id, "step": step, "attempt": attempt, "candidate_id": f"{step:05d}.{attempt:02d}",
+        "parent_id": parent.candidate_id if parent else None, "version": version,
+        "committed": decision in ("committed", "seed"), "decision": decision, "status": result.status.value,
+        "ranked": result.ranked, "score": result.score, "best_before": parent.score if parent else None,
+        "stage": result.stage, "screen_s": result.screen_s, "paired_ratio": result.paired_ratio,
+        "paired_lo": result.paired_lo, "paired_hi": result.paired_hi, "incumbent_score": result.incumbent_score,
+        "anchor_ratio": result.anchor_ratio, "anchor_lo": result.anchor_lo, "anchor_hi": result.anchor_hi,
+        "configs": [vars(c) for c in result.configs], "source_sha": source_sha, "operator": operator.name,
+        "model": proposal.model or operator.model, "message": proposal.message, "error": result.error,
+        "propose_s": propose_s, "compile_s": result.compile_s, "verify_s": result.verify_s,
+        "bench_s": result.bench_s, "prompt_tokens": proposal.prompt_tokens,
+        "completion_tokens": proposal.completion_tokens, "llm_calls": proposal.llm_calls,
+        "registers": result.registers, "spill_bytes": result.spill_bytes, "stack_bytes": result.stack_bytes,
+        "smem_bytes": result.smem_bytes, "threads": result.threads, "gpu": result.gpu,
+        "sm_clock_mhz": result.sm_clock_mhz, "power_w": result.power_w, "kernel": problem.name,
+        "heads_q": problem.heads_q, "heads_kv": problem.heads_kv, "head_dim": problem.head_dim,
+        "group": problem.group, "directive": directive, "started_at": started,
+        "finished_at": datetime.now(timezone.utc), "host": socket.gethostname(),
+        "extra": json.dumps({"log_tail": result.log[-2000:], **proposal.meta}, default=str),
+        "worker": worker, "island": island,
+    }
+
+
 def to_frame(rows: list[dict]) -> pl.DataFrame:
     """Rows as a DataFrame with exactly the lineage schema (what read_run returns)."""
     return pl.from_arrow(pa.Table.from_pylist([{f.name: r.get(f.name) for f in SCHEMA} for r in rows], schema=SCHEMA))
@@ -113,10 +144,19 @@ def append(run_dir: str | Path, row: dict) -> Path:
     return path
 
 
-def append_supervisor(run_dir: str | Path, row: dict) -> None:
+def supervisor_frame(rows: list[dict]) -> pl.DataFrame:
+    """Supervisor rows as a DataFrame with exactly SUPERVISOR_SCHEMA (what scan_supervisor reads)."""
+    table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in SUPERVISOR_SCHEMA} for r in rows],
+                                 schema=SUPERVISOR_SCHEMA)
+    return pl.from_arrow(table)
+
+
+def append_supervisor(run_dir: str | Path, row: dict) -> dict:
+    """Write one intervention atomically; returns the row as written."""
     row = {"at": datetime.now(timezone.utc), **row}
     path = lineage_dir(run_dir) / "supervisor" / f"part-s{row['step']:05d}-{row['at'].strftime('%H%M%S%f')}.parquet"
     atomic_write_bytes(path, _to_parquet([row], SUPERVISOR_SCHEMA))
+    return row
 
 
 _CHUNK = re.compile(r"chunk-(s\d{5}-a\d{2})-(s\d{5}-a\d{2})(?:-([0-9a-f]{16}))?\.parquet")

@@ -5,9 +5,7 @@ where the last attempt that reached disk left off.
 """
 from __future__ import annotations
 
-import json
 import random
-import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -118,6 +116,7 @@ class Search:
             fractional=True).sum()).item() or 0.0)
         self.t0 = time.monotonic()
         self.progress = Progress(run_id, harness.ranks)
+        self.sup = lineage.scan_supervisor([run_dir]).collect()  # read once; _supervise appends
         self.directive = self._last_directive()
         # a transferred seed that failed here: the operator adapts it until a candidate passes (-> v0)
         pending = transfer.failed_seed(self.rows)
@@ -132,8 +131,7 @@ class Search:
                        {k: v for k, v in stage_s.items() if v}, gain)
 
     def _last_directive(self) -> str | None:
-        sup = lineage.scan_supervisor([self.run_dir]).collect()
-        return sup.sort("at")["directive"].to_list()[-1] if len(sup) else None
+        return self.sup.sort("at")["directive"].to_list()[-1] if len(self.sup) else None
 
     def _next_position(self) -> tuple[int, int]:
         last = self.rows.sort("step", "attempt").tail(1).row(0, named=True)
@@ -251,30 +249,11 @@ class Search:
                 parent: Version | None, started, propose_s: float, worker: int = 0, island: int = 0) -> dict:
         committed = decision in ("committed", "seed")
         sha = lineage.write_source(self.run_dir, proposal.source)
-        p = self.problem
-        row = {
-            "run_id": self.run_id, "step": step, "attempt": attempt, "candidate_id": f"{step:05d}.{attempt:02d}",
-            "parent_id": parent.candidate_id if parent else None,
-            "version": (self.history[-1].version + 1 if self.history else 0) if committed else None,
-            "committed": committed, "decision": decision, "status": result.status.value, "ranked": result.ranked,
-            "score": result.score, "best_before": parent.score if parent else None,
-            "stage": result.stage, "screen_s": result.screen_s, "paired_ratio": result.paired_ratio,
-            "paired_lo": result.paired_lo, "paired_hi": result.paired_hi, "incumbent_score": result.incumbent_score,
-            "anchor_ratio": result.anchor_ratio, "anchor_lo": result.anchor_lo, "anchor_hi": result.anchor_hi,
-            "configs": [vars(c) for c in result.configs], "source_sha": sha, "operator": self.operator.name,
-            "model": proposal.model or self.operator.model, "message": proposal.message, "error": result.error,
-            "propose_s": propose_s, "compile_s": result.compile_s, "verify_s": result.verify_s,
-            "bench_s": result.bench_s, "prompt_tokens": proposal.prompt_tokens,
-            "completion_tokens": proposal.completion_tokens, "llm_calls": proposal.llm_calls,
-            "registers": result.registers, "spill_bytes": result.spill_bytes, "stack_bytes": result.stack_bytes,
-            "smem_bytes": result.smem_bytes, "threads": result.threads, "gpu": result.gpu,
-            "sm_clock_mhz": result.sm_clock_mhz, "power_w": result.power_w, "kernel": p.name,
-            "heads_q": p.heads_q, "heads_kv": p.heads_kv, "head_dim": p.head_dim, "group": p.group,
-            "directive": self.directive, "started_at": started, "finished_at": datetime.now(timezone.utc),
-            "host": socket.gethostname(), "extra": json.dumps({"log_tail": result.log[-2000:], **proposal.meta},
-                                                              default=str),
-            "worker": worker, "island": island,
-        }
+        row = lineage.attempt_row(
+            run_id=self.run_id, step=step, attempt=attempt, parent=parent, decision=decision, result=result,
+            version=(self.history[-1].version + 1 if self.history else 0) if committed else None,
+            proposal=proposal, operator=self.operator, problem=self.problem, directive=self.directive,
+            started=started, propose_s=propose_s, source_sha=sha, worker=worker, island=island)
         lineage.append(self.run_dir, row)
         self.rows = pl.concat([self.rows, lineage.to_frame([row])])
         self.tried.add(sha)
@@ -282,8 +261,7 @@ class Search:
         return row
 
     def _supervise(self, step: int, operator=None, rng=None) -> str | None:
-        sup = lineage.scan_supervisor([self.run_dir]).collect()
-        since = int(sup["step"].max()) if len(sup) else 0
+        since = int(self.sup["step"].max()) if len(self.sup) else 0
         reason = detect(self.rows, self.s.stagnation, since)
         if reason is None:
             return None
@@ -293,11 +271,12 @@ class Search:
                           rng or self.rng, set(self.tried), self.directive, self.deadline())
         r = operator.redirect(ctx, reason) or Redirect("")
         directive = r.directive
-        lineage.append_supervisor(self.run_dir, {"run_id": self.run_id, "step": step, "reason": reason,
-                                                 "operator": operator.name, **asdict(r)})
+        record = lineage.append_supervisor(self.run_dir, {"run_id": self.run_id, "step": step, "reason": reason,
+                                                          "operator": operator.name, **asdict(r)})
+        self.sup = pl.concat([self.sup, lineage.supervisor_frame([record])])
         self.directive = directive or self.directive
         self.progress.line(f"supervisor at step {step}: {reason}" + (f" -> {directive[:200]}" if directive else ""))
-        n = len(sup) + 1
+        n = len(self.sup)
         if self.s.stagnation.max_redirects and n >= self.s.stagnation.max_redirects:
             return f"stagnated: {n} supervisor interventions (search.stagnation.max_redirects)"
         return None

@@ -167,3 +167,22 @@ def test_atomic_writes_are_readable_by_collaborators_unless_told_otherwise(tmp_p
         os.umask(old)
     assert (tmp_path / "run.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_one_row_builder_fills_exactly_the_schema(tmp_path):
+    from types import SimpleNamespace
+
+    from avo.types import ConfigResult, EvalResult, Problem, Proposal, Shape, Status, Version
+
+    shape = Shape(1, 8, 8, 2, 2, 64, False)
+    row = lineage.attempt_row(
+        run_id="r", step=3, attempt=1, parent=Version(2, "00002.00", "", 5.0, []), version=3, decision="committed",
+        result=EvalResult(Status.OK, ranked=True, score=6.0, configs=[ConfigResult("k", 6.0)], paired_ratio=1.2),
+        proposal=Proposal("src", "msg"), operator=SimpleNamespace(name="mutation", model=""),
+        problem=Problem("mha", 2, 2, 64, (shape,), (shape,)), directive=None, started=None, propose_s=0.1,
+        source_sha="abc")
+    assert set(row) | {"schema_version"} == set(lineage.SCHEMA.names)
+    assert (row["candidate_id"], row["parent_id"], row["committed"], row["best_before"]) == ("00003.01", "00002.00",
+                                                                                           True, 5.0)
+    lineage.append(tmp_path, {**row, "started_at": row["finished_at"]})
+    assert lineage.read_run(tmp_path)["paired_ratio"].to_list() == [1.2]

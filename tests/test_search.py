@@ -100,10 +100,14 @@ def test_resume_rejects_a_different_problem(cfg_factory, tmp_path):
         run(cfg_factory, tmp_path, "search.max_steps=2", "kernel=gqa", "group=4")
 
 
-def test_stagnation_calls_the_supervisor_and_can_stop(cfg_factory, tmp_path):
+def test_stagnation_calls_the_supervisor_and_can_stop(cfg_factory, tmp_path, monkeypatch):
+    scans = []
+    scan = lineage.scan_supervisor
+    monkeypatch.setattr(lineage, "scan_supervisor", lambda *a, **kw: scans.append(1) or scan(*a, **kw))
     summary, _ = run(cfg_factory, tmp_path, "search.max_steps=200", "search.stagnation.no_commit_steps=2",
                      "search.stagnation.max_redirects=2", "search.attempts_per_step=1")
-    sup = lineage.scan_supervisor([tmp_path]).collect()
+    assert len(scans) == 1  # read once when the search opens; each step's check works from memory
+    sup = scan([tmp_path]).collect()
     assert len(sup) == 2 and summary.stopped.startswith("stagnated")
     assert all("widening" in d for d in sup["directive"])
     assert sup["llm_calls"].to_list() == [0, 0] and sup["model"].to_list() == ["", ""]  # no LLM: no cost

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from avo import lineage
 from avo.analysis.reader import Lineage
 
 FAILURES = ["compile_error", "incorrect", "crashed", "timeout", "invalid", "error"]
@@ -17,11 +18,9 @@ CONFIG_FIELDS = ["key", "tflops", "ms", "ms_p10", "ms_p90", "cudnn_tflops", "fa2
 
 # The columns tables.attempts keeps in memory; the rest (configs, message, error, extra, ...) stay on disk
 # and are read for committed versions only, or by a query on lin.attempts.
-CORE = ["run_id", "run_dir", "step", "attempt", "candidate_id", "parent_id", "version", "committed", "decision",
-        "status", "ranked", "score", "best_before", "source_sha", "operator", "model", "propose_s", "compile_s",
-        "verify_s", "bench_s", "prompt_tokens", "completion_tokens", "llm_calls", "registers", "spill_bytes",
-        "smem_bytes", "gpu", "kernel", "group", "directive", "started_at", "finished_at", "stage", "screen_s",
-        "paired_ratio", "paired_lo", "paired_hi", "incumbent_score"]
+# every scalar column of the lineage row (lineage.SCHEMA), and where the run lives; the wide ones
+# (configs, message) are read only for committed versions
+CORE = ["run_dir", *(f.name for f in lineage.SCHEMA if f.name not in lineage.WIDE_COLUMNS)]
 
 
 def attempts(lin: Lineage) -> pl.LazyFrame:
