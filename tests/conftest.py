@@ -55,3 +55,18 @@ def adversarial_sources() -> dict[str, str]:
 
     naive = (ROOT / "kernels_cuda" / "naive" / "naive.cu").read_text()
     return {p.stem: apply_edits(naive, parse_blocks(p.read_text())) for p in sorted(ADVERSARIAL_DIR.glob("*.edit"))}
+
+
+def kill_mid_run(cmd: list[str], run_dir: Path, parts: int, timeout_s: float) -> None:
+    """Start `python -m avo.launch ...`, SIGKILL its process group once `parts` attempts reached disk."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while len(list((run_dir / "lineage").glob("part-*.parquet"))) < parts and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -1,10 +1,7 @@
 """The loop with a deterministic scoring double (pure logic), and end to end with the real NVRTC harness."""
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import polars as pl
 import pytest
@@ -15,7 +12,7 @@ from avo.operators import make_operator
 from avo.problem import problem_from_cfg
 from avo.search import Search, SearchError, _open_run, run_search
 from avo.types import ConfigResult, EvalResult, Status
-from tests.conftest import DATA, ROOT
+from tests.conftest import DATA, ROOT, kill_mid_run
 
 SEED = str(DATA / "tunable.cu")
 
@@ -161,13 +158,7 @@ def test_killed_run_resumes_from_its_lineage(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "avo.launch", "harness=compile", f"seed={SEED}", "search.max_steps=40",
            f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 120
-    while len(list((run_dir / "lineage").glob("part-*.parquet"))) < 4 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_mid_run(cmd, run_dir, parts=4, timeout_s=120)
     before = lineage.read_run(run_dir)
     assert 4 <= len(before) < 60
     r = subprocess.run([sys.executable, "-m", "avo.launch", "harness=compile", f"seed={SEED}",

@@ -3,8 +3,6 @@
 The commit serialisation is checked with scoring doubles (pure logic, deterministic races); ids,
 records and kill/resume run the real mutation operator and the real NVRTC harness."""
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +18,7 @@ from avo.problem import problem_from_cfg
 from avo.search import Search, _open_run, run_search
 from avo.types import Proposal
 from avo.workers import busy_seconds, unfinished_steps
-from tests.conftest import DATA, ROOT
+from tests.conftest import DATA, ROOT, kill_mid_run
 from tests.test_search import SEED, ScoreHarness
 
 SEED_SRC = (DATA / "tunable.cu").read_text()
@@ -181,13 +179,7 @@ def test_four_workers_on_the_nvrtc_harness(cfg_factory, tmp_path, capsys):
 def test_a_killed_four_worker_run_resumes_without_loss_or_duplicates(tmp_path):
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "avo.launch", "harness=compile", f"seed={SEED}", "search.workers=4"]
-    proc = subprocess.Popen([*args, "search.max_steps=60", f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while len(list((run_dir / "lineage").glob("part-*.parquet"))) < 9 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_mid_run([*args, "search.max_steps=60", f"hydra.run.dir={run_dir}"], run_dir, parts=9, timeout_s=180)
     before = lineage.read_run(run_dir)
     assert 9 <= len(before) < 1 + 60 * 3
     last = int(before["step"].max())
