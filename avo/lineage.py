@@ -15,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import socket
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -258,24 +260,70 @@ def lineage_files(paths, pattern: str = "*.parquet", warn=None) -> list[Path]:
     return files
 
 
+def _footer(path: Path) -> dict | str:
+    """The file's schema from its footer (cheap: no data read), or why it cannot be read."""
+    try:
+        return pl.read_parquet_schema(path)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _older_struct(have, want) -> bool:
+    """A list of structs whose fields the target has all of: OLDER_ROWS fills in the rest."""
+    if not (isinstance(have, pl.List) and isinstance(want, pl.List)):
+        return False
+    h, w = have.inner, want.inner
+    return isinstance(h, pl.Struct) and isinstance(w, pl.Struct) and \
+        {f.name: f.dtype for f in h.fields}.items() <= {f.name: f.dtype for f in w.fields}.items()
+
+
+def open_files(files: list[Path], schema: pa.Schema, warn=None) -> pl.LazyFrame:
+    """The one way lineage files are read: lazily, against `schema`. Columns (and per-config fields)
+    a file lacks read as null; a file whose column types differ otherwise is cast file by file; an
+    unreadable file is reported and skipped. Each kind of drift is reported once per folder."""
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    target = pl.from_arrow(schema.empty_table()).schema
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        footers = list(pool.map(_footer, files))
+    fast, slow, drift = [], [], {}
+    for f, have in zip(files, footers, strict=True):
+        if isinstance(have, str):
+            warn(f"skipping unreadable lineage file {f}: {have}")
+            continue
+        missing = tuple(c for c in target if c not in have)
+        extra = tuple(c for c in have if c not in target)
+        retyped = tuple(c for c in target if c in have and have[c] != target[c]
+                        and not _older_struct(have[c], target[c]))
+        if missing or extra or retyped:
+            drift.setdefault((f.parent, missing, extra, retyped), []).append(f)
+        (slow if retyped else fast).append(f)
+    for (where, missing, extra, retyped), fs in drift.items():
+        parts = [f"missing {', '.join(missing)} (read as null)" if missing else "",
+                 f"extra {', '.join(extra)} (ignored)" if extra else "",
+                 f"other types for {', '.join(retyped)} (cast)" if retyped else ""]
+        warn(f"{len(fs)} file(s) in {where} differ from lineage schema v{SCHEMA_VERSION}: "
+             + "; ".join(p for p in parts if p))
+    frames = []
+    if fast:
+        frames.append(pl.scan_parquet(fast, schema=target, missing_columns="insert", extra_columns="ignore",
+                                      cast_options=OLDER_ROWS))
+    for f in slow:
+        df = pl.read_parquet(f)
+        cols = [(pl.col(c).cast(t, strict=False) if c in df.columns else pl.lit(None, t)).alias(c)
+                for c, t in target.items()]
+        frames.append(df.lazy().select(cols))
+    return pl.concat(frames, how="vertical") if frames else pl.LazyFrame(schema=target)
+
+
 def scan(paths, warn=None) -> pl.LazyFrame:
     """All attempts below the given directories, one row per candidate (schema drift tolerated)."""
     files = lineage_files(paths, "[pc][ah]*.parquet", warn)  # part-* and chunk-*
-    if not files:
-        return pl.LazyFrame(schema=pl.from_arrow(SCHEMA.empty_table()).schema)
-    lf = pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore",
-                         cast_options=OLDER_ROWS,
-                         schema=pl.from_arrow(SCHEMA.empty_table()).schema)
-    return lf.unique(subset=["run_id", "candidate_id"], keep="first", maintain_order=True)
+    return open_files(files, SCHEMA, warn).unique(subset=["run_id", "candidate_id"], keep="first",
+                                                  maintain_order=True)
 
 
 def scan_supervisor(paths, warn=None) -> pl.LazyFrame:
-    files = lineage_files(paths, "supervisor/*.parquet", warn)
-    if not files:
-        return pl.LazyFrame(schema=pl.from_arrow(SUPERVISOR_SCHEMA.empty_table()).schema)
-    return pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore",
-                         cast_options=OLDER_ROWS,
-                           schema=pl.from_arrow(SUPERVISOR_SCHEMA.empty_table()).schema)
+    return open_files(lineage_files(paths, "supervisor/*.parquet", warn), SUPERVISOR_SCHEMA, warn)
 
 
 def read_run(run_dir: str | Path) -> pl.DataFrame:
@@ -293,9 +341,7 @@ def read_run(run_dir: str | Path) -> pl.DataFrame:
             files.append(f)
     if not files:
         return to_frame([])
-    lf = pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore",
-                         cast_options=OLDER_ROWS, schema=to_frame([]).schema)
-    return lf.unique(subset=["candidate_id"], keep="first").sort("step", "attempt").collect()
+    return open_files(files, SCHEMA).unique(subset=["candidate_id"], keep="first").sort("step", "attempt").collect()
 
 
 def write_run_info(run_dir: str | Path, info: dict) -> None:

@@ -154,6 +154,9 @@ def test_rows_written_before_the_paired_columns_still_read(tmp_path):
     df = lineage.read_run(tmp_path)
     assert df["configs"][0][0]["tflops"] == 1.0 and df["configs"][0][0]["samples"] is None
     assert df["paired_lo"].to_list() == [None] and lineage.scan([tmp_path]).collect().height == 1
+    from avo.analysis import load  # the analysis reads them the same one way
+
+    assert load([tmp_path], warn=lambda m: None).attempts.collect()["configs"][0][0]["tflops"] == 1.0
 
 
 def test_atomic_writes_are_readable_by_collaborators_unless_told_otherwise(tmp_path):

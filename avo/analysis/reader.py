@@ -5,9 +5,7 @@ schema version, a broken run.json) become one warning line each; whatever is rea
 """
 from __future__ import annotations
 
-import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,10 +13,7 @@ import polars as pl
 import pyarrow as pa
 
 from avo import lineage
-from avo.lineage import OLDER_ROWS
 
-TARGET = pl.from_arrow(lineage.SCHEMA.empty_table()).schema
-SUPERVISOR_TARGET = pl.from_arrow(lineage.SUPERVISOR_SCHEMA.empty_table()).schema
 IGNORED_OVERRIDES = ("run_dir", "resume", "hydra.", "launcher")  # say where a run lives, not what it tests
 REPLICATE_KEYS = ("rng",)  # repeat a cell of a sweep; never a default grouping key
 
@@ -72,53 +67,6 @@ def _run_dirs(root: Path) -> list[Path]:
         return [root]
     return sorted(p.parent for p in root.rglob("lineage")
                   if p.is_dir() and ((p.parent / "run.json").exists() or any(p.glob("*.parquet"))))
-
-
-def _schema(path: Path) -> dict | str:
-    """The file's schema from its footer (cheap: no data read), or why it cannot be read."""
-    try:
-        return pl.read_parquet_schema(path)
-    except (OSError, pl.exceptions.PolarsError) as e:
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
-def _classify(files: list[Path], target: dict, warn) -> tuple[list[Path], list[Path]]:
-    """Split readable files into those the fast scan can take and those needing a per-file cast."""
-    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-        schemas = list(pool.map(_schema, files))
-    fast, slow, drift = [], [], {}
-    for f, s in zip(files, schemas, strict=True):
-        if isinstance(s, str):
-            warn(f"skipping unreadable lineage file {f}: {s}")
-            continue
-        have = s
-        missing = tuple(c for c in target if c not in have)
-        extra = tuple(c for c in have if c not in target)
-        retyped = tuple(c for c in target if c in have and have[c] != target[c])
-        if missing or extra or retyped:
-            drift.setdefault((f.parent, missing, extra, retyped), []).append(f)
-        (slow if retyped else fast).append(f)
-    for (where, missing, extra, retyped), fs in drift.items():
-        parts = [f"missing {', '.join(missing)} (read as null)" if missing else "",
-                 f"extra {', '.join(extra)} (ignored)" if extra else "",
-                 f"other types for {', '.join(retyped)} (cast)" if retyped else ""]
-        warn(f"{len(fs)} file(s) in {where} differ from lineage schema v{lineage.SCHEMA_VERSION}: "
-             + "; ".join(p for p in parts if p))
-    return fast, slow
-
-
-def _open(files: list[Path], target: dict, warn) -> pl.LazyFrame:
-    fast, slow = _classify(files, target, warn)
-    frames = []
-    if fast:
-        frames.append(pl.scan_parquet(fast, schema=target, missing_columns="insert", extra_columns="ignore",
-                         cast_options=OLDER_ROWS))
-    for f in slow:
-        df = pl.read_parquet(f)
-        cols = [(pl.col(c).cast(t, strict=False) if c in df.columns else pl.lit(None, t)).alias(c)
-                for c, t in target.items()]
-        frames.append(df.lazy().select(cols))
-    return pl.concat(frames, how="vertical") if frames else pl.LazyFrame(schema=target)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, str]:
@@ -197,12 +145,12 @@ def load(paths, warn=None) -> Lineage:
              "rows are merged by candidate_id")
         table = table.unique("run_id", keep="first", maintain_order=True)
         overlap = True
-    supervisor = _open(sup_files, SUPERVISOR_TARGET, note)
+    supervisor = lineage.open_files(sup_files, lineage.SUPERVISOR_SCHEMA, note)
     return Lineage(_attempts(files, table, overlap, note), supervisor, table, keys, warnings, files, overlap, note)
 
 
 def _attempts(files: list[Path], runs: pl.DataFrame, dedupe: bool, note) -> pl.LazyFrame:
-    attempts = _open(files, TARGET, note)
+    attempts = lineage.open_files(files, lineage.SCHEMA, note)
     if dedupe:
         attempts = attempts.unique(subset=["run_id", "candidate_id"], keep="first")
     return attempts.join(runs.lazy().select("run_id", "run_dir"), on="run_id", how="left")
