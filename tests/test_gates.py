@@ -91,3 +91,14 @@ def test_launch_geometry_is_validated_once_for_host_and_exports():
     src = NAIVE.replace("AVO_LAUNCH(ROWS_PER_BLOCK * 32,", "AVO_LAUNCH(ROWS_PER_BLOCK * 32 + 1,")
     c = compile_source(src, "sm_90a", 128)
     assert not c.ok and c.error == "threads=129: need a multiple of 32 in [32, 1024]"
+
+
+def test_a_compile_error_names_its_first_diagnostic():
+    pytest.importorskip("cuda.core")
+    from avo.contract import set_tunables
+    from avo.harness.nvrtc import compile_source
+
+    src = set_tunables((ROOT / "kernels_cuda" / "sm90" / "sm90.cu").read_text(),
+                       {"PRODUCER_REGS": "40", "CONSUMER_REGS": "240"})
+    c = compile_source(src, "sm_90a", 128)
+    assert not c.ok and c.error.startswith("compile error: candidate.cu(") and "[register pool]" in c.error

@@ -121,8 +121,9 @@ def compile_source(source: str, arch: str, head_dim: int, cache_dir: str | os.Pa
         cached = True
     else:
         ok, log, ptx, cubin = _nvrtc(source, _options(arch, head_dim, extra_defines))
-        if not ok:
-            return Compiled(ok=False, log=log, error="compile error")
+        if not ok:  # the first diagnostic names the problem (a static_assert's rule, a typo's line)
+            first = next((ln.strip() for ln in log.splitlines() if ": error" in ln), "")
+            return Compiled(ok=False, log=log, error=f"compile error: {first[:300]}" if first else "compile error")
         cached = False
         if cache:
             from avo.fsutil import atomic_write_bytes
