@@ -106,6 +106,10 @@ def test_the_job_contract_round_trips_and_refuses_fields_it_does_not_know(tmp_pa
     job = Job.read(job_dir)
     assert (job.mode, job.arch, job.problem_of(), job.sources) == ("compile", "sm_90a", PROBLEM, {"a": "/x/a.cu"})
     assert job.job_dir == str(job_dir) and (job_dir / "source.cu").read_text() == NAIVE
+    from avo.types import Reference
+
+    paired = Job.read(h.write_job(NAIVE, PROBLEM, "evaluate", others=[Reference("incumbent", 3, "// v3\n")]))
+    assert Path(paired.others["incumbent"]).read_text() == "// v3\n"  # beside the candidate, named by role
     d = json.loads((job_dir / "job.json").read_text())
     (job_dir / "job.json").write_text(json.dumps({**d, "sneaky": 1}))
     with pytest.raises(ValueError, match="unknown fields \\['sneaky'\\]"):

@@ -41,20 +41,32 @@ class SandboxHarness:
     def evaluate(self, source: str, problem: Problem, mode: str | None = None, against: list[Reference] | None = None,
                  deadline: float | None = None) -> EvalResult:
         """mode: the worker mode; None is the harness's full evaluation ("check" = correctness only).
-        against: committed versions to time side by side (harnesses that time nothing ignore it)."""
-        return self.run_job(self.write_job(source, problem, mode), {"compile": float(self.cfg.compile_timeout_s)},
-                            deadline)
+        against: committed versions to time side by side (only a full evaluation of a timing harness)."""
+        others = against if self.ranks and self.worker_mode(mode) == "evaluate" else None
+        return self.run_job(self.write_job(source, problem, mode, others=others), self.limits(others), deadline)
 
-    def write_job(self, source: str, problem: Problem, mode: str | None = None, **fields) -> Path:
+    def write_job(self, source: str, problem: Problem, mode: str | None = None,
+                  others: list[Reference] | None = None, **fields) -> Path:
         job = self.job(problem, mode, **fields)
         h = hashlib.sha256(source.encode()).hexdigest()[:16]
         job_dir = self.work_dir / f"{h}-{job.mode}{_thread_tag()}"
         atomic_write_text(job_dir / "source.cu", source)
+        for ref in others or []:  # the versions timed side by side, as files beside the candidate
+            atomic_write_text(job_dir / f"{ref.role}.cu", ref.source)
+            job.others[ref.role] = str(job_dir / f"{ref.role}.cu")
         return job.write(job_dir)
+
+    def limits(self, against: list[Reference] | None) -> dict[str, float]:
+        """Per-stage time limits: compilation has its own (the GPU harness derives the others)."""
+        return {"compile": float(self.cfg.compile_timeout_s)}
 
     def run_job(self, job_dir: Path, limits: dict[str, float] | None = None,
                 deadline: float | None = None) -> EvalResult:
-        result = run_worker(job_dir, self.cfg.timeout_s, env=self.env(), limits=limits, deadline=deadline)
+        return self.outcome(run_worker(job_dir, self.cfg.timeout_s, env=self.env(), limits=limits,
+                                       deadline=deadline))
+
+    def outcome(self, result: EvalResult) -> EvalResult:
+        """A worker's result, or HarnessUnavailable where it says the environment is broken."""
         if result.status == Status.UNAVAILABLE:
             raise HarnessUnavailable(result.error)
         return result

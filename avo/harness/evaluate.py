@@ -39,7 +39,10 @@ def device_arch(device: int = 0) -> str:
 
 def prepare(source: str, problem: Problem, hc: dict, arch: str, cache_dir, allow_printf: bool,
             log) -> tuple[Kernel | None, EvalResult]:
-    """Gates + compile + load. Returns (kernel or None, result with compile fields set)."""
+    """Gates + compile + load. Returns (kernel or None, result with compile fields set).
+    arch "auto": the device's own."""
+    if arch == "auto":
+        arch = device_arch(hc.get("device", 0))
     t0 = time.perf_counter()
     c = compile_candidate(source, arch, problem.head_dim, cache_dir, allow_printf)
     res = EvalResult(Status.OK, log=c.log[-8000:], registers=c.registers, spill_bytes=c.spill_bytes,
@@ -274,8 +277,6 @@ def evaluate(source: str, problem: Problem, hc: dict, arch: str, cache_dir, chec
     """The search's fitness: one candidate, timed side by side with `others` (name -> source:
     the incumbent, and the anchor of the commit rule), after a short paired screen.
     check_only stops after correctness (ranked=False)."""
-    if arch == "auto":
-        arch = device_arch(hc.get("device", 0))
     phase("compile")
     kernel, res = prepare(source, problem, hc, arch, cache_dir, allow_printf=check_only, log=log)
     if kernel is None:

@@ -28,7 +28,6 @@ import time
 import uuid
 from pathlib import Path
 
-from avo.fsutil import atomic_write_text
 from avo.harness import HarnessUnavailable, SandboxHarness
 from avo.harness.abi import arch_name
 from avo.harness.job import Job
@@ -105,26 +104,9 @@ class GpuHarness(SandboxHarness):
             proc = spawn(["--standby", str(self.cfg.device), self.lock], log, env=self.env(), stdin=subprocess.PIPE)
             self._spares.append((proc, log_path, log))
 
-    def evaluate(self, source: str, problem: Problem, mode: str | None = None, against: list[Reference] | None = None,
-                 deadline: float | None = None) -> EvalResult:
-        mode = self.worker_mode(mode)
-        others = against if mode == "evaluate" else None
-        job_dir = self.write_job(source, problem, mode, others=others)
-        return self.run_job(job_dir, self.limits(others), deadline)
-
-    def write_job(self, source: str, problem: Problem, mode: str | None = None, others=None, **fields) -> Path:
-        job_dir = super().write_job(source, problem, mode, **fields)
-        if others:  # the versions timed side by side, as files beside the candidate
-            job = Job.read(job_dir)
-            for ref in others:
-                atomic_write_text(job_dir / f"{ref.role}.cu", ref.source)
-                job.others[ref.role] = str(job_dir / f"{ref.role}.cu")
-            job.write(job_dir)
-        return job_dir
-
     def limits(self, against: list[Reference] | None) -> dict[str, float]:
         """Per-stage time limits: compilation's own, the others from the incumbent's measured times."""
-        limits = {"compile": float(self.cfg.compile_timeout_s)}
+        limits = super().limits(against)
         inc = next((r for r in against or [] if r.role == "incumbent"), None)
         for stage, t in (inc.stage_s if inc else {}).items():
             if t:
@@ -133,7 +115,6 @@ class GpuHarness(SandboxHarness):
 
     def run_job(self, job_dir: Path, limits: dict[str, float] | None = None,
                 deadline: float | None = None) -> EvalResult:
-        timeout = self.cfg.timeout_s
         spare = None
         with self._spares_lock:
             while self._spares and spare is None:
@@ -143,11 +124,11 @@ class GpuHarness(SandboxHarness):
                     spare = None
             self._fill_spares()  # the next start-up overlaps this evaluation
         if spare is None:
-            result = run_worker(job_dir, timeout, env=self.env(), limits=limits, deadline=deadline)
-        else:
-            result = self._run_on_spare(spare, job_dir, limits, deadline)
-        if result.status == Status.UNAVAILABLE:
-            raise HarnessUnavailable(result.error)
+            return super().run_job(job_dir, limits, deadline)
+        return self.outcome(self._run_on_spare(spare, job_dir, limits, deadline))
+
+    def outcome(self, result: EvalResult) -> EvalResult:
+        result = super().outcome(result)
         if result.status in (Status.CRASHED, Status.TIMEOUT):
             probe_gpu(self.cfg.device)  # a GPU left unusable stops the search here, with one line
         return result

@@ -59,14 +59,13 @@ def gpu_bench(source: str, job: Job) -> EvalResult:
     Writes JOB_DIR/bench.json (name -> EvalResult); the returned result summarises the batch.
     """
     from avo.harness.devlock import gpu_lock
-    from avo.harness.evaluate import benchmark, device_arch, finish, prepare, run_checks
+    from avo.harness.evaluate import benchmark, finish, prepare, run_checks
 
     problem, hc = job.problem_of(), job.harness
-    arch = device_arch(hc.get("device", 0)) if job.arch == "auto" else job.arch
     results, kernels = {}, {}
     for name, path in job.sources.items():
         _log(f"== {name}: compile and verify")
-        kernel, res = prepare(Path(path).read_text(), problem, hc, arch, job.cache_dir, False, _log)
+        kernel, res = prepare(Path(path).read_text(), problem, hc, job.arch, job.cache_dir, False, _log)
         results[name] = res
         if kernel is not None and run_checks(kernel, problem, hc, res, _log):
             kernels[name] = kernel
@@ -90,13 +89,12 @@ def gpu_trials(source: str, job: Job) -> EvalResult:
     included); conditions alternate, so slow drift affects them alike. Writes JOB_DIR/trials.json.
     """
     from avo.harness.devlock import gpu_lock
-    from avo.harness.evaluate import benchmark, device_arch, prepare
+    from avo.harness.evaluate import benchmark, prepare
 
     problem, hc = job.problem_of(), job.harness
-    arch = device_arch(hc.get("device", 0)) if job.arch == "auto" else job.arch
     kernels = {}
     for name, path in job.sources.items():
-        kernel, res = prepare(Path(path).read_text(), problem, hc, arch, job.cache_dir, False, _log)
+        kernel, res = prepare(Path(path).read_text(), problem, hc, job.arch, job.cache_dir, False, _log)
         if kernel is None:
             return res
         kernels[name] = kernel
@@ -122,12 +120,11 @@ def gpu_profile(source: str, job: Job) -> EvalResult:
     import torch
 
     from avo.harness.check import Outputs, random_inputs
-    from avo.harness.evaluate import device_arch, prepare
+    from avo.harness.evaluate import prepare
 
     problem, hc = job.problem_of(), job.harness
     shape = next(s for s in problem.bench if s.key == job.shape)
-    arch = device_arch(hc.get("device", 0)) if job.arch == "auto" else job.arch
-    kernel, res = prepare(source, problem, hc, arch, job.cache_dir, False, _log)
+    kernel, res = prepare(source, problem, hc, job.arch, job.cache_dir, False, _log)
     if kernel is None:
         return res
     gen = torch.Generator(device="cuda")
