@@ -57,39 +57,29 @@ class Ratio:
     hi: float
     n: int = 0
 
-    @property
-    def faster(self) -> bool:
-        return self.lo > 1.0
 
-    @property
-    def slower(self) -> bool:
-        return self.hi < 1.0
+def _log_ratios(cand_ms: list[float], ref_ms: list[float]) -> list[float]:
+    return [math.log(r / c) for c, r in zip(cand_ms, ref_ms, strict=True) if c > 0 and r > 0]
 
 
-def config_ratio(cand_ms: list[float], ref_ms: list[float], alpha: float) -> Ratio:
-    d = [math.log(r / c) for c, r in zip(cand_ms, ref_ms, strict=True) if c > 0 and r > 0]
-    mean, se, df = yuen(d)
+def _ratio(mean: float, se: float, df: float, alpha: float, n: int) -> Ratio:
     t = t_quantile(1 - alpha, df)
-    return Ratio(math.exp(mean), math.exp(mean - t * se), math.exp(mean + t * se), len(d))
+    return Ratio(math.exp(mean), math.exp(mean - t * se), math.exp(mean + t * se), n)
 
 
 def geomean_ratio(pairs: list[tuple[list[float], list[float]]], alpha: float) -> tuple[Ratio, list[Ratio]]:
     """The geomean ratio over configs (each a pair of per-iteration times) and each config's."""
-    stats = []
-    for cand, ref in pairs:
-        d = [math.log(r / c) for c, r in zip(cand, ref, strict=True) if c > 0 and r > 0]
-        stats.append(yuen(d))
-    per = [config_ratio(c, r, alpha) for c, r in pairs]
+    diffs = [_log_ratios(cand, ref) for cand, ref in pairs]
+    stats = [yuen(d) for d in diffs]
+    per = [_ratio(*st, alpha, len(d)) for st, d in zip(stats, diffs, strict=True)]
     k = len(stats)
     if k == 0:
         return Ratio(1.0, 0.0, math.inf), []
     mean = sum(m for m, _, _ in stats) / k
     var = sum(se ** 2 for _, se, _ in stats) / k ** 2
-    se = math.sqrt(var)
     denom = sum((s ** 2 / k ** 2) ** 2 / max(df, 1) for _, s, df in stats)
-    df = var ** 2 / denom if denom > 0 else 1e9
-    t = t_quantile(1 - alpha, df)
-    return Ratio(math.exp(mean), math.exp(mean - t * se), math.exp(mean + t * se), sum(r.n for r in per)), per
+    df = var ** 2 / denom if denom > 0 else 1e9  # Welch-Satterthwaite
+    return _ratio(mean, math.sqrt(var), df, alpha, sum(len(d) for d in diffs)), per
 
 
 def screen_out(ratio: Ratio, margin: float) -> bool:
