@@ -40,29 +40,26 @@ class CheckResult:
     checks: int = 0
 
 
-def _strided(shape4: tuple[int, int, int, int], layout: str, dtype, device, fill=None):
-    """A (B, S, H, D) view in the given storage layout inside a guarded flat buffer.
+def _strided(shape4: tuple[int, int, int, int], layout: str, dtype, device, mask: bool = False):
+    """A (B, S, H, D) view in the given storage layout inside a flat buffer with guard bands.
 
-    Returns (view, flat buffer, mask of the buffer's elements the view covers)."""
+    Returns (view, flat buffer, and with mask=True the boolean buffer marking what the view covers)."""
     b, s, h, d = shape4
-    if layout == "bhsd":
-        inner, perm = (b, h, s, d), (0, 2, 1, 3)
-    elif layout == "padded":
-        inner, perm = (b, s, h, d + PAD), None
-    else:
-        inner, perm = (b, s, h, d), None
+    inner, perm = {"bhsd": ((b, h, s, d), (0, 2, 1, 3)), "padded": ((b, s, h, d + PAD), None)}.get(
+        layout, ((b, s, h, d), None))
     n = math.prod(inner)
+
+    def place(flat: torch.Tensor) -> torch.Tensor:  # the same view of any buffer of the same size
+        view = flat[GUARD:GUARD + n].view(inner)
+        view = view.permute(*perm) if perm else view
+        return view[..., :d] if layout == "padded" else view
+
     flat = torch.empty(2 * GUARD + n, dtype=dtype, device=device)
-    if fill is not None:
-        flat.fill_(fill)
-    view = flat[GUARD:GUARD + n].view(inner)
-    view = view.permute(*perm) if perm else view
-    view = view[..., :d] if layout == "padded" else view
-    mask = torch.zeros(flat.shape, dtype=torch.bool, device=device)
-    mview = mask[GUARD:GUARD + n].view(inner)
-    mview = mview.permute(*perm) if perm else mview
-    (mview[..., :d] if layout == "padded" else mview).fill_(True)
-    return view, flat, mask
+    covered = None
+    if mask:
+        covered = torch.zeros(flat.shape, dtype=torch.bool, device=device)
+        place(covered).fill_(True)
+    return place(flat), flat, covered
 
 
 class Outputs:
@@ -71,7 +68,7 @@ class Outputs:
     def __init__(self, shape: Shape, device="cuda", layout: str = "contiguous"):
         b, sq, hq, d = shape.batch, shape.seqlen_q, shape.heads_q, shape.head_dim
         self.layout = layout
-        self.o, self._o, self._o_in = _strided((b, sq, hq, d), layout, torch.bfloat16, device)
+        self.o, self._o, self._o_in = _strided((b, sq, hq, d), layout, torch.bfloat16, device, mask=True)
         # LSE rows are contiguous (the contract); heads and batches may be strided
         n = b * hq * (sq + (PAD if layout not in ("contiguous", "bhsd") else 0))
         self._lse = torch.empty(2 * GUARD + n, dtype=torch.float32, device=device)
