@@ -203,7 +203,7 @@ def _time_shape(live: dict[str, Kernel], shape: Shape, hc: dict, log, checked: s
                                    1e-3, rows=rows, scale=state["scale"])
             strict[n] = ("" if ok else f"output wrong against the FP32 reference: {msg}", err)
 
-    def after(it, timed):
+    def after(it):
         if REFERENCE not in baselines:
             state["ref"] = ref_fn()
         if state["tol"] is None:

@@ -69,7 +69,7 @@ class Timer:
                     prep: dict | None = None, before=None, after=None, min_iters: int = 2) -> dict[str, Stats]:
         """Per-function Stats over the timed iterations (see the module docstring).
 
-        before(i) and after(i, timed) run around every iteration i (warm-up included)."""
+        before(i) and after(i) run around every iteration i, warm-ups included and alike."""
         names, prep = list(fns), prep or {}
         n_warm = rng.randint(max(1, warmup), max(1, 2 * warmup))
         events: dict[str, list] = {n: [] for n in names}
@@ -79,10 +79,9 @@ class Timer:
                 before(i)
             order = rng.sample(names, len(names))
             evs = {n: self._call(fns[n], prep.get(n)) for n in order}
-            timed = n_iter is not None and i >= n_warm
             if after is not None:
-                after(i, timed)
-            if timed:
+                after(i)
+            if n_iter is not None and i >= n_warm:
                 for n in names:
                     events[n].append(evs[n])
             if n_iter is None:  # the first iteration sizes the run to the budget
