@@ -201,9 +201,10 @@ class Search:
                 return f"reached search.max_steps={self.s.max_steps}"
             if self.elapsed() >= self.s.max_hours * 3600:
                 return f"reached search.max_hours={self.s.max_hours}"
-            if self.elapsed() + self.expected_eval_s() >= self.s.max_hours * 3600:
+            need = self.expected_eval_s()
+            if self.elapsed() + need >= self.s.max_hours * 3600:
                 return (f"reached search.max_hours={self.s.max_hours}: no time left for another evaluation "
-                        f"(about {self.expected_eval_s():.0f} s)")
+                        f"(about {need:.0f} s)")
             row = self._attempt(step, attempt)
             if row["committed"] or attempt + 1 >= self.s.attempts_per_step:
                 stop = self._supervise(step)
@@ -229,21 +230,33 @@ class Search:
             proposal = e.proposal or Proposal("", message="")
             result = EvalResult(Status.INVALID, error=str(e))
             return self._record(step, attempt, proposal, result, "invalid", best, started, time.monotonic() - t)
-        against = None
-        if self.history:  # time it side by side with the incumbent (and the rule's anchor, where that differs)
-            against = [best.reference("incumbent")]
-            a = anchor(self.history)
-            if self.s.commit.rule == "noninferior" and a is not None and a.version != best.version:
-                against.append(a.reference("anchor"))
-        result = self.harness.evaluate(proposal.source, self.problem, against=against, deadline=self.deadline())
-        c = self.s.commit
-        annotate(result, c.alpha)
-        decision = (decide(result, c.rule, c.min_gain, c.config_margin) if self.history
-                    else "seed" if result.ok else "failed")
-        row = self._record(step, attempt, proposal, result, decision, best, started, propose_s)
-        if decision in ("committed", "seed"):
+        result = self.evaluate(proposal.source, self.history, best)
+        row = self._record(step, attempt, proposal, result, self.verdict(result, self.history), best, started,
+                           propose_s)
+        if row["committed"]:
             self.history.append(self._version(row))
         return row
+
+    def evaluate(self, source: str, history: list[Version], best: Version | None) -> EvalResult:
+        """The harness's evaluation, timed side by side with `best` (and the commit rule's anchor,
+        where that differs) once a version exists, and annotated with the paired comparison."""
+        c = self.s.commit
+        against = None
+        if history:
+            against = [best.reference("incumbent")]
+            a = anchor(history)
+            if c.rule == "noninferior" and a is not None and a.version != best.version:
+                against.append(a.reference("anchor"))
+        result = self.harness.evaluate(source, self.problem, against=against, deadline=self.deadline())
+        annotate(result, c.alpha)
+        return result
+
+    def verdict(self, result: EvalResult, history: list[Version]) -> str:
+        """The commit rule's decision; before any version exists, the first correct candidate is x0."""
+        c = self.s.commit
+        if history:
+            return decide(result, c.rule, c.min_gain, c.config_margin)
+        return "seed" if result.ok else "failed"
 
     def _record(self, step, attempt, proposal: Proposal, result: EvalResult, decision: str,
                 parent: Version | None, started, propose_s: float, worker: int = 0, island: int = 0) -> dict:

@@ -29,8 +29,6 @@ from datetime import datetime, timedelta, timezone
 import polars as pl
 
 from avo import lineage
-from avo.commit import anchor, decide
-from avo.paired import annotate
 from avo.types import Attempt, EvalResult, Proposal, ProposalError, Status, StepContext, Version
 
 COMMITS = ("committed", "seed")
@@ -173,37 +171,18 @@ class Workers:
         with self.lock:
             self.inflight.add(sha)
         try:
-            result = self._evaluate(proposal.source, history, parent)
+            result = self.search.evaluate(proposal.source, history, parent)
             with self.lock:
                 return self._decide(w, step, attempt, proposal, result, history, parent, started, propose_s)
         finally:
             with self.lock:
                 self.inflight.discard(sha)
 
-    def _evaluate(self, source: str, history: list[Version], best: Version) -> EvalResult:
-        """Timed side by side with `best` (and the rule's anchor, where that differs), as Search._attempt."""
-        s, c = self.search, self.search.s.commit
-        against = None
-        if history:
-            against = [best.reference("incumbent")]
-            a = anchor(history)
-            if c.rule == "noninferior" and a is not None and a.version != best.version:
-                against.append(a.reference("anchor"))
-        result = s.harness.evaluate(source, s.problem, against=against, deadline=s.deadline())
-        annotate(result, c.alpha)
-        return result
-
-    def _verdict(self, result: EvalResult, history: list[Version]) -> str:
-        c = self.search.s.commit
-        if history:
-            return decide(result, c.rule, c.min_gain, c.config_margin)
-        return "seed" if result.ok else "failed"
-
     def _decide(self, w, step, attempt, proposal: Proposal, result: EvalResult, history: list[Version],
                 parent: Version, started, propose_s: float) -> dict:
         """Judge against the best now and record; the caller holds self.lock."""
         s = self.search
-        decision = self._verdict(result, history)
+        decision = self.search.verdict(result, history)
         moved = len(s.history) != len(history)
         if moved and decision in COMMITS:  # it beat its parent, but the best has moved on since
             best = s.history[-1]
@@ -212,10 +191,10 @@ class Workers:
                                      result.compile_s + result.verify_s + result.screen_s + result.bench_s, 3))
             parent, decision = best, "stale"
             if s.harness.ranks and s.s.recheck_stale:
-                again = self._evaluate(proposal.source, list(s.history), best)
+                again = self.search.evaluate(proposal.source, list(s.history), best)
                 proposal.meta["rechecked"] = True
                 result = again
-                if self._verdict(again, s.history) == "committed":
+                if self.search.verdict(again, s.history) == "committed":
                     decision = "committed"
         row = s._record(step, attempt, proposal, result, decision, parent, started, propose_s, worker=w)
         if decision in COMMITS:
