@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from avo.fsutil import atomic_write_json, atomic_write_text
+from avo.fsutil import atomic_write_json
 from avo.types import EvalResult
 
 
@@ -96,6 +96,7 @@ def write_outputs(out: Path, problem, results: dict[str, EvalResult], meta: dict
 
 def run(cfg, out: Path) -> int:
     from avo.harness.gpu import GpuHarness
+    from avo.harness.job import write_sources
     from avo.harness.sandbox import run_worker
     from avo.problem import problem_from_cfg
     from avo.seeds import resolve
@@ -110,11 +111,7 @@ def run(cfg, out: Path) -> int:
     if cfg.profile:
         return _profile(harness, problem, seeds, None if cfg.profile == "first" else cfg.profile)
     job_dir = out / "jobs" / ("bench-" + hashlib.sha256(json.dumps(sorted(seeds)).encode()).hexdigest()[:12])
-    sources = {}
-    for name, seed in seeds.items():
-        path = job_dir / f"{name.replace(':', '_')}.cu"
-        atomic_write_text(path, seed.source)
-        sources[name] = str(path.resolve())
+    sources = write_sources(job_dir, {name: seed.source for name, seed in seeds.items()})
     harness.job(problem, "bench", sources=sources).write(job_dir)
     print(f"bench: worker log at {job_dir / 'worker.log'}", flush=True)
     done = threading.Event()

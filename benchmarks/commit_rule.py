@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from avo.bench import compose, seed_source  # noqa: E402
 from avo.commit import decide  # noqa: E402
-from avo.fsutil import atomic_write_json, atomic_write_text  # noqa: E402
+from avo.fsutil import atomic_write_json  # noqa: E402
+from avo.harness.job import write_sources  # noqa: E402
 from avo.paired import annotate, geomean_ratio  # noqa: E402
 from avo.types import ConfigResult, EvalResult, Status  # noqa: E402
 
@@ -54,10 +55,7 @@ def main(argv: list[str]) -> int:
     harness = GpuHarness(cfg.harness, out / "jobs", spare=False)
     job_dir = out / "jobs" / "trials"
     sources = {"base": base, "copy": base + "\n// a copy\n", **{f"slow{n}": slowed(base, n) for n in slows}}
-    paths = {}
-    for name, src in sources.items():
-        atomic_write_text(job_dir / f"{name}.cu", src)
-        paths[name] = str((job_dir / f"{name}.cu").resolve())
+    paths = write_sources(job_dir, sources)
     pairs = [["A/A", "copy", "base"], *[[f"slow{n}", "base", f"slow{n}"] for n in slows]]
     harness.job(problem, "trials", sources=paths, pairs=pairs, trials=trials).write(job_dir)
     print(f"commit_rule: {trials} trials x {len(pairs)} conditions on {problem.name}, log {job_dir}/worker.log",

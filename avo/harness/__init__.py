@@ -11,7 +11,7 @@ from pathlib import Path
 
 from avo.errors import HarnessUnavailable
 from avo.fsutil import atomic_write_text
-from avo.harness.job import Job
+from avo.harness.job import Job, write_sources
 from avo.harness.sandbox import run_worker
 from avo.types import EvalResult, Harness, Problem, Reference, Status
 
@@ -51,9 +51,8 @@ class SandboxHarness:
         h = hashlib.sha256(source.encode()).hexdigest()[:16]
         job_dir = self.work_dir / f"{h}-{job.mode}{_thread_tag()}"
         atomic_write_text(job_dir / "source.cu", source)
-        for ref in others or []:  # the versions timed side by side, as files beside the candidate
-            atomic_write_text(job_dir / f"{ref.role}.cu", ref.source)
-            job.others[ref.role] = str(job_dir / f"{ref.role}.cu")
+        # the versions timed side by side, as files beside the candidate
+        job.others = write_sources(job_dir, {ref.role: ref.source for ref in others or []})
         return job.write(job_dir)
 
     def limits(self, against: list[Reference] | None) -> dict[str, float]:

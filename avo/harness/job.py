@@ -9,10 +9,20 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from avo.fsutil import atomic_write_json
+from avo.fsutil import atomic_write_json, atomic_write_text
 from avo.types import Problem, Shape
 
 JOB_FILE = "job.json"
+
+
+def write_sources(job_dir: Path, sources: dict[str, str]) -> dict[str, str]:
+    """Each named source as JOB_DIR/<name>.cu (atomically); returns name -> absolute path, for a Job."""
+    paths = {}
+    for name, source in sources.items():
+        path = (Path(job_dir) / f"{name.replace(':', '_')}.cu").resolve()
+        atomic_write_text(path, source)
+        paths[name] = str(path)
+    return paths
 
 
 @dataclass
