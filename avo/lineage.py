@@ -130,9 +130,9 @@ def attempt_row(*, run_id: str, step: int, attempt: int, parent, version: int | 
     }
 
 
-def to_frame(rows: list[dict]) -> pl.DataFrame:
-    """Rows as a DataFrame with exactly the lineage schema (what read_run returns)."""
-    return pl.from_arrow(pa.Table.from_pylist([{f.name: r.get(f.name) for f in SCHEMA} for r in rows], schema=SCHEMA))
+def to_frame(rows: list[dict], schema: pa.Schema = SCHEMA) -> pl.DataFrame:
+    """Rows as a DataFrame with exactly the given schema (the attempts' by default: what read_run returns)."""
+    return pl.from_arrow(pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema))
 
 
 def append(run_dir: str | Path, row: dict) -> Path:
@@ -144,13 +144,6 @@ def append(run_dir: str | Path, row: dict) -> Path:
     if len(parts) >= COMPACT_EVERY:
         compact(run_dir)
     return path
-
-
-def supervisor_frame(rows: list[dict]) -> pl.DataFrame:
-    """Supervisor rows as a DataFrame with exactly SUPERVISOR_SCHEMA (what scan_supervisor reads)."""
-    table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in SUPERVISOR_SCHEMA} for r in rows],
-                                 schema=SUPERVISOR_SCHEMA)
-    return pl.from_arrow(table)
 
 
 def append_supervisor(run_dir: str | Path, row: dict) -> dict:

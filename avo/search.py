@@ -286,7 +286,7 @@ class Search:
         directive = r.directive
         record = lineage.append_supervisor(self.run_dir, {"run_id": self.run_id, "step": step, "reason": reason,
                                                           "operator": operator.name, **asdict(r)})
-        self.sup = pl.concat([self.sup, lineage.supervisor_frame([record])])
+        self.sup = pl.concat([self.sup, lineage.to_frame([record], lineage.SUPERVISOR_SCHEMA)])
         self.directive = directive or self.directive
         self.progress.line(f"supervisor at step {step}: {reason}" + (f" -> {directive[:200]}" if directive else ""))
         n = len(self.sup)
