@@ -82,7 +82,6 @@ class Workbench:
     submitted: tuple[str, str] | None = None  # (source, message)
     calls: dict[str, int] = field(default_factory=dict)
     errors: int = 0
-    _evals: dict[tuple[str, str], EvalResult] = field(default_factory=dict)
 
     def __post_init__(self):
         self.source = self.source or self.ctx.best.source
