@@ -56,7 +56,7 @@ def lex(source: str) -> tuple[str, str]:
     """
     m = _TRIGRAPH.search(source)
     if m:
-        raise GateError(f"line {source.count(chr(10), 0, m.start()) + 1}: trigraph `{m.group(0)}` is not allowed")
+        raise GateError(_at(source, m.start(), f"trigraph `{m.group(0)}` is not allowed"))
     # phase 2: splice lines, but keep a newline per splice at the end of the logical line, so
     # line numbers still match the file
     spliced, pending = [], 0
@@ -83,14 +83,14 @@ def lex(source: str) -> tuple[str, str]:
         elif text.startswith("/*", i):
             j = text.find("*/", i + 2)
             if j < 0:
-                raise GateError(f"line {text.count(chr(10), 0, i) + 1}: unterminated /* comment")
+                raise GateError(_at(text, i, "unterminated /* comment"))
             code.append(" " + blank(text[i:j + 2])[1:])
             with_strings.append(" " + blank(text[i:j + 2])[1:])
             i = j + 2
         elif (c in "uULR") and (m := _RAW_PREFIX.match(text, i)) and (i == 0 or not _ident(text[i - 1])):
             end = text.find(f"){m.group(1)}\"", m.end())
             if end < 0:
-                raise GateError(f"line {text.count(chr(10), 0, i) + 1}: unterminated raw string literal")
+                raise GateError(_at(text, i, "unterminated raw string literal"))
             lit = text[i:end + len(m.group(1)) + 2]
             code.append(blank(lit))
             with_strings.append(lit)
@@ -103,7 +103,7 @@ def lex(source: str) -> tuple[str, str]:
                     with_strings.append(c)
                     i += 1
                     continue
-                raise GateError(f"line {text.count(chr(10), 0, i) + 1}: unterminated string or character literal")
+                raise GateError(_at(text, i, "unterminated string or character literal"))
             code.append(blank(m.group(0)))
             with_strings.append(m.group(0))
             i = m.end()
