@@ -189,7 +189,7 @@ class HarnessConf:
     check_seeds: int = 2              # fresh random inputs per check shape
     err_mult: float = 2.0             # |out-ref| <= err_mult * |bf16 ref - ref| + atol
     atol: float = 1e-4
-    warmup: int = 3
+    warmup: int = 2                   # warm-up iterations, drawn from [warmup, 2 * warmup]
     iters: int = 10
     bench_budget_s: float = 2.0       # per benchmark shape: fewer iterations (>= 2) when a kernel is slow
     flush_l2: bool = True

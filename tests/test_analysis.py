@@ -29,8 +29,9 @@ HISTORY = [
 
 
 def write_run(run_dir: Path, run_id: str, overrides: list[str], scale: float = 1.0,
-              history=HISTORY) -> None:
-    """A run through the real writer: sources, attempts (compacted when enough), run.json, supervisor."""
+              history=HISTORY, fields: dict[str, dict] | None = None) -> None:
+    """A run through the real writer: sources, attempts (compacted when enough), run.json, supervisor.
+    fields: candidate id -> further columns of its row."""
     lineage.write_run_info(run_dir, {"run_id": run_id, "kernel": "gqa", "group": 4, "agent": "mutation",
                                      "operator": "mutation", "model": "", "seed": "naive",
                                      "overrides": overrides, "started_at": T0.isoformat()})
@@ -51,7 +52,8 @@ def write_run(run_dir: Path, run_id: str, overrides: list[str], scale: float = 1
             "operator": "mutation", "model": "", "message": f"change {i}", "error": "",
             "prompt_tokens": 0 if step == 0 else 1000, "completion_tokens": 0 if step == 0 else 200,
             "llm_calls": 0 if step == 0 else 1, "kernel": "gqa", "heads_q": 32, "heads_kv": 8, "head_dim": 128,
-            "group": 4, "started_at": T0 + timedelta(minutes=i), "finished_at": T0 + timedelta(minutes=i + 1)})
+            "group": 4, "started_at": T0 + timedelta(minutes=i), "finished_at": T0 + timedelta(minutes=i + 1),
+            **(fields or {}).get(cid, {})})
         if committed:
             version = version if decision == "seed" else version + 1
             parent = cid
@@ -304,3 +306,23 @@ def test_a_file_whose_data_pages_are_damaged_is_skipped_after_the_footer_check(s
     r = one(tables.runs_summary(load(sweep, warn=warnings.append)), "r0")
     assert any("skipping damaged lineage file" in w and str(f) in w for w in warnings)
     assert (r["attempts"], r["not_faster"], r["commits"], r["best_score"]) == (8, 0, 2, 150.0)
+
+
+def test_cost_by_stage_gives_medians_per_outcome_and_the_wait_beyond_the_stages(tmp_path):
+    """Screened, full and failed evaluations each get their stage medians; eval_s is the attempt's
+    span (60 s) less its proposal (10 s), other_s what the stages do not account for."""
+    from avo.analysis import cost
+
+    history = [(0, 0, "ok", "seed", 100.0), (1, 0, "ok", "screened", 90.0), (1, 1, "ok", "screened", 91.0),
+               (1, 2, "ok", "committed", 120.0), (2, 0, "compile_error", "failed", None)]
+    clocks = ("stage", "compile_s", "verify_s", "screen_s", "bench_s")
+    fields = {cid: dict(zip(clocks, v, strict=True), propose_s=10.0) for cid, v in {
+        "00001.00": ("screen", 1.0, 0.5, 0.25, None), "00001.01": ("screen", 3.0, 0.5, 0.25, None),
+        "00001.02": ("bench", 1.0, 0.5, 0.25, 4.0), "00002.00": (None, 1.5, None, None, None)}.items()}
+    write_run(tmp_path / "r", "r1", [], history=history, fields=fields)
+    t = {r["outcome"]: r for r in cost.by_stage(load([str(tmp_path / "r")])).iter_rows(named=True)}
+    assert set(t) == {"screened", "full", "compile_error"}
+    assert t["screened"]["n"] == 2 and t["screened"]["compile_s"] == 2.0 and t["screened"]["bench_s"] == 0
+    assert t["full"]["bench_s"] == 4.0 and t["full"]["eval_s"] == 50.0
+    assert t["full"]["other_s"] == 50.0 - (1.0 + 0.5 + 0.25 + 4.0)
+    assert t["compile_error"]["eval_s"] == 50.0 and t["compile_error"]["compile_s"] == 1.5

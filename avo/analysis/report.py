@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 
 from avo import lineage
-from avo.analysis import plots, tables
+from avo.analysis import cost, plots, tables
 from avo.analysis import workers as crew
 from avo.analysis.reader import Lineage
 from avo.fsutil import atomic_write_text
@@ -147,13 +147,14 @@ def write(lin: Lineage, out: Path, fmt: str = "md", by: list[str] | None = None,
     commits = tables.commits(lin).collect()
     best = tables.best_configs(lin).collect()
     runs.write_csv(out / "runs.csv")
+    cost.by_stage(lin).write_csv(out / "cost.csv")
     crew.per_worker(lin).join(crew.gpu_busy(lin).select("run_id", "timed", "busy"), on="run_id").write_csv(
         out / "workers.csv")
     commits.drop("configs").write_csv(out / "commits.csv")
     best.write_csv(out / "best_configs.csv")
     if sweep is not None:
         sweep.write_csv(out / "sweep.csv")
-    log(f"tables: {out}/runs.csv, commits.csv, best_configs.csv, workers.csv"
+    log(f"tables: {out}/runs.csv, commits.csv, best_configs.csv, workers.csv, cost.csv"
         + (", sweep.csv" if sweep is not None else ""))
     if fmt == "csv":
         return out / "runs.csv"
@@ -171,6 +172,10 @@ def write(lin: Lineage, out: Path, fmt: str = "md", by: list[str] | None = None,
               "timed stages (under the device lock), `busy` adds the correctness checks.")
         doc.table(busy.filter(pl.col("run_id").is_in(several)))
         doc.table(crew.per_worker(lin).filter(pl.col("run_id").is_in(several)))
+    doc.h(2, "Cost per evaluation")
+    doc.p("Median seconds per attempt by outcome: the worker's stage clocks, and `eval_s`, the whole "
+          "evaluation as the search waited for it (`other_s`: hand-over, lock waits, records).")
+    doc.table(cost.by_stage(lin))
     if sweep is not None:
         doc.h(2, "Sweep by " + ", ".join(by or ["kernel", "group", "agent"]))
         doc.table(sweep_table(sweep, by or ["kernel", "group", "agent"]))

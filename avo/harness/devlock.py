@@ -1,9 +1,9 @@
 """One lock per GPU around the work that must not overlap a timed launch.
 
 Timed stages (screen, benchmark) hold it exclusively; correctness checks and a spare worker's
-CUDA start-up hold it shared, so they may overlap each other but never a timing. The lock is an
-advisory flock on a file named after the device, so every worker process on the machine (of
-this search or another) honours it, and it dies with the process that holds it.
+CUDA start-up and warm-up hold it shared, so they may overlap each other but never a timing.
+The lock is an advisory flock on a file named after the device, so every worker process on the
+machine (of this search or another) honours it, and it dies with the process that holds it.
 """
 from __future__ import annotations
 

@@ -28,9 +28,10 @@ import time
 import uuid
 from pathlib import Path
 
+from avo.fsutil import atomic_write_text
 from avo.harness import HarnessUnavailable, SandboxHarness
 from avo.harness.abi import arch_name
-from avo.harness.job import Job
+from avo.harness.job import JOB_FILE, Job
 from avo.harness.profile import ProfileError, export_csv, find_ncu, ncu_command, summarise
 from avo.harness.sandbox import PHASE, RESULT, _kill_group, run_worker, spawn, wait_worker
 from avo.types import EvalResult, Problem, Reference, Status
@@ -88,6 +89,7 @@ class GpuHarness(SandboxHarness):
         locks = Path(cfg.cache_dir).expanduser().parent if cfg.cache_dir else self.work_dir
         self.lock = str(locks / "locks" / f"gpu-{info.get('uuid') or cfg.device}.lock")
         self.n_spares = int(cfg.get("spares", 1)) if spare else 0
+        self.warm_dir, self._warm_spec = self.work_dir / "warm", ""  # what spares warm up for: the latest job
         self._spares: list[tuple[subprocess.Popen, Path, object]] = []
         self._spares_lock = threading.Lock()  # search.workers evaluate from several threads
         with self._spares_lock:
@@ -101,7 +103,8 @@ class GpuHarness(SandboxHarness):
         while len(self._spares) < self.n_spares:
             log_path = self.work_dir / f".spare-{uuid.uuid4().hex[:8]}.log"
             log = open(log_path, "wb")
-            proc = spawn(["--standby", str(self.cfg.device), self.lock], log, env=self.env(), stdin=subprocess.PIPE)
+            proc = spawn(["--standby", str(self.cfg.device), self.lock, str(self.warm_dir)], log, env=self.env(),
+                         stdin=subprocess.PIPE)
             self._spares.append((proc, log_path, log))
 
     def limits(self, against: list[Reference] | None) -> dict[str, float]:
@@ -117,6 +120,10 @@ class GpuHarness(SandboxHarness):
                 deadline: float | None = None) -> EvalResult:
         spare = None
         with self._spares_lock:
+            spec = (job_dir / JOB_FILE).read_text()
+            if spec != self._warm_spec:  # the next spares warm up for this job's problem
+                atomic_write_text(self.warm_dir / JOB_FILE, spec)
+                self._warm_spec = spec
             while self._spares and spare is None:
                 spare = self._spares.pop(0)
                 if spare[0].poll() is not None:  # it died getting ready

@@ -11,8 +11,10 @@ which launches count. Iterations adapt to a per-shape time budget so a slow kern
 bounded. The statistic is the median, with p10/p90; the per-iteration samples are kept, so
 functions timed in the same iteration can be compared pair by pair (avo.paired).
 
-A host wall-clock cross-check (device-wide synchronize around back-to-back launches) catches
-work the events cannot see. Worker-side.
+A host wall-clock cross-check catches work the events cannot see: on one timed iteration,
+chosen at random, each function in `wall` is bracketed by device-wide synchronizes (they see
+every stream) and timed by the host as well; its outputs are checked like every other launch's.
+Worker-side.
 """
 from __future__ import annotations
 
@@ -32,10 +34,11 @@ class Stats:
     ms_p90: float
     n: int
     samples: list[float] = field(default_factory=list)  # ms of each timed iteration, in order
+    wall: tuple[float, float] | None = None  # (host wall-clock ms, event ms) of the wall-timed launch
 
     @classmethod
-    def of(cls, ts: list[float]) -> "Stats":
-        return cls(_quantile(ts, 0.5), _quantile(ts, 0.1), _quantile(ts, 0.9), len(ts), list(ts))
+    def of(cls, ts: list[float], wall: tuple[float, float] | None = None) -> "Stats":
+        return cls(_quantile(ts, 0.5), _quantile(ts, 0.1), _quantile(ts, 0.9), len(ts), list(ts), wall)
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -54,55 +57,59 @@ class Timer:
         if self.flush_buf is not None:
             self.flush_buf.zero_()
 
-    def _call(self, fn, prep=None) -> tuple:
-        """Enqueue one prepared, flushed, event-bracketed call; returns its (start, end) events."""
+    def _call(self, fn, prep=None, wall: bool = False) -> tuple:
+        """Enqueue one prepared, flushed, event-bracketed call: (start, end, host ms or None).
+        wall: the call alone on the device, timed by the host too (synchronizes twice)."""
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if prep is not None:
             prep()
         self.flush()
+        if wall:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
         start.record()
         fn()
         end.record()
-        return start, end
+        if not wall:
+            return start, end, None
+        torch.cuda.synchronize()
+        return start, end, (time.perf_counter() - t0) * 1e3
 
     def interleaved(self, fns: dict, warmup: int, iters: int, budget_s: float, rng: random.Random,
-                    prep: dict | None = None, before=None, after=None, min_iters: int = 2) -> dict[str, Stats]:
+                    prep: dict | None = None, before=None, after=None, min_iters: int = 2,
+                    wall: set[str] = frozenset()) -> dict[str, Stats]:
         """Per-function Stats over the timed iterations (see the module docstring).
 
-        before(i) and after(i) run around every iteration i, warm-ups included and alike."""
+        before(i) and after(i) run around every iteration i, warm-ups included and alike; the
+        functions in `wall` get a host wall-clock time on one timed iteration (Stats.wall)."""
         names, prep = list(fns), prep or {}
         n_warm = rng.randint(max(1, warmup), max(1, 2 * warmup))
         events: dict[str, list] = {n: [] for n in names}
-        i, n_iter = 0, None
+        walled: dict[str, tuple] = {}
+        i, n_iter, wall_at = 0, None, None
         while n_iter is None or i < n_warm + n_iter:
             if before is not None:
                 before(i)
             order = rng.sample(names, len(names))
-            evs = {n: self._call(fns[n], prep.get(n)) for n in order}
+            evs = {n: self._call(fns[n], prep.get(n), wall=i == wall_at and n in wall) for n in order}
             if after is not None:
                 after(i)
             if n_iter is not None and i >= n_warm:
                 for n in names:
                     events[n].append(evs[n])
+            if i == wall_at:
+                walled = {n: evs[n] for n in wall}
             if n_iter is None:  # the first iteration sizes the run to the budget
                 evs[order[-1]][1].synchronize()
-                per_iter_s = sum(s.elapsed_time(e) for s, e in evs.values()) / 1e3
+                per_iter_s = sum(s.elapsed_time(e) for s, e, _ in evs.values()) / 1e3
                 n_iter = max(min_iters, min(iters, int(budget_s / max(per_iter_s, 1e-6))))
                 n_warm = max(1, min(n_warm, 1 + int(0.25 * budget_s / max(per_iter_s, 1e-6))))
+                wall_at = rng.randrange(n_warm, n_warm + n_iter)
             i += 1
         torch.cuda.synchronize()
-        return {n: Stats.of([s.elapsed_time(e) for s, e in evs]) for n, evs in events.items()}
-
-    @staticmethod
-    def wall_ms(calls: list) -> float:
-        """Host wall-clock per call of back-to-back calls, device-wide synchronize on both sides
-        (sees every stream). Each call should have its own inputs and outputs, checked afterwards."""
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for fn in calls:
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1e3 / len(calls)
+        return {n: Stats.of([s.elapsed_time(e) for s, e, _ in evs],
+                            (walled[n][2], walled[n][0].elapsed_time(walled[n][1])) if n in walled else None)
+                for n, evs in events.items()}
 
 
 def hidden_work(event_ms: float, wall_ms: float) -> bool:

@@ -8,6 +8,7 @@ stage to its own time limit. A broken environment (no NVRTC, no driver, no GPU) 
 """
 from __future__ import annotations
 
+import select
 import sys
 import time
 import traceback
@@ -182,17 +183,19 @@ def main(job_dir: str, env_error: str = "") -> int:
     return 0
 
 
-def standby(device: int, lock: str | None) -> int:
-    """`--standby DEVICE [LOCK]`: pay for the torch import and CUDA start-up now, then run the job
-    whose directory arrives on stdin (EOF: exit). The GPU harness keeps spares ready. The CUDA
-    start-up holds the device lock shared, so it never overlaps another worker's timing."""
+def standby(device: int, lock: str | None, warm: str | None = None) -> int:
+    """`--standby DEVICE [LOCK [WARM_DIR]]`: pay for the torch import and CUDA start-up now, then
+    for the first use of the baselines on the shapes of WARM_DIR/job.json (the harness's latest
+    job; evaluate.warm_up), then run the job whose directory arrives on stdin (EOF: exit). The GPU
+    harness keeps spares ready. GPU work holds the device lock shared, so it never overlaps another
+    worker's timing; a job that arrives stops the warm-up."""
     t0 = time.perf_counter()
     env_error = ""
     try:
         import torch
 
-        import avo.harness.evaluate  # noqa: F401 - the import is the point: it is the slow part
         from avo.harness.devlock import gpu_lock
+        from avo.harness.evaluate import warm_up
 
         with gpu_lock(lock, exclusive=False):
             torch.cuda.set_device(device)
@@ -200,6 +203,14 @@ def standby(device: int, lock: str | None) -> int:
         _log(f"standby: torch and CUDA ready in {time.perf_counter() - t0:.2f} s")
     except Exception as e:  # noqa: BLE001 - reported with the job it was meant for
         env_error = f"the GPU cannot be used ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
+    if not env_error and warm and (Path(warm) / "job.json").exists():
+        t1 = time.perf_counter()
+        try:
+            spec = Job.read(Path(warm))
+            n = warm_up(spec.problem_of(), spec.harness, lock, lambda: bool(select.select([sys.stdin], [], [], 0)[0]))
+            _log(f"standby: baselines warmed on {n} shapes in {time.perf_counter() - t1:.2f} s")
+        except Exception as e:  # noqa: BLE001 - a warm-up is an optimisation; the job meets any real problem
+            _log(f"standby: warm-up skipped ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
     job_dir = sys.stdin.readline().strip()
     return main(job_dir, env_error) if job_dir else 0
 
@@ -207,5 +218,5 @@ def standby(device: int, lock: str | None) -> int:
 if __name__ == "__main__":
     _die_with_parent()  # also under a profiler, which is then the parent the search's kill reaches
     if sys.argv[1] == "--standby":
-        sys.exit(standby(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None))
+        sys.exit(standby(int(sys.argv[2]), *sys.argv[3:5]))
     sys.exit(main(sys.argv[1]))
