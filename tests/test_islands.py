@@ -227,6 +227,30 @@ def test_a_killed_run_with_islands_resumes_without_loss_or_duplicates(tmp_path):
     assert set(after.filter(pl.col("step") > 0)["island"]) == {0, 1}
 
 
+def test_analysis_shows_attempts_and_commits_per_island(cfg_factory, tmp_path, capsys):
+    from avo.analysis import load, tables
+    from avo.analysis import workers as crew
+    from avo.analyze import main
+
+    islands_run(cfg_factory, tmp_path / "run", pair(), "search.islands=2",
+                "search.migrate_every=4", "search.max_steps=8")
+    df = lineage.read_run(tmp_path / "run")
+    lin = load([tmp_path / "run"])
+    per = crew.per_island(lin)
+    migrants = int((df["decision"] == "migrated").sum())
+    assert per["island"].to_list() == [0, 1] and per["migrants_in"].to_list() == [0, migrants]
+    assert per["attempts"].sum() == len(df) - 1 - migrants and per["commits"].to_list()[1] == 0
+    assert per["best_score"].to_list()[0] == 158.0
+    run = tables.runs_summary(lin).row(0, named=True)
+    assert (run["attempts"], run["commits"]) == (len(df) - 1 - migrants, 3)
+    assert run["best_version"] == chain(df, 0)["version"][-1]  # the original, not its copy in island 1
+    assert crew.commits_over_time(lin)["island"].to_list() == [0] * 4  # v0 and island 0's three commits
+    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    assert "migrants_in" in capsys.readouterr().out
+    assert "## Islands" in (tmp_path / "out" / "report.md").read_text()
+    assert pl.read_csv(tmp_path / "out" / "islands.csv")["island"].to_list() == [0, 1]
+
+
 @pytest.mark.parametrize("overrides,needle", [
     (["search.islands=0"], "search.islands=0 must be between 1 and 100"),
     (["search.workers=3", "search.islands=2"], "search.workers=3 must be a multiple of search.islands=2"),
