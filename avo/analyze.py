@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         if len(busy):  # search.workers > 1: who did what, and how busy the GPU was
             print(report.markdown(busy))
             print(report.markdown(crew.per_worker(lin).filter(pl.col("run_id").is_in(busy["run_id"].to_list()))))
+        islands = busy.filter(pl.col("islands") > 1)["run_id"].to_list()
+        if islands:  # search.islands > 1: how each lineage fared
+            print(report.markdown(crew.per_island(lin).filter(pl.col("run_id").is_in(islands))))
         out = args.out or Path(args.paths[0]) / "analysis"
         report.write(lin, out, args.format, by, plot=not args.no_plots, detail=args.detail)
     except AnalysisError as e:

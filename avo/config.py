@@ -44,6 +44,13 @@ class SearchConf:
     attempts_per_step: int = 3        # evaluated candidates per step before moving on
     workers: int = 1                  # operators working at once on the lineage (avo.workers); 1: one at a time
     recheck_stale: bool = True        # workers: re-time a would-be commit whose parent is no longer the best
+    # islands > 1: that many lineages in one run (avo.islands), each with workers / islands workers, so
+    # the search keeps several lines of descent instead of one that can corner itself
+    islands: int = 1
+    # every M-th step copies the best version of all islands into the islands behind it (0: never). 20 lets an
+    # island take its own direction for a few commits between migrations, and lifts an island stuck far
+    # behind 25 times in a default run (max_steps 500)
+    migrate_every: int = 20
     commit: CommitConf = field(default_factory=CommitConf)
     stagnation: StagnationConf = field(default_factory=StagnationConf)
 
@@ -314,6 +321,14 @@ def validate(cfg: DictConfig, check_seed: bool = True) -> None:
         raise ConfigError(f"search.max_hours={s.max_hours} must be positive")
     if s.workers < 1:
         raise ConfigError(f"search.workers={s.workers} must be >= 1")
+    if s.islands < 1 or s.islands > 100:
+        raise ConfigError(f"search.islands={s.islands} must be between 1 and 100")
+    if s.workers % s.islands:
+        raise ConfigError(f"search.workers={s.workers} must be a multiple of search.islands={s.islands}: "
+                          "each island gets workers / islands workers")
+    if s.migrate_every < 0 or s.migrate_every == 1:
+        raise ConfigError(f"search.migrate_every={s.migrate_every} must be 0 (never) or >= 2: every M-th step "
+                          "migrates, the others vary")
     if s.workers > 1 and cfg.agent.kind == "external":
         raise ConfigError(f"search.workers={s.workers}: agent={cfg.agent.name} is one outside agent on one "
                           "endpoint; use search.workers=1 with it")

@@ -33,6 +33,8 @@ from avo.fsutil import atomic_write_bytes, atomic_write_text
 SCHEMA_VERSION = 3  # 3: worker, island
 # rows written before a column or a per-config field existed read it as null
 OLDER_ROWS = pl.ScanCastOptions(missing_struct_fields="insert", extra_struct_fields="ignore")
+MIGRATED = "migrated"  # the decision of a copy of another island's best (avo.islands)
+COMMITS = ("committed", "seed", MIGRATED)  # decisions that add a version
 COMPACT_EVERY = 64
 MERGE_CHUNKS = 16
 
@@ -60,7 +62,7 @@ SCHEMA = pa.schema([
     ("sm_clock_mhz", pa.float64()), ("power_w", pa.float64()), ("kernel", pa.string()), ("heads_q", pa.int32()),
     ("heads_kv", pa.int32()), ("head_dim", pa.int32()), ("group", pa.int32()), ("directive", pa.string()),
     ("started_at", TS), ("finished_at", TS), ("host", pa.string()), ("extra", pa.string()),
-    ("worker", pa.int32()), ("island", pa.int32()),  # which of search.workers proposed it, on which lineage
+    ("worker", pa.int32()), ("island", pa.int32()),  # which of search.workers proposed it, on which island
 ])
 WIDE_COLUMNS = ("configs", "message", "error", "extra")  # lists and free text: read only where needed
 SUPERVISOR_SCHEMA = pa.schema([("run_id", pa.string()), ("step", pa.int32()), ("reason", pa.string()),
@@ -109,7 +111,7 @@ def attempt_row(*, run_id: str, step: int, attempt: int, parent, version: int | 
     return {
         "run_id": run_id, "step": step, "attempt": attempt, "candidate_id": f"{step:05d}.{attempt:02d}",
         "parent_id": parent.candidate_id if parent else None, "version": version,
-        "committed": decision in ("committed", "seed"), "decision": decision, "status": result.status.value,
+        "committed": decision in COMMITS, "decision": decision, "status": result.status.value,
         "ranked": result.ranked, "score": result.score, "best_before": parent.score if parent else None,
         "stage": result.stage, "screen_s": result.screen_s, "paired_ratio": result.paired_ratio,
         "paired_lo": result.paired_lo, "paired_hi": result.paired_hi, "incumbent_score": result.incumbent_score,

@@ -1,7 +1,8 @@
 """The single-lineage search: x0 -> x1 -> ... , a version committed only when correct and at least as fast.
 
 Everything the loop knows is read back from the lineage, so a restarted run continues
-where the last attempt that reached disk left off.
+where the last attempt that reached disk left off. With search.islands > 1 the run keeps
+several such lineages (avo.islands), each a query over the same rows.
 """
 from __future__ import annotations
 
@@ -108,8 +109,13 @@ class Search:
         self.harness, self.operator = harness, operator
         self.crew = list(crew)  # further operators working at once (search.workers > 1; avo.workers)
         self.rows = lineage.read_run(run_dir)
-        self.history: list[Version] = [self._version(r) for r in
-                                       self.rows.filter(pl.col("committed")).sort("version").iter_rows(named=True)]
+        on_record = int(self.rows["island"].fill_null(0).max() or 0) + 1
+        if on_record > self.s.islands:
+            raise SearchError(f"{run_dir} holds {on_record} islands; resume it with search.islands={on_record} "
+                              f"(not {self.s.islands}), or start a new run directory")
+        self.history: list[Version] = []  # every committed version in version order, all islands
+        for r in self.rows.filter(pl.col("committed")).sort("version").iter_rows(named=True):
+            self.history.append(self._version(r))
         self.tried = set(self.rows["source_sha"].to_list())
         self.rng = random.Random(f"{cfg.rng}:{len(self.rows)}")
         self.spent = float(self.rows.select((pl.col("finished_at") - pl.col("started_at")).dt.total_seconds(
@@ -125,10 +131,18 @@ class Search:
     # -- state read back from the lineage ------------------------------------------------------
     def _version(self, r: dict) -> Version:
         stage_s = {"verify": r["verify_s"], "screen": r.get("screen_s"), "bench": r["bench_s"]}
-        gain = r["decision"] == "seed" or (r.get("paired_lo") is not None and r["paired_lo"] > 1.0)
-        return Version(r["version"], r["candidate_id"], lineage.read_source(self.run_dir, r["source_sha"]),
-                       r["score"], [ConfigResult(**c) for c in r["configs"] or []], r["message"] or "",
-                       {k: v for k, v in stage_s.items() if v}, gain)
+        # a migrant is its island's new anchor, as the seed is every island's first
+        gain = r["decision"] in ("seed", lineage.MIGRATED) or (r.get("paired_lo") is not None and r["paired_lo"] > 1.0)
+        v = Version(r["version"], r["candidate_id"], lineage.read_source(self.run_dir, r["source_sha"]),
+                    r["score"], [ConfigResult(**c) for c in r["configs"] or []], r["message"] or "",
+                    {k: v for k, v in stage_s.items() if v}, gain, r["island"] or 0)
+        if r["decision"] == lineage.MIGRATED:  # timed in the island it came from: the stage times of the original
+            v.stage_s = next((o.stage_s for o in self.history if o.candidate_id == r["parent_id"]), v.stage_s)
+        return v
+
+    def chain(self, island: int = 0) -> list[Version]:
+        """One island's lineage, oldest first: v0 (every island's ancestor) and the versions committed into it."""
+        return [v for v in self.history if v.island == island or v.version == 0]
 
     def _last_directive(self) -> str | None:
         return self.sup.sort("at")["directive"].to_list()[-1] if len(self.sup) else None
@@ -153,7 +167,7 @@ class Search:
 
     def expected_eval_s(self) -> float:
         """What a normal evaluation costs here: the incumbent's own, all stages."""
-        r = self.rows.filter(pl.col("committed")).tail(1)
+        r = self.rows.filter(pl.col("committed") & (pl.col("decision") != lineage.MIGRATED)).tail(1)
         if r.is_empty():
             return 0.0
         return float(sum(r[c].fill_null(0.0).item() for c in ("compile_s", "verify_s", "screen_s", "bench_s")))
@@ -260,27 +274,32 @@ class Search:
 
     def _record(self, step, attempt, proposal: Proposal, result: EvalResult, decision: str,
                 parent: Version | None, started, propose_s: float, worker: int = 0, island: int = 0) -> dict:
-        committed = decision in ("committed", "seed")
+        committed = decision in lineage.COMMITS
         sha = lineage.write_source(self.run_dir, proposal.source)
-        row = lineage.attempt_row(
+        return self.keep(lineage.attempt_row(
             run_id=self.run_id, step=step, attempt=attempt, parent=parent, decision=decision, result=result,
             version=(self.history[-1].version + 1 if self.history else 0) if committed else None,
             proposal=proposal, operator=self.operator, problem=self.problem, directive=self.directive,
-            started=started, propose_s=propose_s, source_sha=sha, worker=worker, island=island)
+            started=started, propose_s=propose_s, source_sha=sha, worker=worker, island=island))
+
+    def keep(self, row: dict) -> dict:
+        """Write a row to the lineage, keep it in memory and show it (with its island's best before it)."""
         lineage.append(self.run_dir, row)
         self.rows = pl.concat([self.rows, lineage.to_frame([row])])
-        self.tried.add(sha)
-        self.progress.attempt(row, self.history[-1].score if self.history else None, self.elapsed())
+        self.tried.add(row["source_sha"])
+        chain = self.chain(row["island"])
+        self.progress.attempt(row, chain[-1].score if chain else None, self.elapsed())
         return row
 
-    def _supervise(self, step: int, operator=None, rng=None) -> str | None:
+    def _supervise(self, step: int, operator=None, rng=None, island: int = 0) -> str | None:
         since = int(self.sup["step"].max()) if len(self.sup) else 0
         reason = detect(self.rows, self.s.stagnation, since)
         if reason is None:
             return None
-        best = self.history[-1] if self.history else self.pending
+        chain = self.chain(island)
+        best = chain[-1] if chain else self.pending
         operator = operator or self.operator
-        ctx = StepContext(step, 0, best, list(self.history), [], self.problem, self._bench(best), self.run_dir,
+        ctx = StepContext(step, 0, best, chain, [], self.problem, self._bench(best), self.run_dir,
                           rng or self.rng, set(self.tried), self.directive, self.deadline())
         r = operator.redirect(ctx, reason) or Redirect("")
         directive = r.directive
@@ -297,7 +316,10 @@ class Search:
     def _summary(self, stopped: str) -> Summary:
         best = max((v for v in self.history if v.score is not None), key=lambda v: v.score,
                    default=self.history[-1] if self.history else None)
-        s = Summary(str(self.run_dir), self.run_id, int(self.rows["step"].max()), len(self.rows),
-                    max(0, len(self.history) - 1), best and best.version, best and best.score, stopped, self.elapsed())
-        self.progress.summary(s, self.rows, self.harness.ranks)
+        attempts = int((self.rows["decision"] != lineage.MIGRATED).sum())  # a migrant is a copy, not an attempt
+        s = Summary(str(self.run_dir), self.run_id, int(self.rows["step"].max()), attempts,
+                    int((self.rows["decision"] == "committed").sum()), best and best.version, best and best.score,
+                    stopped, self.elapsed())
+        self.progress.summary(s, self.rows, self.harness.ranks, [self.chain(i)[-1] for i in range(self.s.islands)]
+                              if self.history and self.s.islands > 1 else [])
         return s

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import polars as pl
 
+from avo.lineage import MIGRATED
+
 
 def detect(rows: pl.DataFrame, stag, since_step: int = 0) -> str | None:
     """Why the search looks stuck after the last intervention (at `since_step`), or None.
 
     stag: search.stagnation (no_commit_steps, consecutive_failures, repeated_source; 0 disables one).
     """
-    recent = rows.filter((pl.col("step") > max(since_step, 0)) & (pl.col("step") > 0)).sort("step", "attempt")
+    recent = rows.filter((pl.col("step") > max(since_step, 0)) & (pl.col("step") > 0)
+                         & (pl.col("decision") != MIGRATED)).sort("step", "attempt")  # a migrant is no progress
     if recent.is_empty():
         return None
     if stag.no_commit_steps:

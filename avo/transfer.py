@@ -35,7 +35,8 @@ def carry_knowledge(src_run: Path, dst_run: Path) -> list[Path]:
 
 def lessons_markdown(src_run: Path) -> tuple[str, str] | None:
     """(source run id, markdown): one section per committed version, with its message and scores."""
-    rows = lineage.read_run(src_run).filter(pl.col("committed")).sort("version")
+    rows = lineage.read_run(src_run).filter(pl.col("committed") & (pl.col("decision") != lineage.MIGRATED))
+    rows = rows.sort("version")  # (a migrant repeats a version of another island: search.islands)
     if rows.is_empty():
         return None
     info = lineage.read_run_info(src_run) or {}

@@ -160,6 +160,7 @@ class Version:
     message: str = ""
     stage_s: dict[str, float] = field(default_factory=dict)  # its own verify/screen/bench seconds
     gain: bool = True              # committed as a significant gain (or the seed): a drift anchor
+    island: int = 0                # the lineage it belongs to (search.islands; v0 belongs to all)
 
     def reference(self, role: str) -> Reference:
         return Reference(role, self.version, self.source, self.stage_s)
@@ -182,7 +183,7 @@ class StepContext:
     step: int
     attempt: int
     best: Version                  # the version to improve on
-    history: list[Version]         # all committed versions, oldest first
+    history: list[Version]         # the committed versions of its island (all of them: one island), oldest first
     failures: list[Attempt]        # this step's earlier attempts
     problem: Problem
     bench: "Bench"                 # what the operator may do with the harness, bound to this step

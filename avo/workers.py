@@ -18,6 +18,8 @@ the cost of one.
   wins that comparison, and is recorded as `stale` otherwise. With search.recheck_stale=false, or
   a harness that times nothing, it is recorded as `stale` without a second timing. Two commits can
   therefore never share a parent, and every commit's parent is the best at its decision.
+- With search.islands = N > 1 all of this holds per island (avo.islands): "the best" is the best of
+  the worker's island, and the counter's migration steps run under the same lock.
 """
 from __future__ import annotations
 
@@ -29,9 +31,8 @@ from datetime import datetime, timedelta, timezone
 import polars as pl
 
 from avo import lineage
+from avo.islands import island_of, migrate, migrates
 from avo.types import Attempt, EvalResult, Proposal, ProposalError, Status, StepContext, Version
-
-COMMITS = ("committed", "seed")
 
 
 def unfinished_steps(rows: pl.DataFrame, per_step: int) -> list[tuple[int, int]]:
@@ -64,15 +65,20 @@ class Workers:
         self.error: BaseException | None = None
         self.inflight: set[str] = set()      # sources proposed but not yet recorded
         rows, s = search.rows, search.s
-        self.open_steps = unfinished_steps(rows, s.attempts_per_step)
-        self.next_step = int(rows["step"].max()) + 1 if len(rows) else 1
+        self.islands = s.islands
+        island = pl.col("island").fill_null(0)
+        self.open_steps = {i: unfinished_steps(rows.filter(island == i), s.attempts_per_step)
+                           for i in range(self.islands)}  # a step resumes on its own island
+        last = int(rows["step"].max()) if len(rows) else 0
+        # a migration step last on record may have been cut short: it runs again for the islands it missed
+        self.next_step = last if migrates(last, s) else last + 1
         self.rngs = [search.rng] + [random.Random(f"{search.cfg.rng}:{len(rows)}:w{w}")
                                     for w in range(1, len(operators))]
         # attempts overlap: the budget's clock is the union of their spans, not their sum (this session's
         # seed, if any, is already counted by search.t0)
         began = datetime.now(timezone.utc) - timedelta(seconds=time.monotonic() - search.t0)
         search.spent = busy_seconds(rows.filter(pl.col("started_at") < began))
-        search.progress.workers = len(operators)
+        search.progress.workers, search.progress.islands = len(operators), self.islands
 
     # -- the threads ---------------------------------------------------------------------------
     def run(self) -> str:
@@ -90,7 +96,7 @@ class Workers:
     def _worker(self, w: int) -> None:
         try:
             while self.stop is None:
-                taken = self._take_step()
+                taken = self._take_step(w)
                 if taken is None:
                     return
                 self._step(w, *taken)
@@ -100,20 +106,24 @@ class Workers:
                     self.error = e
                 self.stop = self.stop or f"worker {w} failed: {e}"
 
-    def _take_step(self) -> tuple[int, int] | None:
+    def _take_step(self, w: int) -> tuple[int, int] | None:
         s = self.search
         with self.lock:
             why = self._out_of_time()
             if why:
                 self.stop = self.stop or why
                 return None
-            if self.open_steps:
-                return self.open_steps.pop(0)
-            if self.next_step > s.s.max_steps:
-                self.finished = f"reached search.max_steps={s.s.max_steps}"
-                return None
-            self.next_step += 1
-            return self.next_step - 1, 0
+            mine = self.open_steps[island_of(w, self.islands)]
+            if mine:
+                return mine.pop(0)
+            while True:
+                if self.next_step > s.s.max_steps:
+                    self.finished = f"reached search.max_steps={s.s.max_steps}"
+                    return None
+                self.next_step += 1
+                if not migrates(self.next_step - 1, s.s):
+                    return self.next_step - 1, 0
+                migrate(s, self.next_step - 1, w)
 
     def _out_of_time(self) -> str | None:
         s = self.search
@@ -137,7 +147,7 @@ class Workers:
                 break
         if self.sup_lock.acquire(blocking=False):  # another worker reviewing now covers this step too
             try:
-                why = self.search._supervise(step, self.ops[w], self.rngs[w])
+                why = self.search._supervise(step, self.ops[w], self.rngs[w], island_of(w, self.islands))
             finally:
                 self.sup_lock.release()
             if why:
@@ -145,9 +155,9 @@ class Workers:
 
     # -- one attempt ---------------------------------------------------------------------------
     def _attempt(self, w: int, step: int, attempt: int) -> dict:
-        s = self.search
+        s, island = self.search, island_of(w, self.islands)
         with self.lock:  # the state this attempt starts from
-            history = list(s.history)
+            history = s.chain(island)
             parent = history[-1] if history else s.pending
             seen = pl.col("step") == step
             if not history:  # the failed transferred seed stays in view until v0 exists
@@ -165,7 +175,7 @@ class Workers:
             with self.lock:
                 return s._record(step, attempt, e.proposal or Proposal("", message=""),
                                  EvalResult(Status.INVALID, error=str(e)), "invalid", parent, started,
-                                 time.monotonic() - t, worker=w)
+                                 time.monotonic() - t, worker=w, island=island)
         propose_s = time.monotonic() - t
         sha = lineage.sha256(proposal.source)
         with self.lock:
@@ -180,23 +190,24 @@ class Workers:
 
     def _decide(self, w, step, attempt, proposal: Proposal, result: EvalResult, history: list[Version],
                 parent: Version, started, propose_s: float) -> dict:
-        """Judge against the best now and record; the caller holds self.lock."""
-        s = self.search
+        """Judge against the best of the worker's island now and record; the caller holds self.lock."""
+        s, island = self.search, island_of(w, self.islands)
         decision = self.search.verdict(result, history)
-        moved = len(s.history) != len(history)
-        if moved and decision in COMMITS:  # it beat its parent, but the best has moved on since
-            best = s.history[-1]
+        now = s.chain(island)
+        if len(now) != len(history) and decision in lineage.COMMITS:  # it beat its parent; the best moved on since
+            best = now[-1]
             proposal.meta.update(stale_from=parent.candidate_id, stale_ratio=result.paired_ratio,
                                  stale_lo=result.paired_lo, stale_eval_s=round(
                                      result.compile_s + result.verify_s + result.screen_s + result.bench_s, 3))
             parent, decision = best, "stale"
             if s.harness.ranks and s.s.recheck_stale:
-                again = self.search.evaluate(proposal.source, list(s.history), best)
+                again = self.search.evaluate(proposal.source, now, best)
                 proposal.meta["rechecked"] = True
                 result = again
-                if self.search.verdict(again, s.history) == "committed":
+                if self.search.verdict(again, now) == "committed":
                     decision = "committed"
-        row = s._record(step, attempt, proposal, result, decision, parent, started, propose_s, worker=w)
-        if decision in COMMITS:
+        row = s._record(step, attempt, proposal, result, decision, parent, started, propose_s, worker=w,
+                        island=island)
+        if decision in lineage.COMMITS:
             s.history.append(s._version(row))
         return row

@@ -5,20 +5,21 @@
 on the GPU machine. The stage columns are the worker's own clocks; `other_s` is the rest
 (hand-over, the device lock's waits with several workers, result and lineage writes).
 Outcomes: `screened` (dropped by the paired screen), `full` (the whole paired benchmark),
-otherwise the failure's status.
+otherwise the failure's status. Migrants (search.islands) are copies, not evaluations.
 """
 from __future__ import annotations
 
 import polars as pl
 
 from avo.analysis.reader import Lineage
+from avo.lineage import MIGRATED
 
 STAGES = ("compile_s", "verify_s", "screen_s", "bench_s")
 
 
 def by_stage(lin: Lineage) -> pl.DataFrame:
     """Per run and outcome: attempts and the median seconds of each stage and of the whole evaluation."""
-    rows = lin.attempts.filter(pl.col("step") > 0).select(
+    rows = lin.attempts.filter((pl.col("step") > 0) & (pl.col("decision") != MIGRATED)).select(
         "run_id", "stage", "status", "propose_s", *STAGES,
         ((pl.col("finished_at") - pl.col("started_at")).dt.total_seconds(fractional=True)
          - pl.col("propose_s").fill_null(0)).alias("eval_s")).collect()

@@ -150,11 +150,12 @@ def write(lin: Lineage, out: Path, fmt: str = "md", by: list[str] | None = None,
     cost.by_stage(lin).write_csv(out / "cost.csv")
     crew.per_worker(lin).join(crew.gpu_busy(lin).select("run_id", "timed", "busy"), on="run_id").write_csv(
         out / "workers.csv")
+    crew.per_island(lin).write_csv(out / "islands.csv")
     commits.drop("configs").write_csv(out / "commits.csv")
     best.write_csv(out / "best_configs.csv")
     if sweep is not None:
         sweep.write_csv(out / "sweep.csv")
-    log(f"tables: {out}/runs.csv, commits.csv, best_configs.csv, workers.csv, cost.csv"
+    log(f"tables: {out}/runs.csv, commits.csv, best_configs.csv, workers.csv, islands.csv, cost.csv"
         + (", sweep.csv" if sweep is not None else ""))
     if fmt == "csv":
         return out / "runs.csv"
@@ -172,6 +173,12 @@ def write(lin: Lineage, out: Path, fmt: str = "md", by: list[str] | None = None,
               "timed stages (under the device lock), `busy` adds the correctness checks.")
         doc.table(busy.filter(pl.col("run_id").is_in(several)))
         doc.table(crew.per_worker(lin).filter(pl.col("run_id").is_in(several)))
+        islands = busy.filter(pl.col("islands") > 1)["run_id"].to_list()
+        if islands:
+            doc.h(2, "Islands")
+            doc.p("Each island is one lineage from the shared seed v0; `migrants_in` counts the copies of the best "
+                  "version of all islands it received (search.migrate_every), which are neither attempts nor commits.")
+            doc.table(crew.per_island(lin).filter(pl.col("run_id").is_in(islands)))
     doc.h(2, "Cost per evaluation")
     doc.p("Median seconds per attempt by outcome: the worker's stage clocks, and `eval_s`, the whole "
           "evaluation as the search waited for it (`other_s`: hand-over, lock waits, records).")

@@ -66,10 +66,13 @@ def commits(lin: Lineage) -> pl.LazyFrame:
 
 def _commits(lin: Lineage) -> pl.DataFrame:
     a = attempts(lin)
-    return (a.filter(pl.col("committed")).join(lin.cache["wide"].lazy(), on=["run_id", "candidate_id"], how="left")
-            .sort("run_id", "version")
-            .with_columns(gain=pl.col("score") / pl.col("score").shift(1).over("run_id") - 1.0)
-            .select("run_id", "version", "step", "attempt", "candidate_id", "parent_id", "score", "gain",
+    c = a.filter(pl.col("committed")).join(lin.cache["wide"].lazy(), on=["run_id", "candidate_id"], how="left")
+    # gain: against the parent (the previous version of its island; for a migrant, the version it copies)
+    parent = c.select("run_id", parent_id="candidate_id", parent_score="score")
+    return (c.join(parent, on=["run_id", "parent_id"], how="left").sort("run_id", "version")
+            .with_columns(gain=pl.col("score") / pl.col("parent_score") - 1.0)
+            .select("run_id", "version", "island", "decision", "step", "attempt", "candidate_id", "parent_id",
+                    "score", "gain",
                     "paired_ratio", "paired_lo", "paired_hi", "incumbent_score",
                     "n", "hours", "cum_tokens", "message", "directive", "operator", "model", "source_sha",
                     "configs", "run_dir")
@@ -85,8 +88,10 @@ def configs(frame: pl.LazyFrame) -> pl.LazyFrame:
 
 
 def best(lin: Lineage) -> pl.LazyFrame:
-    """Each run's best committed version: highest score, the latest version among equals or unscored."""
-    return (commits(lin).sort(["run_id", "score", "version"], descending=[False, True, True], nulls_last=True)
+    """Each run's best committed version: highest score, the latest version among equals or unscored
+    (migrants left out: each copies a version already there)."""
+    return (commits(lin).filter(pl.col("decision").ne_missing(lineage.MIGRATED))
+            .sort(["run_id", "score", "version"], descending=[False, True, True], nulls_last=True)
             .group_by("run_id", maintain_order=True).first())
 
 
@@ -102,7 +107,7 @@ def _geomean(col: str) -> pl.Expr:
 def runs_summary(lin: Lineage) -> pl.DataFrame:
     """One row per run: effort, acceptance, failure taxonomy, best result and what it cost."""
     a = attempts(lin)
-    tried = a.filter(pl.col("step") > 0)
+    tried = a.filter((pl.col("step") > 0) & pl.col("decision").ne_missing(lineage.MIGRATED))  # attempts, not copies
     counts = tried.group_by("run_id").agg(
         steps=pl.col("step").max(), attempts=pl.len(), commits=pl.col("committed").sum(),
         **{o: (pl.col("outcome") == o).sum() for o in OUTCOMES if o != "committed"})
