@@ -185,7 +185,8 @@ class HarnessConf:
     stage_floor_s: float = 10.0       # but at least this
     spares: int = 2                   # GPU workers kept started ahead (torch and CUDA ready)
     cache_dir: str = "~/.cache/avo/cubin"
-    device: int = 0                   # CUDA device index the harness times on
+    device: int = 0                   # CUDA device index the harness times on (when devices is unset)
+    devices: list[int] | None = None  # several GPUs: a lock, spares and probe each; evaluations go to the least busy
     check_seeds: int = 2              # fresh random inputs per check shape
     err_mult: float = 2.0             # |out-ref| <= err_mult * |bf16 ref - ref| + atol
     atol: float = 1e-4
@@ -334,6 +335,9 @@ def validate(cfg: DictConfig, check_seed: bool = True) -> None:
     if min(h.timeout_s, h.compile_timeout_s, h.stage_floor_s, h.stage_mult) <= 0 or h.iters < 1 or h.spares < 0:
         raise ConfigError("harness.timeout_s, compile_timeout_s, stage_floor_s and stage_mult must be positive, "
                           "harness.iters >= 1 and harness.spares >= 0")
+    from avo.harness.devices import check_gpus
+
+    check_gpus(cfg)
 
 
 def _one_line(e: Exception) -> str:
