@@ -206,7 +206,6 @@ class LauncherConf:
     name: str = MISSING               # local | slurm
     job: str = "search"               # search: run the search; server: serve agent's model (vLLM) for other jobs
     server_url_file: str = "outputs/servers/${agent.name}.url"  # job=server publishes its base URL here
-    harness_gpus: int = 0             # >0: the last N of CUDA_VISIBLE_DEVICES time kernels, the rest serve vLLM
 
 
 @dataclass
@@ -220,8 +219,7 @@ class SlurmLauncherConf(LauncherConf):
     timeout_min: int = 2880           # per job; on the time limit the job checkpoints and requeues itself
     signal_delay_s: int = 120         # SIGUSR2 this long before the limit (keep it + ~30 s under timeout_min)
     max_requeues: int = 1000          # time-limit requeues per run (preemptions do not count)
-    gpus_per_node: int = 0
-    harness_gpus: int = 1             # the last N allocated GPUs time kernels; the others serve the model
+    gpus_per_node: int = 0            # 0: a search asks for harness.devices and agent.server.gpus (avo.harness.devices)
     cpus_per_task: int = 8
     mem_gb: float = 64.0
     max_parallel: int = 0             # >0: at most this many jobs of one sweep run at once (singleton lanes)
