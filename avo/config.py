@@ -192,7 +192,8 @@ class HarnessConf:
     stage_floor_s: float = 10.0       # but at least this
     spares: int = 2                   # GPU workers kept started ahead (torch and CUDA ready)
     cache_dir: str = "~/.cache/avo/cubin"
-    device: int = 0                   # CUDA device index the harness times on
+    device: int = 0                   # CUDA device index the harness times on (when devices is unset)
+    devices: list[int] | None = None  # several GPUs: a lock, spares and probe each; evaluations go to the least busy
     check_seeds: int = 2              # fresh random inputs per check shape
     err_mult: float = 2.0             # |out-ref| <= err_mult * |bf16 ref - ref| + atol
     atol: float = 1e-4
@@ -212,7 +213,6 @@ class LauncherConf:
     name: str = MISSING               # local | slurm
     job: str = "search"               # search: run the search; server: serve agent's model (vLLM) for other jobs
     server_url_file: str = "outputs/servers/${agent.name}.url"  # job=server publishes its base URL here
-    harness_gpus: int = 0             # >0: the last N of CUDA_VISIBLE_DEVICES time kernels, the rest serve vLLM
 
 
 @dataclass
@@ -226,8 +226,7 @@ class SlurmLauncherConf(LauncherConf):
     timeout_min: int = 2880           # per job; on the time limit the job checkpoints and requeues itself
     signal_delay_s: int = 120         # SIGUSR2 this long before the limit (keep it + ~30 s under timeout_min)
     max_requeues: int = 1000          # time-limit requeues per run (preemptions do not count)
-    gpus_per_node: int = 0
-    harness_gpus: int = 1             # the last N allocated GPUs time kernels; the others serve the model
+    gpus_per_node: int = 0            # 0: a search asks for harness.devices and agent.server.gpus (avo.harness.devices)
     cpus_per_task: int = 8
     mem_gb: float = 64.0
     max_parallel: int = 0             # >0: at most this many jobs of one sweep run at once (singleton lanes)
@@ -349,6 +348,9 @@ def validate(cfg: DictConfig, check_seed: bool = True) -> None:
     if min(h.timeout_s, h.compile_timeout_s, h.stage_floor_s, h.stage_mult) <= 0 or h.iters < 1 or h.spares < 0:
         raise ConfigError("harness.timeout_s, compile_timeout_s, stage_floor_s and stage_mult must be positive, "
                           "harness.iters >= 1 and harness.spares >= 0")
+    from avo.harness.devices import check_gpus
+
+    check_gpus(cfg)
 
 
 def _one_line(e: Exception) -> str:

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from avo.errors import LineageError
 from avo.fsutil import atomic_write_bytes, atomic_write_text
 
-SCHEMA_VERSION = 3  # 3: worker, island
+SCHEMA_VERSION = 4  # 3: worker, island; 4: device
 # rows written before a column or a per-config field existed read it as null
 OLDER_ROWS = pl.ScanCastOptions(missing_struct_fields="insert", extra_struct_fields="ignore")
 MIGRATED = "migrated"  # the decision of a copy of another island's best (avo.islands)
@@ -63,6 +63,7 @@ SCHEMA = pa.schema([
     ("heads_kv", pa.int32()), ("head_dim", pa.int32()), ("group", pa.int32()), ("directive", pa.string()),
     ("started_at", TS), ("finished_at", TS), ("host", pa.string()), ("extra", pa.string()),
     ("worker", pa.int32()), ("island", pa.int32()),  # which of search.workers proposed it, on which island
+    ("device", pa.int32()),  # the CUDA device it was evaluated on (harness.devices); null without a GPU
 ])
 WIDE_COLUMNS = ("configs", "message", "error", "extra")  # lists and free text: read only where needed
 SUPERVISOR_SCHEMA = pa.schema([("run_id", pa.string()), ("step", pa.int32()), ("reason", pa.string()),
@@ -128,7 +129,7 @@ def attempt_row(*, run_id: str, step: int, attempt: int, parent, version: int | 
         "group": problem.group, "directive": directive, "started_at": started,
         "finished_at": datetime.now(timezone.utc), "host": socket.gethostname(),
         "extra": json.dumps({"log_tail": result.log[-2000:], **proposal.meta}, default=str),
-        "worker": worker, "island": island,
+        "worker": worker, "island": island, "device": result.device,
     }
 
 

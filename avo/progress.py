@@ -13,6 +13,11 @@ def launcher_log(msg: str) -> None:
     print(f"[avo.launcher] {msg}", flush=True)
 
 
+def harness_log(msg: str) -> None:
+    """A line from the harness about its GPUs (which it times on, one taken out)."""
+    print(f"[avo.harness] {msg}", flush=True)
+
+
 def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 

@@ -102,6 +102,7 @@ class EvalResult:
     verify_s: float = 0.0
     bench_s: float = 0.0
     gpu: str = ""
+    device: int | None = None       # the CUDA device index it ran on (harness.devices); None: no GPU
     sm_clock_mhz: float | None = None
     power_w: float | None = None
     stage: str = ""                 # the last timed stage: "screen" (stopped there) or "bench"

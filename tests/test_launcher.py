@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from avo.config import register, validate
+from avo.errors import ConfigError
 from avo.launcher.job import RunDirBusy, SearchJob, place_gpus, run_lock
 from avo.launcher.slurm import job_name
 
@@ -33,8 +34,7 @@ def test_slurm_launcher_config_composes_with_its_schema():
     cfg, _ = compose_with_hydra("launcher=slurm", "launcher.partition=gpu", "launcher.gpus_per_node=4")
     validate(cfg)
     L = cfg.launcher
-    assert (L.name, L.job, L.partition, L.gpus_per_node, L.harness_gpus, L.wait) == \
-        ("slurm", "search", "gpu", 4, 1, False)
+    assert (L.name, L.job, L.partition, L.gpus_per_node, L.wait) == ("slurm", "search", "gpu", 4, False)
     assert L.server_url_file == "outputs/servers/mutation.url"
     with pytest.raises(Exception, match="no_such_key"):
         compose_with_hydra("launcher=slurm", "launcher.no_such_key=1")
@@ -47,22 +47,43 @@ def test_job_name_follows_the_sweep_overrides_without_launcher_keys():
     assert job_name(cfg, None) == "avo.gqa.g8.mutation"
 
 
-def test_gpus_split_between_harness_and_managed_server(monkeypatch):
-    cfg, _ = compose_with_hydra("agent=smollm")
-    cfg.agent.server.gpus = []
+def test_a_managed_server_gets_the_jobs_gpus_the_harness_does_not_time_on(monkeypatch, capsys):
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
-    place_gpus(cfg, harness_gpus=1)
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "7"
-    assert list(cfg.agent.server.gpus) == [4, 5, 6]
+    cfg, _ = compose_with_hydra("agent=smollm", "harness.devices=[1,3]")
+    place_gpus(cfg)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"  # the search sees them all: devices index them
+    assert list(cfg.agent.server.gpus) == [4, 6]
+    assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # nvidia-smi's numbering for every process of the job
+    assert "GPUs 4,5,6,7: harness 5,7 (harness.devices=[1,3]), model server 4,6" in capsys.readouterr().out
 
-    mutation, _ = compose_with_hydra("agent=mutation")
+    default, _ = compose_with_hydra("agent=smollm")  # harness.device=0: the job's first GPU
+    place_gpus(default)
+    assert list(default.agent.server.gpus) == [5, 6, 7]
+
+    compile_only, _ = compose_with_hydra("agent=smollm", "harness=compile")  # times nothing: the server gets all
+    place_gpus(compile_only)
+    assert list(compile_only.agent.server.gpus) == [4, 5, 6, 7]
+
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    place_gpus(mutation, harness_gpus=2)
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    full, _ = compose_with_hydra("agent=smollm", "harness.devices=[0,1]")
+    place_gpus(full)
+    assert list(full.agent.server.gpus) == [] and "model server: none left, so it shares them" in \
+        capsys.readouterr().out
 
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")  # a user's choice stays
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    place_gpus(cfg, harness_gpus=1)  # no GPUs allocated: nothing is set
-    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    place_gpus(cfg)  # no GPUs allocated: nothing is set
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ and os.environ["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
+
+
+def test_a_server_gpu_the_harness_times_on_is_refused_against_the_jobs_own_gpus(monkeypatch):
+    """agent.server.gpus are CUDA_VISIBLE_DEVICES entries, harness.devices indices into them."""
+    cfg, _ = compose_with_hydra("agent=qwen", "harness.devices=[0]")  # the server has [1, 2]
+    validate(cfg)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,4")  # in this job, index 0 is GPU 2
+    with pytest.raises(ConfigError, match=r"harness.devices=\[0\] and agent.server.gpus=\[1,2\] share GPU 2"):
+        place_gpus(cfg)
 
 
 def test_run_lock_is_exclusive_and_released_when_its_holder_is_killed(tmp_path):

@@ -147,7 +147,7 @@ def test_sweep_submits_one_job_per_combination_and_returns(seed, tmp_path):
         assert set(df["heads_kv"]) == {32 // group}
         info = json.loads((run / "run.json").read_text())
         assert f"group={group}" in info["overrides"]
-        assert "harness CUDA_VISIBLE_DEVICES=" in log_text(run)  # the job got a gpu GRES and split it
+        assert ": harness=compile times on none" in log_text(run)  # the job got a gpu GRES, left to no one
 
 
 def test_time_limit_warning_checkpoints_requeues_and_resumes(seed, tmp_path):
@@ -239,6 +239,29 @@ def test_a_job_slurm_would_never_start_is_refused_with_the_setting_to_change(see
     assert len(errors) == 1 and message in errors[0], p.stderr
     assert "Traceback" not in p.stderr and "submitted" not in p.stdout
     assert not (tmp_path / "run" / "slurm" / "job.json").exists() and _job_ids() == before  # nothing pending
+
+
+def test_a_search_asks_for_its_harness_gpus_and_more_than_a_node_has_is_refused(seed, tmp_path):
+    """harness.devices sets the job's GPU request (launcher.gpus_per_node=0); this node has 2 gpu GRES."""
+    gpu = [a for a in base(seed, tmp_path, "group=4") if a != "harness=compile"] + ["harness=gpu"]
+    before = _job_ids()
+    for extra, message in (
+            (["harness.devices=[0,1,2]"], "no node of the default partition can ever run this job (Requested node "
+                                          "configuration is not available): lower harness.devices=[0,1,2] (3 GPUs) "
+                                          "(a node has at most 2)"),
+            (["harness.devices=[0,1]", "launcher.gpus_per_node=1"],
+             "launcher.gpus_per_node=1 is fewer than the 2 GPUs harness.devices=[0,1] use")):
+        p = launch(*gpu, *extra, f"hydra.run.dir={tmp_path}/no", timeout=60)
+        errors = [ln for ln in p.stderr.splitlines() if ln.startswith("avo: error:")]
+        assert p.returncode == 2 and len(errors) == 1 and message in errors[0], p.stderr
+    assert _job_ids() == before and not (tmp_path / "no" / "slurm" / "job.json").exists()
+
+    run = tmp_path / "run"
+    p = launch(*gpu, "harness.devices=[0,1]", f"hydra.run.dir={run}", timeout=60)
+    assert p.returncode == 0, p.stderr[-3000:]
+    job_id = record(run)["job_id"]
+    subprocess.run(["scancel", job_id], check=True)  # no GPU behind the GRES: the request is what is tested
+    assert "#SBATCH --gpus-per-node=2" in (run / "slurm" / f"{job_id}_submission.sh").read_text()
 
 
 def _job_ids() -> set[str]:
@@ -357,5 +380,5 @@ def test_hand_written_search_sbatch_runs_a_search(seed, tmp_path):
     assert p.returncode == 0, p.stderr
     job_id = p.stdout.strip().split(";")[0]
     assert wait_done(job_id, 240) == "COMPLETED", (tmp_path / f"{job_id}.out").read_text()[-3000:]
-    assert "harness CUDA_VISIBLE_DEVICES=" in (tmp_path / f"{job_id}.out").read_text()
+    assert ": harness=compile times on none" in (tmp_path / f"{job_id}.out").read_text()
     check_lineage(run, 2)

@@ -1,10 +1,12 @@
 """Harnesses evaluate candidate sources. The parent side here never imports CUDA.
 
 A harness may be called from several threads at once (search.workers): each thread gets its own job
-directories, and the GPU worker processes serialise their timed stages on the device lock.
+directories, and the GPU worker processes serialise their timed stages on the device lock (one per
+GPU; with harness.devices the GPU harness spreads evaluations over several, avo.harness.devices).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from pathlib import Path
@@ -27,8 +29,8 @@ class SandboxHarness:
         self.work_dir = Path(work_dir)
         self.arch = cfg.arch  # NVRTC target; the GPU harness resolves "auto" to the device's own
 
-    def job(self, problem: Problem, mode: str | None = None, **fields) -> Job:
-        """The job this harness would hand its worker (avo.harness.job)."""
+    def job(self, problem: Problem, mode: str | None = None, device=None, **fields) -> Job:
+        """The job this harness would hand its worker (avo.harness.job); device: where it runs (GPU harness)."""
         return Job.for_problem(self.worker_mode(mode), problem, self.arch, self._cfg_dict(),
                                cache_dir=str(Path(self.cfg.cache_dir).expanduser()) if self.cfg.cache_dir else None,
                                **fields)
@@ -43,11 +45,17 @@ class SandboxHarness:
         """mode: the worker mode; None is the harness's full evaluation ("check" = correctness only).
         against: committed versions to time side by side (only a full evaluation of a timing harness)."""
         others = against if self.ranks and self.worker_mode(mode) == "evaluate" else None
-        return self.run_job(self.write_job(source, problem, mode, others=others), self.limits(others), deadline)
+        with self.placement() as device:
+            job_dir = self.write_job(source, problem, mode, others=others, device=device)
+            return self.run_job(job_dir, self.limits(others), deadline, device)
+
+    def placement(self):
+        """The device an evaluation runs on, held for the block (None: this harness runs no kernel)."""
+        return contextlib.nullcontext()
 
     def write_job(self, source: str, problem: Problem, mode: str | None = None,
-                  others: list[Reference] | None = None, **fields) -> Path:
-        job = self.job(problem, mode, **fields)
+                  others: list[Reference] | None = None, device=None, **fields) -> Path:
+        job = self.job(problem, mode, device, **fields)
         h = hashlib.sha256(source.encode()).hexdigest()[:16]
         job_dir = self.work_dir / f"{h}-{job.mode}{_thread_tag()}"
         atomic_write_text(job_dir / "source.cu", source)
@@ -60,7 +68,7 @@ class SandboxHarness:
         return {"compile": float(self.cfg.compile_timeout_s)}
 
     def run_job(self, job_dir: Path, limits: dict[str, float] | None = None,
-                deadline: float | None = None) -> EvalResult:
+                deadline: float | None = None, device=None) -> EvalResult:
         return self.outcome(run_worker(job_dir, self.cfg.timeout_s, env=self.env(), limits=limits,
                                        deadline=deadline))
 

@@ -1,4 +1,4 @@
-"""The ranking harness: verify and time each candidate on the local NVIDIA GPU.
+"""The ranking harness: verify and time each candidate on the local NVIDIA GPU (or GPUs).
 
 The parent never imports CUDA; every evaluation runs in a fresh worker process (see
 avo.harness.evaluate for what it does). evaluate(..., mode="check") stops after correctness:
@@ -16,6 +16,11 @@ derived from the incumbent's measured time for it (harness.stage_mult times, at 
 harness.stage_floor_s), so a hang at the default set dies within seconds, not the overall
 harness.timeout_s. A result that says the environment is broken, or a GPU that no longer
 answers the probe after a crash or a kill, stops the search with one line (HarnessUnavailable).
+
+Several GPUs (harness.devices, avo.harness.devices): each has its own lock, spares and probe, and
+each evaluation runs whole on one of them (the candidate and the versions it is paired with, in
+one worker). A GPU that fails its probe after a crash or a kill is taken out with one line and the
+others go on; when none is left the search stops as above.
 """
 from __future__ import annotations
 
@@ -28,12 +33,15 @@ import time
 import uuid
 from pathlib import Path
 
+from avo.errors import ConfigError
 from avo.fsutil import atomic_write_text
 from avo.harness import HarnessUnavailable, SandboxHarness
 from avo.harness.abi import arch_name
+from avo.harness.devices import Device, DevicePool, cuda_env, harness_devices, listed
 from avo.harness.job import JOB_FILE, Job
 from avo.harness.profile import ProfileError, export_csv, find_ncu, ncu_command, summarise
 from avo.harness.sandbox import PHASE, RESULT, _kill_group, run_worker, spawn, wait_worker
+from avo.progress import harness_log as log
 from avo.types import EvalResult, Problem, Reference, Status
 
 _PROBE = """
@@ -60,19 +68,31 @@ print(json.dumps({{"cc": cc, "name": name, "uuid": uuid}}))
 PROBE_TIMEOUT_S = 60
 
 
+class ProbeFailed(HarnessUnavailable):
+    """A GPU that does not answer the probe; `why` is the probe's own reason."""
+
+    def __init__(self, message: str, why: str):
+        super().__init__(message)
+        self.why = why
+
+
 def probe_gpu(device: int = 0) -> dict:
-    """{"cc": [major, minor], "name": str} of the device, from a child process."""
+    """{"cc": [major, minor], "name": str, "uuid": str} of the device, from a child process."""
     try:
         r = subprocess.run([sys.executable, "-c", _PROBE.format(device=device)], capture_output=True, text=True,
-                           timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+                           timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL, env={**os.environ, **cuda_env()})
     except subprocess.TimeoutExpired:
-        raise HarnessUnavailable(f"the CUDA device probe hung for {PROBE_TIMEOUT_S} s; "
-                                 "use harness=compile on machines without a working GPU") from None
+        raise ProbeFailed(f"the CUDA device probe hung for {PROBE_TIMEOUT_S} s; use harness=compile on machines "
+                          "without a working GPU", f"the probe hung for {PROBE_TIMEOUT_S} s") from None
     if r.returncode != 0:
         why = (r.stderr.strip().splitlines() or ["no output"])[-1][:160]
-        raise HarnessUnavailable(f"no usable CUDA GPU {device} here ({why}); "
-                                 "use harness=compile to compile and rank nothing on CPU") from None
+        raise ProbeFailed(f"no usable CUDA GPU {device} here ({why}); use harness=compile to compile and rank "
+                          "nothing on CPU", why) from None
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+class DeviceLost(Exception):
+    """The GPU an evaluation was placed on was taken out before it ran: place it again."""
 
 
 class GpuHarness(SandboxHarness):
@@ -83,29 +103,60 @@ class GpuHarness(SandboxHarness):
 
     def __init__(self, cfg, work_dir: Path, spare: bool = True):
         super().__init__(cfg, work_dir)
-        info = probe_gpu(cfg.device)
-        self.gpu_name = info["name"]
-        self.arch = arch_name(*info["cc"]) if cfg.arch == "auto" else cfg.arch
-        locks = Path(cfg.cache_dir).expanduser().parent if cfg.cache_dir else self.work_dir
-        self.lock = str(locks / "locks" / f"gpu-{info.get('uuid') or cfg.device}.lock")
+        locks = (Path(cfg.cache_dir).expanduser().parent if cfg.cache_dir else self.work_dir) / "locks"
+        devices, cc = [], set()
+        for index in harness_devices(cfg):
+            try:
+                info = probe_gpu(index)
+            except HarnessUnavailable as e:
+                if cfg.get("devices") is None:
+                    raise
+                raise HarnessUnavailable(f"harness.devices={listed(cfg.devices)}: {e}") from None
+            devices.append(Device(index, info["name"], str(locks / f"gpu-{info.get('uuid') or index}.lock")))
+            cc.add(tuple(info["cc"]))
+        if len({d.name for d in devices}) > 1:  # scores from different models would be ranked as one
+            raise ConfigError(f"harness.devices={listed(cfg.devices)} mixes "
+                              f"{' and '.join(sorted({d.name for d in devices}))}: list GPUs of one model")
+        self.pool = DevicePool(devices)
+        self.gpu_name = devices[0].name
+        self.arch = arch_name(*cc.pop()) if cfg.arch == "auto" else cfg.arch
         self.n_spares = int(cfg.get("spares", 1)) if spare else 0
         self.warm_dir, self._warm_spec = self.work_dir / "warm", ""  # what spares warm up for: the latest job
-        self._spares: list[tuple[subprocess.Popen, Path, object]] = []
         self._spares_lock = threading.Lock()  # search.workers evaluate from several threads
         with self._spares_lock:
-            self._fill_spares()
+            for dev in devices:
+                self._fill_spares(dev)
+        if len(devices) > 1:
+            log(f"timing on GPUs {', '.join(str(d.index) for d in devices)} ({self.gpu_name}): "
+                f"one lock and {self.n_spares} spare workers each")
 
-    def job(self, problem: Problem, mode: str | None = None, **fields) -> Job:
-        return super().job(problem, mode, lock=self.lock, **fields)
+    def evaluate(self, source: str, problem: Problem, mode: str | None = None, against: list[Reference] | None = None,
+                 deadline: float | None = None) -> EvalResult:
+        while True:  # ends: each DeviceLost takes a GPU out, and with none left placement() raises
+            try:
+                return super().evaluate(source, problem, mode, against, deadline)
+            except DeviceLost:
+                continue
 
-    def _fill_spares(self) -> None:
+    def placement(self):
+        return self.pool.use()
+
+    def job(self, problem: Problem, mode: str | None = None, device: Device | None = None, **fields) -> Job:
+        """A job for `device` (default: the first live GPU, for a job run outside evaluate: avo.bench)."""
+        dev = device or self.pool.first()
+        job = super().job(problem, mode, lock=dev.lock, **fields)
+        job.device = dev.index
+        return job
+
+    def _fill_spares(self, dev: Device) -> None:
+        """Caller holds _spares_lock."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        while len(self._spares) < self.n_spares:
+        while dev.alive and len(dev.spares) < self.n_spares:
             log_path = self.work_dir / f".spare-{uuid.uuid4().hex[:8]}.log"
-            log = open(log_path, "wb")
-            proc = spawn(["--standby", str(self.cfg.device), self.lock, str(self.warm_dir)], log, env=self.env(),
+            log_file = open(log_path, "wb")
+            proc = spawn(["--standby", str(dev.index), dev.lock, str(self.warm_dir)], log_file, env=self.env(),
                          stdin=subprocess.PIPE)
-            self._spares.append((proc, log_path, log))
+            dev.spares.append((proc, log_path, log_file))
 
     def limits(self, against: list[Reference] | None) -> dict[str, float]:
         """Per-stage time limits: compilation's own, the others from the incumbent's measured times."""
@@ -117,28 +168,50 @@ class GpuHarness(SandboxHarness):
         return limits
 
     def run_job(self, job_dir: Path, limits: dict[str, float] | None = None,
-                deadline: float | None = None) -> EvalResult:
+                deadline: float | None = None, device: Device | None = None) -> EvalResult:
+        dev = device or self.pool.first()
         spare = None
         with self._spares_lock:
             spec = (job_dir / JOB_FILE).read_text()
             if spec != self._warm_spec:  # the next spares warm up for this job's problem
                 atomic_write_text(self.warm_dir / JOB_FILE, spec)
                 self._warm_spec = spec
-            while self._spares and spare is None:
-                spare = self._spares.pop(0)
+            while dev.spares and spare is None:
+                spare = dev.spares.pop(0)
                 if spare[0].poll() is not None:  # it died getting ready
                     spare[2].close()
                     spare = None
-            self._fill_spares()  # the next start-up overlaps this evaluation
+            self._fill_spares(dev)  # the next start-up overlaps this evaluation
         if spare is None:
-            return super().run_job(job_dir, limits, deadline)
-        return self.outcome(self._run_on_spare(spare, job_dir, limits, deadline))
+            result = run_worker(job_dir, self.cfg.timeout_s, env=self.env(), limits=limits, deadline=deadline)
+        else:
+            result = self._run_on_spare(spare, job_dir, limits, deadline)
+        result.device = dev.index
+        return self._judge_device(result, dev)
 
-    def outcome(self, result: EvalResult) -> EvalResult:
-        result = super().outcome(result)
-        if result.status in (Status.CRASHED, Status.TIMEOUT):
-            probe_gpu(self.cfg.device)  # a GPU left unusable stops the search here, with one line
-        return result
+    def _judge_device(self, result: EvalResult, dev: Device) -> EvalResult:
+        """After a crash or a kill, a GPU that fails the probe is taken out (the last one stops the search,
+        as does a broken environment); a GPU that a worker found unusable is probed too when others remain."""
+        lost = result.status == Status.UNAVAILABLE and len(self.pool.live) > 1
+        if result.status in (Status.CRASHED, Status.TIMEOUT) or lost:
+            try:
+                probe_gpu(dev.index)
+            except ProbeFailed as e:
+                self._take_out(dev, f"after a {result.status.value} evaluation", e)
+                if lost:
+                    raise DeviceLost() from None
+        return super().outcome(result)
+
+    def _take_out(self, dev: Device, when: str, failed: ProbeFailed) -> None:
+        """No more work for `dev`: one line, its spares ended; HarnessUnavailable when it was the last."""
+        live = self.pool.take_out(dev)
+        with self._spares_lock:
+            spares, dev.spares = dev.spares, []
+        self._end(spares)
+        if not live:
+            raise HarnessUnavailable(str(failed))
+        log(f"GPU {dev.index} ({dev.name}) failed the probe {when} ({failed.why}): taken out; "
+            f"timing goes on on GPU {', '.join(str(d.index) for d in live)}")
 
     def _run_on_spare(self, spare, job_dir: Path, limits, deadline) -> EvalResult:
         """run_worker's contract (limits, process-group kill, result.json) on a ready worker."""
@@ -159,10 +232,16 @@ class GpuHarness(SandboxHarness):
 
     def close(self) -> None:
         with self._spares_lock:
-            spares, self._spares, self.n_spares = self._spares, [], 0
-        for proc, log_path, log in spares:
+            self.n_spares, spares = 0, [s for dev in self.pool.all for s in dev.spares]
+            for dev in self.pool.all:
+                dev.spares = []
+        self._end(spares)
+
+    @staticmethod
+    def _end(spares) -> None:
+        for proc, log_path, log_file in spares:
             _kill_group(proc)
-            log.close()
+            log_file.close()
             log_path.unlink(missing_ok=True)
 
     def profile(self, source: str, problem: Problem, shape: str | None = None) -> str:
@@ -177,9 +256,10 @@ class GpuHarness(SandboxHarness):
         key = shape or keys[0]
         if key not in keys:
             raise ProfileError(f"unknown shape {key!r}; profile one of: {', '.join(keys)}")
-        job_dir = self.write_job(source, problem, "profile", shape=key)
-        result = run_worker(job_dir, self.cfg.timeout_s, env=self.env(), prefix=ncu_command(ncu, job_dir),
-                            limits=self.limits(None))
+        with self.pool.use() as dev:  # ncu sees every GPU and records the launch on this one
+            job_dir = self.write_job(source, problem, "profile", device=dev, shape=key)
+            result = run_worker(job_dir, self.cfg.timeout_s, env=self.env(), prefix=ncu_command(ncu, job_dir),
+                                limits=self.limits(None))
         if not result.ok:
             raise ProfileError(f"no profile: {result.status.value}: {result.error}\n{result.log[-1500:]}".rstrip())
         return summarise(*export_csv(ncu, job_dir), key)
@@ -192,4 +272,4 @@ class GpuHarness(SandboxHarness):
         return mode or self.mode
 
     def env(self) -> dict[str, str]:
-        return {"PYTHONUNBUFFERED": "1"}  # worker.log shows progress as it happens
+        return {"PYTHONUNBUFFERED": "1", **cuda_env()}  # worker.log shows progress as it happens

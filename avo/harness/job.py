@@ -40,6 +40,16 @@ class Job:
     shape: str = ""                 # profile: the benchmark shape's key
     job_dir: str = ""               # filled in by read(): where the job lives
 
+    @property
+    def device(self) -> int:
+        """The CUDA device the job runs on: its harness config's `device`, which the evaluation reads
+        too; the GPU harness sets it per job (avo.harness.devices)."""
+        return int(self.harness.get("device", 0))
+
+    @device.setter
+    def device(self, index: int) -> None:
+        self.harness = {**self.harness, "device": int(index)}
+
     def problem_of(self) -> Problem:
         d = self.problem
         return Problem(d["name"], d["heads_q"], d["heads_kv"], d["head_dim"],

@@ -154,7 +154,7 @@ def environment(job: Job) -> None:
     try:
         import torch
 
-        torch.cuda.set_device(job.harness.get("device", 0))
+        torch.cuda.set_device(job.device)
         torch.empty(1, device="cuda")
     except Exception as e:  # noqa: BLE001 - whatever CUDA raises here, the GPU is not usable
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

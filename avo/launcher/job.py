@@ -23,6 +23,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 from avo.config import register
 from avo.errors import LaunchError, RunDirBusy  # noqa: F401 - LaunchError: part of this module's interface
 from avo.fsutil import atomic_write_text
+from avo.harness.devices import check_gpus, cuda_env, managed_server, setting, timing_gpus, visible_gpus
 from avo.progress import launcher_log as log
 
 LOCK = ".avo-run.lock"
@@ -58,23 +59,35 @@ def run_lock(run_dir: Path):
         os.close(fd)
 
 
-def place_gpus(cfg: DictConfig, harness_gpus: int) -> None:
-    """Split the job's GPUs: the last `harness_gpus` time kernels, the others serve the model.
+def place_gpus(cfg: DictConfig) -> None:
+    """Give a managed model server the job's GPUs that the harness does not time on.
 
-    The search process (and so every harness worker) sees only the harness GPUs through
-    CUDA_VISIBLE_DEVICES; a managed vLLM server gets the others through agent.server.gpus.
+    The harness's GPUs are harness.devices (avo.harness.devices), indices into the job's
+    CUDA_VISIBLE_DEVICES, which the search process keeps whole: its workers are placed by index.
+    A server with agent.server.gpus of its own keeps them, unless the harness times on one of this
+    job's GPUs they name. Every process of the job numbers GPUs in PCI bus order, as nvidia-smi does.
     """
-    visible = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    os.environ.update(cuda_env())
+    visible = visible_gpus()
     if not visible:
         return
-    n = max(1, min(harness_gpus, len(visible)))
-    harness, server = visible[-n:], visible[:-n]
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(harness)
-    server_cfg = cfg.agent.get("server") if cfg.agent.get("kind") == "llm" else None
-    if server_cfg is not None and server_cfg.get("mode") == "managed" and not server_cfg.get("gpus"):
-        server_cfg.gpus = [int(g) if g.isdigit() else g for g in server]
-    log(f"GPUs {','.join(visible)}: harness CUDA_VISIBLE_DEVICES={','.join(harness)}"
-        + (f", model server {','.join(server)}" if server_cfg is not None and server else ""))
+    check_gpus(cfg, visible)  # against this job's GPUs, which the submitting host did not know
+    timing = timing_gpus(cfg, visible)
+    server_cfg = managed_server(cfg.agent)
+    gave = ""
+    if server_cfg is not None and not server_cfg.gpus:
+        rest = [g for g in visible if g not in timing]
+        if rest:
+            server_cfg.gpus = [int(g) if g.isdigit() else g for g in rest]
+            gave = f", model server {','.join(rest)}"
+        else:
+            gave = (", model server: none left, so it shares them (raise launcher.gpus_per_node to give it "
+                    "GPUs of its own)")
+    elif server_cfg is not None:
+        gave = f", model server {','.join(str(g) for g in server_cfg.gpus)} (agent.server.gpus)"
+    harness = f"harness {','.join(timing)} ({setting(cfg.harness)})" if timing else \
+        f"harness={cfg.harness.name} times on none"
+    log(f"GPUs {','.join(visible)}: {harness}{gave}")
 
 
 def _restore_hydra(hydra_cfg: DictConfig | None) -> None:
@@ -97,11 +110,10 @@ def current_hydra() -> DictConfig | None:
 class SearchJob(Checkpointable):
     """Run or resume the search of one run directory (the same one after every requeue)."""
 
-    def __init__(self, cfg: DictConfig, hydra_cfg: DictConfig | None = None, harness_gpus: int | None = None):
+    def __init__(self, cfg: DictConfig, hydra_cfg: DictConfig | None = None):
         self.cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         self.cfg.run_dir = str(run_dir_of(cfg))
         self.hydra_cfg = hydra_cfg
-        self.harness_gpus = harness_gpus
 
     def __call__(self) -> dict:
         from avo.search import run_search
@@ -112,8 +124,7 @@ class SearchJob(Checkpointable):
         jid = os.environ.get("SLURM_JOB_ID")
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
         log(f"search job{f' {jid}' if jid else ''} on {socket.gethostname()} (restart {restarts}): {run_dir}")
-        if self.harness_gpus is not None:
-            place_gpus(cfg, self.harness_gpus)
+        place_gpus(cfg)
         with run_lock(run_dir):
             summary = run_search(cfg)
         return asdict(summary)

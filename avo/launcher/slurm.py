@@ -18,6 +18,7 @@ from pathlib import Path
 import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
+from avo.harness.devices import gpus_needed
 from avo.launcher.job import LaunchError, RunDirBusy, SearchJob, ServerJob, current_hydra, log, run_dir_of, write_record
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
@@ -86,6 +87,16 @@ def _executor(cfg, folder: Path, name: str, comment: str, gpus: int) -> submitit
     return ex
 
 
+def _search_gpus(L, need: int, why: str) -> tuple[int, str]:
+    """The GPUs a search job asks for (launcher.gpus_per_node, or when 0 the ones its settings use) and
+    the setting to name if no node has that many."""
+    asked = int(L.gpus_per_node)
+    if 0 < asked < need:
+        raise LaunchError(f"launcher.gpus_per_node={asked} is fewer than the {need} GPUs {why} use; raise it, "
+                          "or leave it 0 to ask for those")
+    return (asked, f"launcher.gpus_per_node={asked}") if asked else (need, f"{why} ({need} GPUs)")
+
+
 def _lane_name(name: str, cfg, hydra_cfg, sweep_dir: str) -> str:
     if not cfg.launcher.max_parallel or hydra_cfg is None:
         return name
@@ -127,9 +138,10 @@ def _minutes(limit: str) -> int | None:
     return (int(days or 0) * 24 + h) * 60 + m + (s > 0)
 
 
-def _infeasible(L, gpus: int, why: str) -> str | None:
-    """The one line for a request Slurm will never start, naming the settings to change; None when a node of
-    the partition fits it (the refusal is about now: that node is down, drained or reserved)."""
+def _infeasible(L, gpus: int, why: str, asks: str) -> str | None:
+    """The one line for a request Slurm will never start, naming the settings to change (`asks`: the one that
+    set the GPU count); None when a node of the partition fits it (the refusal is about now: that node is
+    down, drained or reserved)."""
     part = L.get("partition")
     where = f"partition {part}" if part else "the default partition"
     nodes = _nodes(part)
@@ -155,16 +167,16 @@ def _infeasible(L, gpus: int, why: str) -> str | None:
     if need["mem_mb"] > top["mem_mb"]:
         over.append(f"launcher.mem_gb={L.mem_gb:g} (a node has at most {math.floor(top['mem_mb'] / 102.4) / 10:g})")
     if need["gpus"] > top["gpus"]:
-        over.append(f"launcher.gpus_per_node={gpus} (a node has at most {top['gpus']})")
+        over.append(f"{asks} (a node has at most {top['gpus']})")
     if over:
         return f"no node of {where} can ever run this job ({why}): lower {' and '.join(over)}"
     shapes = ", ".join(f"{c} CPUs/{m / 1024:.0f} GB/{g} GPUs" for c, m, g in
                        sorted({(n["cpus"], n["mem_mb"], n["gpus"]) for n in nodes}, reverse=True)[:5])
     return (f"no node of {where} has launcher.cpus_per_task={L.cpus_per_task}, launcher.mem_gb={L.mem_gb:g} and "
-            f"launcher.gpus_per_node={gpus} at once (nodes: {shapes}); lower one of them")
+            f"{asks} at once (nodes: {shapes}); lower one of them")
 
 
-def _check_feasible(ex: submitit.SlurmExecutor, L, gpus: int) -> None:
+def _check_feasible(ex: submitit.SlurmExecutor, L, gpus: int, asks: str) -> None:
     """`sbatch --test-only` with the job's own script: a request no node can satisfy is accepted by sbatch
     but pends for ever (reason PartitionConfig), so refuse it here with the setting to change."""
     script = ex._make_submission_file_text("true", "test-only")  # the same #SBATCH lines submit() sends
@@ -177,7 +189,7 @@ def _check_feasible(ex: submitit.SlurmExecutor, L, gpus: int) -> None:
         return
     lines = [ln.strip() for ln in p.stderr.splitlines() if ln.strip()]
     why = lines[-1].removeprefix("allocation failure: ").removeprefix("sbatch: error: ") if lines else "no reason"
-    problem = _infeasible(L, gpus, why)
+    problem = _infeasible(L, gpus, why, asks)
     if problem:
         raise LaunchError(problem)
     log(f"sbatch --test-only: {why}, though a node fits the request (down or drained now?): submitting; "
@@ -200,18 +212,19 @@ def submit(cfg):
         url_file = Path(L.server_url_file).expanduser().resolve()
         folder = url_file.parent / f"{url_file.stem}.slurm"
         name, fn, gpus, run_dir = f"avo.server.{cfg.agent.name}", ServerJob(cfg, url_file), int(L.gpus_per_node), None
+        asks = f"launcher.gpus_per_node={gpus}"
         comment = str(url_file)
     else:
         run_dir = run_dir_of(cfg)
         folder = run_dir / "slurm"
         _refuse_if_active(folder, run_dir)
         name = job_name(cfg, hydra_cfg)
-        gpus = int(L.gpus_per_node)
-        fn = SearchJob(cfg, hydra_cfg, harness_gpus=int(L.harness_gpus) if gpus else None)
+        gpus, asks = _search_gpus(L, *gpus_needed(cfg))
+        fn = SearchJob(cfg, hydra_cfg)
         comment = str(run_dir)
         name = _lane_name(name, cfg, hydra_cfg, str(run_dir.parent))
     ex = _executor(cfg, folder, name, comment, gpus)
-    _check_feasible(ex, L, gpus)
+    _check_feasible(ex, L, gpus, asks)
     job = _submit(ex, fn)
     record = {"job_id": job.job_id, "name": name, "kind": L.get("job", "search"), "run_dir": str(run_dir or ""),
               "url_file": comment if run_dir is None else "", "stdout": str(job.paths.stdout),
