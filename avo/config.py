@@ -190,7 +190,8 @@ class HarnessConf:
     compile_timeout_s: float = 60.0   # the compile stage's own limit
     stage_mult: float = 4.0           # each later stage's limit: this times the incumbent's time for it,
     stage_floor_s: float = 10.0       # but at least this
-    spares: int = 2                   # GPU workers kept started ahead (torch and CUDA ready)
+    spares: int = 2                   # GPU workers kept started ahead, per GPU (torch, CUDA and the baselines
+                                      # ready); conf/harness/gpu.yaml derives it from search.workers
     cache_dir: str = "~/.cache/avo/cubin"
     device: int = 0                   # CUDA device index the harness times on (when devices is unset)
     devices: list[int] | None = None  # several GPUs: a lock, spares and probe each; evaluations go to the least busy
@@ -290,6 +291,14 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("avo_div", _div)
     if not OmegaConf.has_resolver("avo_dirname"):
         OmegaConf.register_new_resolver("avo_dirname", flat_dirname)
+    if not OmegaConf.has_resolver("avo_spares"):
+        OmegaConf.register_new_resolver("avo_spares", spares_for)
+
+
+def spares_for(workers: int, devices) -> int:
+    """Spare GPU workers per device: one per search worker the device serves, plus one, and at least
+    two (quick rejections, such as compile errors, use spares up faster than they start)."""
+    return max(2, -(-int(workers) // max(1, len(devices or [0]))) + 1)
 
 
 def validate(cfg: DictConfig, check_seed: bool = True) -> None:

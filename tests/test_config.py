@@ -114,3 +114,13 @@ def test_default_gpu_harness_without_a_gpu_names_the_cpu_alternative(tmp_path):
     r = _launch("search=smoke", f"hydra.run.dir={tmp_path}")
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "avo: error:" in r.stderr and "use harness=compile" in r.stderr
+
+
+def test_spares_follow_the_search_workers_per_gpu(cfg_factory):
+    """One spare per worker a GPU serves, plus one, never fewer than two; an explicit value wins."""
+    from avo.config import spares_for
+
+    assert [spares_for(k, None) for k in (1, 2, 4, 8)] == [2, 3, 5, 9]
+    assert spares_for(8, [0, 1]) == 5 and spares_for(3, [0, 1]) == 3
+    assert cfg_factory("harness=gpu", "search.workers=4").harness.spares == 5
+    assert cfg_factory("harness=gpu", "search.workers=4", "harness.spares=1").harness.spares == 1

@@ -337,4 +337,5 @@ def warm_up(problem: Problem, hc: dict, lock: str | None, interrupted) -> int:
             torch.cuda.synchronize()
         n += 1
         time.sleep(0.02)  # flock has no queue: let a timing waiting for the device take it first
+    torch.cuda.empty_cache()  # idle spares keep the plans, not the inputs' memory
     return n
