@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,7 +42,9 @@ def run_worker(job_dir: Path, timeout_s: float, env: dict[str, str] | None = Non
     (job_dir / PHASE).unlink(missing_ok=True)
     t0 = time.monotonic()
     with open(job_dir / "worker.log", "wb") as log:
-        return wait_worker(spawn([str(job_dir)], log, env=env, prefix=prefix), job_dir, timeout_s, t0, limits, deadline)
+        # under a profiler the report is written after the worker exits: wait for the exit there
+        return wait_worker(spawn([str(job_dir)], log, env=env, prefix=prefix), job_dir, timeout_s, t0, limits, deadline,
+                           done_on_result=prefix is None)
 
 
 def spawn(args: list[str], log, env: dict[str, str] | None = None, prefix: list[str] | None = None,
@@ -54,11 +57,16 @@ def spawn(args: list[str], log, env: dict[str, str] | None = None, prefix: list[
 
 
 def wait_worker(proc: subprocess.Popen, job_dir: Path, timeout_s: float, t0: float,
-                limits: dict[str, float] | None = None, deadline: float | None = None) -> EvalResult:
-    """Wait for a started worker under its limits, kill its process group, and read its result."""
+                limits: dict[str, float] | None = None, deadline: float | None = None,
+                done_on_result: bool = True) -> EvalResult:
+    """Wait for a started worker under its limits, kill its process group, and read its result.
+
+    done_on_result: the result file (written atomically, the worker's last act) ends the wait; the
+    worker's own exit, tearing down torch and a CUDA context, can take most of a second."""
     log_path, phase_path = Path(job_dir) / "worker.log", Path(job_dir) / PHASE
+    result_path = Path(job_dir) / RESULT
     limits = limits or {}
-    phase, since = "", time.monotonic()
+    phase, since, rc = "", time.monotonic(), None
     try:
         while True:
             try:
@@ -66,6 +74,8 @@ def wait_worker(proc: subprocess.Popen, job_dir: Path, timeout_s: float, t0: flo
                 break
             except subprocess.TimeoutExpired:
                 pass
+            if done_on_result and result_path.exists():
+                break
             now = time.monotonic()
             try:
                 current = phase_path.read_text()
@@ -85,8 +95,7 @@ def wait_worker(proc: subprocess.Popen, job_dir: Path, timeout_s: float, t0: flo
             if why:
                 return EvalResult(Status.TIMEOUT, error=why, log=_tail(log_path))
     finally:
-        _kill_group(proc)  # stray children of the worker die with it
-    result_path = Path(job_dir) / RESULT
+        _kill_group(proc, reap=rc is not None or not result_path.exists())  # stray children die with it
     if not result_path.exists():
         how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
         return EvalResult(Status.CRASHED, error=f"worker died ({how}) after {time.monotonic() - t0:.1f} s "
@@ -105,9 +114,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc: subprocess.Popen, reap: bool = True) -> None:
+    """SIGKILL the worker's process group; reap it now, or (reap=False: its result is in) in the
+    background, so that nobody waits for the kernel to tear its CUDA context down."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    proc.wait()
+    if reap:
+        proc.wait()
+    else:
+        threading.Thread(target=proc.wait, name="avo-reap", daemon=True).start()
