@@ -65,7 +65,10 @@ def test_paired_against_itself(harness):
     """A/A: the incumbent against a copy of itself, side by side: a ratio near 1, bounds around it."""
     ref = Reference("incumbent", 0, NAIVE, {"verify": 2.0, "screen": 1.0, "bench": 3.0})
     r = harness.evaluate(NAIVE + "\n// a copy\n", MHA, against=[ref])
-    annotate(r, 0.01)
+    # one-sided bounds at 0.1 % each: at the search's 1 % an honest A/A misses 1 about 2 % of the time
+    # (once in the H200 runs: 1.0161 [1.0014, 1.0311] for the memory-bound naive kernel on 2 configs);
+    # benchmarks/commit_rule.py measures the false-commit rate itself, over 20 trials
+    annotate(r, 0.001)
     assert r.status == Status.OK, r.error
     print(f"A/A: {r.paired_ratio:.4f} [{r.paired_lo:.4f}, {r.paired_hi:.4f}], screen {r.screen_s:.2f} s")
     assert r.stage == "bench" and 0.97 < r.paired_ratio < 1.03 and r.paired_lo <= 1.0 <= r.paired_hi * 1.001
