@@ -70,3 +70,28 @@ def kill_mid_run(cmd: list[str], run_dir: Path, parts: int, timeout_s: float) ->
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def kill_and_resume(args: list[str], tmp_path: Path):
+    """Kill a run of `python -m avo.launch ARGS` once 9 attempts are on disk, resume it two steps past
+    its last, and check that nothing recorded changed or went missing and no candidate id repeats.
+    Returns (rows before, rows after, last step before, the resumed run's stdout)."""
+    import subprocess
+
+    from avo import lineage
+
+    run_dir = tmp_path / "run"
+    kill_mid_run([*args, "search.max_steps=60", f"hydra.run.dir={run_dir}"], run_dir, parts=9, timeout_s=180)
+    before = lineage.read_run(run_dir)
+    assert 9 <= len(before) < 1 + 60 * 3
+    last = int(before["step"].max())
+    r = subprocess.run([*args, f"search.max_steps={last + 2}", f"resume={run_dir}",
+                        f"hydra.run.dir={tmp_path / 'ignored'}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = lineage.read_run(run_dir)
+    assert after["candidate_id"].is_unique().all() and len(after) > len(before)
+    kept = after.join(before.select("candidate_id"), on="candidate_id", how="semi").sort("step", "attempt")
+    assert kept.equals(before.sort("step", "attempt")), "a recorded attempt changed or went missing"
+    assert (after["step"] == 0).sum() == 1, "the seed is evaluated once"
+    return before, after, last, r.stdout

@@ -2,7 +2,6 @@
 
 Scoring doubles rank without a GPU (pure logic); the kill/resume runs the real mutation operator and the real
 NVRTC harness."""
-import subprocess
 import sys
 import threading
 import time
@@ -17,7 +16,7 @@ from avo.problem import problem_from_cfg
 from avo.search import Search, _open_run
 from avo.types import Proposal
 from avo.workers import Workers
-from tests.conftest import ROOT, kill_mid_run, make_cfg
+from tests.conftest import kill_and_resume, make_cfg
 from tests.test_search import SEED, ScoreHarness
 from tests.test_workers import SEED_SRC, RacingHarness, search
 
@@ -203,22 +202,10 @@ def test_resume_brings_back_islands_bests_and_the_step_counter(cfg_factory, tmp_
 
 
 def test_a_killed_run_with_islands_resumes_without_loss_or_duplicates(tmp_path):
-    run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "avo.launch", "harness=compile", f"seed={SEED}", "search.workers=4",
             "search.islands=2", "search.migrate_every=5"]
-    kill_mid_run([*args, "search.max_steps=60", f"hydra.run.dir={run_dir}"], run_dir, parts=9, timeout_s=180)
-    before = lineage.read_run(run_dir)
-    assert 9 <= len(before) < 1 + 60 * 3
-    last = int(before["step"].max())
-    r = subprocess.run([*args, f"search.max_steps={last + 2}", f"resume={run_dir}",
-                        f"hydra.run.dir={tmp_path / 'ignored'}"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert " i1 w" in r.stdout
-    after = lineage.read_run(run_dir)
-    kept = after.join(before.select("candidate_id"), on="candidate_id", how="semi").sort("step", "attempt")
-    assert kept.equals(before.sort("step", "attempt")), "a recorded attempt changed or went missing"
-    assert after["candidate_id"].is_unique().all() and (after["step"] == 0).sum() == 1
+    _, after, last, stdout = kill_and_resume(args, tmp_path)
+    assert " i1 w" in stdout
     steps = after.filter(pl.col("step") > 0).group_by("step").agg(pl.col("attempt").sort().alias("a"),
                                                                   pl.col("island").n_unique().alias("n"))
     # nothing ranks here, so nothing migrates: every step but the migration steps ran its attempts once each
