@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 
 from avo.fsutil import atomic_write_json, atomic_write_text
-from avo.harness.job import Job
+from avo.harness.job import JOB_FILE, Job
 from avo.harness.nvrtc import compile_candidate, nvrtc_version
 from avo.harness.sandbox import PHASE, RESULT, _die_with_parent
 from avo.types import EvalResult, Status
@@ -207,7 +207,7 @@ def standby(device: int, lock: str | None, warm: str | None = None) -> int:
         _log(f"standby: torch and CUDA ready in {time.perf_counter() - t0:.2f} s")
     except Exception as e:  # noqa: BLE001 - reported with the job it was meant for
         env_error = f"the GPU cannot be used ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
-    if not env_error and warm and (Path(warm) / "job.json").exists():
+    if not env_error and warm and (Path(warm) / JOB_FILE).exists():
         t1 = time.perf_counter()
         try:
             spec = Job.read(Path(warm))
