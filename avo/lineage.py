@@ -35,6 +35,8 @@ SCHEMA_VERSION = 4  # 3: worker, island; 4: device
 OLDER_ROWS = pl.ScanCastOptions(missing_struct_fields="insert", extra_struct_fields="ignore")
 MIGRATED = "migrated"  # the decision of a copy of another island's best (avo.islands)
 COMMITS = ("committed", "seed", MIGRATED)  # decisions that add a version
+ORIGINAL = pl.col("decision").ne_missing(MIGRATED)  # an attempt or the seed: not a migrant's copy of a version
+STAGE_COLUMNS = ("compile_s", "verify_s", "screen_s", "bench_s")  # an evaluation's own clocks, stage by stage
 COMPACT_EVERY = 64
 MERGE_CHUNKS = 16
 

@@ -5,7 +5,7 @@ import sys
 
 import polars as pl
 
-from avo.lineage import MIGRATED
+from avo.lineage import ORIGINAL
 
 
 def launcher_log(msg: str) -> None:
@@ -57,7 +57,7 @@ class Progress:
 
     def summary(self, s, rows: pl.DataFrame, ranked: bool, bests=()) -> None:
         """bests: each island's best version, when there are several islands."""
-        counts = rows.filter(pl.col("decision") != MIGRATED).group_by("status").len().sort("status")
+        counts = rows.filter(ORIGINAL).group_by("status").len().sort("status")
         taxonomy = ", ".join(f"{r['status']} {r['len']}" for r in counts.iter_rows(named=True))
         self.line(f"done: {s.stopped}")
         best = "no version committed yet" if s.best_version is None else f"best v{s.best_version}"

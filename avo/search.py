@@ -167,10 +167,10 @@ class Search:
 
     def expected_eval_s(self) -> float:
         """What a normal evaluation costs here: the incumbent's own, all stages."""
-        r = self.rows.filter(pl.col("committed") & (pl.col("decision") != lineage.MIGRATED)).tail(1)
+        r = self.rows.filter(pl.col("committed") & lineage.ORIGINAL).tail(1)
         if r.is_empty():
             return 0.0
-        return float(sum(r[c].fill_null(0.0).item() for c in ("compile_s", "verify_s", "screen_s", "bench_s")))
+        return float(sum(r[c].fill_null(0.0).item() for c in lineage.STAGE_COLUMNS))
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> Summary:
@@ -316,7 +316,7 @@ class Search:
     def _summary(self, stopped: str) -> Summary:
         best = max((v for v in self.history if v.score is not None), key=lambda v: v.score,
                    default=self.history[-1] if self.history else None)
-        attempts = int((self.rows["decision"] != lineage.MIGRATED).sum())  # a migrant is a copy, not an attempt
+        attempts = self.rows.filter(lineage.ORIGINAL).height  # a migrant is a copy, not an attempt
         s = Summary(str(self.run_dir), self.run_id, int(self.rows["step"].max()), attempts,
                     int((self.rows["decision"] == "committed").sum()), best and best.version, best and best.score,
                     stopped, self.elapsed())

@@ -85,7 +85,7 @@ def from_run(run_dir: Path, version: int | None) -> Seed:
         raise SeedError(f"seed={run_dir}: the run has no committed version")
     if version is None:
         # the best by score, an original rather than a migrant's copy of it (search.islands)
-        ranked = committed.filter(pl.col("score").is_not_null() & (pl.col("decision") != lineage.MIGRATED))
+        ranked = committed.filter(pl.col("score").is_not_null() & lineage.ORIGINAL)
         pick = ranked.sort("score", "version") if not ranked.is_empty() else committed
         row = pick.tail(1).row(0, named=True)
     else:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from avo.lineage import MIGRATED
+from avo.lineage import ORIGINAL
 
 
 def detect(rows: pl.DataFrame, stag, since_step: int = 0) -> str | None:
@@ -12,7 +12,7 @@ def detect(rows: pl.DataFrame, stag, since_step: int = 0) -> str | None:
     stag: search.stagnation (no_commit_steps, consecutive_failures, repeated_source; 0 disables one).
     """
     recent = rows.filter((pl.col("step") > max(since_step, 0)) & (pl.col("step") > 0)
-                         & (pl.col("decision") != MIGRATED)).sort("step", "attempt")  # a migrant is no progress
+                         & ORIGINAL).sort("step", "attempt")  # a migrant is no progress
     if recent.is_empty():
         return None
     if stag.no_commit_steps:

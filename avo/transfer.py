@@ -35,7 +35,7 @@ def carry_knowledge(src_run: Path, dst_run: Path) -> list[Path]:
 
 def lessons_markdown(src_run: Path) -> tuple[str, str] | None:
     """(source run id, markdown): one section per committed version, with its message and scores."""
-    rows = lineage.read_run(src_run).filter(pl.col("committed") & (pl.col("decision") != lineage.MIGRATED))
+    rows = lineage.read_run(src_run).filter(pl.col("committed") & lineage.ORIGINAL)
     rows = rows.sort("version")  # (a migrant repeats a version of another island: search.islands)
     if rows.is_empty():
         return None

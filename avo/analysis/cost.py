@@ -12,22 +12,20 @@ from __future__ import annotations
 import polars as pl
 
 from avo.analysis.reader import Lineage
-from avo.lineage import MIGRATED
-
-STAGES = ("compile_s", "verify_s", "screen_s", "bench_s")
+from avo.lineage import ORIGINAL, STAGE_COLUMNS
 
 
 def by_stage(lin: Lineage) -> pl.DataFrame:
     """Per run and outcome: attempts and the median seconds of each stage and of the whole evaluation."""
-    rows = lin.attempts.filter((pl.col("step") > 0) & (pl.col("decision") != MIGRATED)).select(
-        "run_id", "stage", "status", "propose_s", *STAGES,
+    rows = lin.attempts.filter((pl.col("step") > 0) & ORIGINAL).select(
+        "run_id", "stage", "status", "propose_s", *STAGE_COLUMNS,
         ((pl.col("finished_at") - pl.col("started_at")).dt.total_seconds(fractional=True)
          - pl.col("propose_s").fill_null(0)).alias("eval_s")).collect()
-    stages = [pl.col(c).fill_null(0) for c in STAGES]
+    stages = [pl.col(c).fill_null(0) for c in STAGE_COLUMNS]
     return (rows.with_columns(
         outcome=pl.when(pl.col("stage") == "screen").then(pl.lit("screened"))
         .when(pl.col("stage") == "bench").then(pl.lit("full")).otherwise(pl.col("status")),
         other_s=pl.col("eval_s") - sum(stages))
-        .group_by("run_id", "outcome").agg(pl.len().alias("n"), *[pl.col(c).fill_null(0).median() for c in STAGES],
+        .group_by("run_id", "outcome").agg(pl.len().alias("n"), *[s.median() for s in stages],
                                            pl.col("other_s").median(), pl.col("eval_s").median())
         .with_columns(pl.col(pl.Float64).round(2)).sort("run_id", "n", descending=[False, True]))

@@ -90,7 +90,7 @@ def configs(frame: pl.LazyFrame) -> pl.LazyFrame:
 def best(lin: Lineage) -> pl.LazyFrame:
     """Each run's best committed version: highest score, the latest version among equals or unscored
     (migrants left out: each copies a version already there)."""
-    return (commits(lin).filter(pl.col("decision").ne_missing(lineage.MIGRATED))
+    return (commits(lin).filter(lineage.ORIGINAL)
             .sort(["run_id", "score", "version"], descending=[False, True, True], nulls_last=True)
             .group_by("run_id", maintain_order=True).first())
 
@@ -107,7 +107,7 @@ def _geomean(col: str) -> pl.Expr:
 def runs_summary(lin: Lineage) -> pl.DataFrame:
     """One row per run: effort, acceptance, failure taxonomy, best result and what it cost."""
     a = attempts(lin)
-    tried = a.filter((pl.col("step") > 0) & pl.col("decision").ne_missing(lineage.MIGRATED))  # attempts, not copies
+    tried = a.filter((pl.col("step") > 0) & lineage.ORIGINAL)  # attempts, not copies
     counts = tried.group_by("run_id").agg(
         steps=pl.col("step").max(), attempts=pl.len(), commits=pl.col("committed").sum(),
         **{o: (pl.col("outcome") == o).sum() for o in OUTCOMES if o != "committed"})

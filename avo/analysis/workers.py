@@ -14,12 +14,11 @@ from pathlib import Path
 import polars as pl
 
 from avo.analysis.reader import Lineage
-from avo.lineage import MIGRATED
+from avo.lineage import MIGRATED, STAGE_COLUMNS
 from avo.workers import busy_seconds
 
-STAGES = ("compile_s", "verify_s", "screen_s", "bench_s")
 COLUMNS = ("run_id", "step", "worker", "island", "committed", "decision", "status", "version", "score", "started_at",
-           "finished_at", "propose_s", *STAGES, "prompt_tokens", "completion_tokens")
+           "finished_at", "propose_s", *STAGE_COLUMNS, "prompt_tokens", "completion_tokens")
 
 
 def _rows(lin: Lineage) -> pl.DataFrame:
@@ -52,7 +51,7 @@ def gpu_busy(lin: Lineage) -> pl.DataFrame:
 def per_worker(lin: Lineage) -> pl.DataFrame:
     """Per run, island and worker: attempts, commits, stale decisions, attempts per wall hour, mean times."""
     rows = _rows(lin).filter((pl.col("step") > 0) & ~pl.col("migrant"))
-    evals = sum(pl.col(c).fill_null(0) for c in STAGES)
+    evals = sum(pl.col(c).fill_null(0) for c in STAGE_COLUMNS)
     return (rows.group_by("run_id", "island", "worker").agg(
         attempts=pl.len(), commits=pl.col("committed").sum(), stale=(pl.col("decision") == "stale").sum(),
         failed=(pl.col("status") != "ok").sum(), propose_s=pl.col("propose_s").mean(), eval_s=evals.mean())
