@@ -260,6 +260,8 @@ def test_each_gpu_keeps_its_own_spares_started_on_it(tmp_path, probes, monkeypat
             assert proc.args[-4:] == ["--standby", str(d.index), d.lock, str(h.warm_dir)] and log_path.exists()
         with h.pool.use():  # GPU 0 busy: the evaluation goes to GPU 1, and takes GPU 1's spare
             assert h.evaluate(NAIVE, PROBLEM).device == 1
+        # the spares started from now on warm up for the problem just asked for
+        assert Job.read(h.warm_dir).problem_of() == PROBLEM
         after = {d.index: [p.pid for p, _, _ in d.spares] for d in h.pool.all}
         assert used == before[1] and after[0] == before[0] and len(after[1]) == 1 and after[1] != before[1]
     finally:

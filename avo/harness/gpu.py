@@ -34,11 +34,10 @@ import uuid
 from pathlib import Path
 
 from avo.errors import ConfigError
-from avo.fsutil import atomic_write_text
 from avo.harness import HarnessUnavailable, SandboxHarness
 from avo.harness.abi import arch_name
 from avo.harness.devices import Device, DevicePool, cuda_env, harness_devices, listed
-from avo.harness.job import JOB_FILE, Job
+from avo.harness.job import Job
 from avo.harness.profile import ProfileError, export_csv, find_ncu, ncu_command, summarise
 from avo.harness.sandbox import PHASE, RESULT, _kill_group, run_worker, spawn, wait_worker
 from avo.progress import harness_log as log
@@ -121,7 +120,7 @@ class GpuHarness(SandboxHarness):
         self.gpu_name = devices[0].name
         self.arch = arch_name(*cc.pop()) if cfg.arch == "auto" else cfg.arch
         self.n_spares = int(cfg.get("spares", 1)) if spare else 0
-        self.warm_dir, self._warm_spec = self.work_dir / "warm", ""  # what spares warm up for: the latest job
+        self.warm_dir, self._warm_problem = self.work_dir / "warm", None  # what spares warm up for: the latest problem
         self._spares_lock = threading.Lock()  # search.workers evaluate from several threads
         with self._spares_lock:
             for dev in devices:
@@ -146,6 +145,10 @@ class GpuHarness(SandboxHarness):
         dev = device or self.pool.first()
         job = super().job(problem, mode, lock=dev.lock, **fields)
         job.device = dev.index
+        with self._spares_lock:
+            if problem != self._warm_problem:  # spares started from now on warm up for this problem
+                Job.for_problem(job.mode, problem, job.arch, job.harness).write(self.warm_dir)
+                self._warm_problem = problem
         return job
 
     def _fill_spares(self, dev: Device) -> None:
@@ -172,10 +175,6 @@ class GpuHarness(SandboxHarness):
         dev = device or self.pool.first()
         spare = None
         with self._spares_lock:
-            spec = (job_dir / JOB_FILE).read_text()
-            if spec != self._warm_spec:  # the next spares warm up for this job's problem
-                atomic_write_text(self.warm_dir / JOB_FILE, spec)
-                self._warm_spec = spec
             while dev.spares and spare is None:
                 spare = dev.spares.pop(0)
                 if spare[0].poll() is not None:  # it died getting ready
