@@ -57,12 +57,13 @@ def one(k: int, minutes: float, out: Path, gpu: bool, extra: list[str]) -> dict:
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"K={k} failed:\n{r.stderr[-3000:]}")
-    rows = lineage.read_run(run_dir).filter(pl.col("step") > 0)
+    run = lineage.read_run(run_dir)
+    rows = run.filter(pl.col("step") > 0)
     wall = busy_seconds(rows)
     prompt, completion = int(rows["prompt_tokens"].sum()), int(rows["completion_tokens"].sum())
     timed = float((rows["screen_s"].fill_null(0) + rows["bench_s"].fill_null(0)).sum())
     gpu_s = timed + float(rows["verify_s"].fill_null(0).sum())
-    seed = lineage.read_run(run_dir).filter(pl.col("version") == 0)["candidate_id"].to_list()
+    seed = run.filter(pl.col("version") == 0)["candidate_id"].to_list()
     v0 = rows.filter(pl.col("parent_id").is_in(seed) & (pl.col("stage") == "bench"))["incumbent_score"].drop_nulls()
     return {"workers": k, "attempts": len(rows), "wall_s": round(wall, 1),
             "attempts_per_h": round(len(rows) / wall * 3600, 1) if wall else None,
