@@ -137,6 +137,11 @@ def test_concurrent_evaluations_spread_evenly_and_the_counts_stay_exact():
 
 
 # -- the GPU harness over several GPUs -----------------------------------------------------------------
+def uuid_of(device: int) -> str:
+    """The driver UUID the probe reports for GPU `device` (32 hex digits)."""
+    return f"{0x5EED0000 + device:032x}"
+
+
 @pytest.fixture
 def probes(monkeypatch):
     """probe_gpu answers for GPUs 0-3 (an H200 each, its own UUID) except the `broken` ones; `calls` in order."""
@@ -147,7 +152,7 @@ def probes(monkeypatch):
         if device in state.broken or device > 3:
             raise gpu.ProbeFailed(f"no usable CUDA GPU {device} here (CUDA driver error 999); use harness=compile",
                                   "CUDA driver error 999")
-        return {"cc": [9, 0], "name": "NVIDIA H200", "uuid": f"uuid{device}"}
+        return {"cc": [9, 0], "name": "NVIDIA H200", "uuid": uuid_of(device)}
 
     monkeypatch.setattr(gpu, "probe_gpu", probe)
     return state
@@ -176,14 +181,32 @@ def worker(monkeypatch):
 
 def test_each_gpu_has_its_own_lock_named_by_its_uuid_and_jobs_carry_their_gpus(tmp_path, probes, worker):
     h = _harness(tmp_path, [2, 0])
-    assert [(d.index, Path(d.lock).name) for d in h.pool.all] == [(2, "gpu-uuid2.lock"), (0, "gpu-uuid0.lock")]
+    assert [(d.index, Path(d.lock).name) for d in h.pool.all] == [(2, f"gpu-{uuid_of(2)}.lock"),
+                                                                  (0, f"gpu-{uuid_of(0)}.lock")]
     assert {Path(d.lock).parent for d in h.pool.all} == {tmp_path / "cache" / "locks"}  # one folder, machine-wide
     assert h.arch == "sm_90a" and h.gpu_name == "NVIDIA H200"
     results = [h.evaluate(NAIVE, PROBLEM) for _ in range(4)]
     assert [r.device for r in results] == [2, 0, 2, 0]
-    assert [(j.device, Path(j.lock).name) for j in worker.jobs] == [(2, "gpu-uuid2.lock"), (0, "gpu-uuid0.lock")] * 2
+    assert [(j.device, j.harness["device_uuid"], Path(j.lock).name) for j in worker.jobs] == \
+        [(2, uuid_of(2), f"gpu-{uuid_of(2)}.lock"), (0, uuid_of(0), f"gpu-{uuid_of(0)}.lock")] * 2
     assert all(j.harness["devices"] == [2, 0] for j in worker.jobs)
     assert Job.read(h.write_job(NAIVE, PROBLEM)).device == 2  # a job outside evaluate (avo.bench): the first GPU
+
+
+def test_sensors_open_the_gpu_by_its_uuid_since_nvml_numbers_the_node_s_gpus_apart_from_cuda(monkeypatch):
+    """Under CUDA_VISIBLE_DEVICES=2,3 CUDA's GPU 0 is NVML's GPU 2: opened by index, the clock and
+    power recorded with a score would be another job's GPU's."""
+    from avo.harness.timing import Sensors
+
+    opened = []
+    nvml = SimpleNamespace(nvmlInit=lambda: None, NVML_CLOCK_SM=0,
+                           nvmlDeviceGetHandleByUUID=lambda u: opened.append(("uuid", u)) or u,
+                           nvmlDeviceGetHandleByIndex=lambda i: opened.append(("index", i)) or i,
+                           nvmlDeviceGetClockInfo=lambda h, clock: 1980, nvmlDeviceGetPowerUsage=lambda h: 512_000)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert Sensors(0, "9b1f7e0c2d3a4b5c8e9f00112233aabb").read() == (1980.0, 512.0)
+    Sensors(1)  # a probe that found no UUID: the index, as CUDA numbers it
+    assert opened == [("uuid", "GPU-9b1f7e0c-2d3a-4b5c-8e9f-00112233aabb"), ("index", 1)]
 
 
 def test_a_gpu_missing_at_start_or_of_another_model_is_one_line_naming_the_setting(tmp_path, probes, monkeypatch):

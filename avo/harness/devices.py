@@ -6,9 +6,11 @@ place that reads it. An index counts GPUs the way the search process sees them: 
 node's, in PCI bus order (nvidia-smi's and NVML's numbering), or those of CUDA_VISIBLE_DEVICES
 where that is set (a Slurm job's). The harness's probe and workers enumerate in that order, so on
 a node without CUDA_VISIBLE_DEVICES the index that places a job also names the GPU its NVML
-sensors read (avo.harness.timing opens NVML by index). The worker gets the index through its job
-(Job.device) rather than a CUDA_VISIBLE_DEVICES of its own, which would renumber CUDA (and what
-Nsight Compute sees) but not NVML: every worker's sensors would read the first GPU.
+sensors read. NVML ignores CUDA_VISIBLE_DEVICES, so under a Slurm job's (GPUs 2,3 of the node are
+CUDA's 0,1) an index would name another job's GPU to NVML: the worker gets the GPU's UUID from
+the probe through its job (Job.place) and opens NVML by UUID (avo.harness.timing.Sensors). The
+worker gets the index through its job rather than a CUDA_VISIBLE_DEVICES of its own, which would
+renumber CUDA (and what Nsight Compute sees) for it alone.
 
 Each GPU has its own timing lock (named by its UUID), spares and probe (avo.harness.gpu); an
 evaluation goes to the GPU with the fewest in flight, the one used longest ago on a tie.
@@ -111,6 +113,7 @@ class Device:
     index: int                      # CUDA device index (see the module's docstring)
     name: str
     lock: str                       # its timing lock file (avo.harness.devlock), named by its UUID
+    uuid: str = ""                  # the driver's UUID (hex), which names it to NVML too ("" where none)
     busy: int = 0                   # evaluations in flight on it
     turn: int = 0                   # when it last took one (ties go to the one idle longest)
     alive: bool = True              # False once it failed its probe: it takes no more work

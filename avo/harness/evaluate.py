@@ -115,7 +115,7 @@ def benchmark(kernels: dict[str, Kernel], shapes: tuple[Shape, ...], hc: dict, l
               iters: int | None = None, warmup: int | None = None, baselines: list[str] | None = None) -> Bench:
     """Time every kernel and baseline on every shape, interleaved, checking every launch of the
     kernels in `checked` (the incumbent, already committed, is timed but not re-checked)."""
-    timer, sensors = Timer(hc["flush_l2"]), Sensors(hc.get("device", 0))
+    timer, sensors = Timer(hc["flush_l2"]), Sensors(hc.get("device", 0), hc.get("device_uuid", ""))
     rng = random.Random(time.time_ns())
     gen = torch.Generator(device="cuda")
     gen.manual_seed(rng.getrandbits(62))

@@ -60,7 +60,7 @@ cc = [ok(d.cuDeviceGetAttribute(a, dev)) for a in (A.CU_DEVICE_ATTRIBUTE_COMPUTE
 name = ok(d.cuDeviceGetName(256, dev)).split(b"\\0")[0].decode()
 try:
     uuid = bytes(int(b) & 0xFF for b in ok(d.cuDeviceGetUuid(dev)).bytes).hex()
-except Exception:  # a name for the device lock only; the index serves where there is none
+except Exception:  # names the device lock and NVML's sensors; the index serves where there is none
     uuid = ""
 print(json.dumps({{"cc": cc, "name": name, "uuid": uuid}}))
 """
@@ -111,7 +111,8 @@ class GpuHarness(SandboxHarness):
                 if cfg.get("devices") is None:
                     raise
                 raise HarnessUnavailable(f"harness.devices={listed(cfg.devices)}: {e}") from None
-            devices.append(Device(index, info["name"], str(locks / f"gpu-{info.get('uuid') or index}.lock")))
+            devices.append(Device(index, info["name"], str(locks / f"gpu-{info.get('uuid') or index}.lock"),
+                                  info.get("uuid", "")))
             cc.add(tuple(info["cc"]))
         if len({d.name for d in devices}) > 1:  # scores from different models would be ranked as one
             raise ConfigError(f"harness.devices={listed(cfg.devices)} mixes "
@@ -144,7 +145,7 @@ class GpuHarness(SandboxHarness):
         """A job for `device` (default: the first live GPU, for a job run outside evaluate: avo.bench)."""
         dev = device or self.pool.first()
         job = super().job(problem, mode, lock=dev.lock, **fields)
-        job.device = dev.index
+        job.place(dev.index, dev.uuid)
         with self._spares_lock:
             if problem != self._warm_problem:  # spares started from now on warm up for this problem
                 Job.for_problem(job.mode, problem, job.arch, job.harness).write(self.warm_dir)

@@ -46,9 +46,9 @@ class Job:
         too; the GPU harness sets it per job (avo.harness.devices)."""
         return int(self.harness.get("device", 0))
 
-    @device.setter
-    def device(self, index: int) -> None:
-        self.harness = {**self.harness, "device": int(index)}
+    def place(self, index: int, uuid: str = "") -> None:
+        """Run on CUDA device `index`, whose driver UUID (hex, from the probe) names it to NVML."""
+        self.harness = {**self.harness, "device": int(index), "device_uuid": uuid}
 
     def problem_of(self) -> Problem:
         d = self.problem

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -117,15 +118,25 @@ def hidden_work(event_ms: float, wall_ms: float) -> bool:
     return wall_ms > 1.5 * event_ms + 0.05
 
 
-class Sensors:
-    """SM clock (MHz) and board power (W) through NVML; None where NVML is unavailable."""
+def nvml_uuid(driver_uuid: str) -> str:
+    """NVML's name of a GPU ("GPU-8-4-4-4-12 hex") from the CUDA driver's UUID as 32 hex digits."""
+    return f"GPU-{uuid.UUID(hex=driver_uuid)}"
 
-    def __init__(self, device: int):
+
+class Sensors:
+    """SM clock (MHz) and board power (W) through NVML; None where NVML is unavailable.
+
+    The GPU is opened by the driver's UUID where the probe found one: NVML numbers every GPU of the
+    node whatever CUDA_VISIBLE_DEVICES says, so CUDA's index names another GPU to NVML under Slurm."""
+
+    def __init__(self, device: int, driver_uuid: str = ""):
         try:
             import pynvml
 
             pynvml.nvmlInit()
-            self._nv, self._h = pynvml, pynvml.nvmlDeviceGetHandleByIndex(device)
+            self._nv = pynvml
+            self._h = (pynvml.nvmlDeviceGetHandleByUUID(nvml_uuid(driver_uuid)) if driver_uuid
+                       else pynvml.nvmlDeviceGetHandleByIndex(device))
         except Exception as e:  # noqa: BLE001 - sensors are optional; say why they are missing
             print(f"timing: NVML unavailable ({type(e).__name__}: {e}); clocks and power not recorded")
             self._nv = None
