@@ -24,7 +24,7 @@ class StagnationConf:
     no_commit_steps: int = 8          # steps in a row without a commit
     consecutive_failures: int = 5     # evaluated attempts in a row that failed correctness/compile/run
     repeated_source: int = 3          # the same source proposed this many times
-    max_redirects: int = 0            # stop after this many supervisor interventions (0: never stop)
+    max_redirects: int = 0            # stop after this many supervisor interventions on each island (0: never)
 
 
 @dataclass

@@ -71,7 +71,7 @@ def migrate(search, step: int, worker: int) -> list[dict]:
             run_id=search.run_id, step=step, attempt=island, parent=top, version=search.history[-1].version + 1,
             decision=lineage.MIGRATED, result=EvalResult(Status.OK, ranked=True, score=top.score,
                                                          configs=list(top.configs)),
-            proposal=proposal, operator=Migration, problem=search.problem, directive=search.directive,
+            proposal=proposal, operator=Migration, problem=search.problem, directive=search.directive(island),
             started=started, propose_s=0.0, source_sha=lineage.sha256(top.source), worker=worker, island=island)
         row["best_before"] = best.score  # the receiving island's best, as in every other row
         rows.append(search.keep(row))

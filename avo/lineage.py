@@ -72,7 +72,7 @@ SUPERVISOR_SCHEMA = pa.schema([("run_id", pa.string()), ("step", pa.int32()), ("
                                ("directive", pa.string()), ("operator", pa.string()), ("at", TS),
                                ("model", pa.string()), ("prompt_tokens", pa.int64()),
                                ("completion_tokens", pa.int64()), ("llm_calls", pa.int64()),
-                               ("latency_s", pa.float64())])
+                               ("latency_s", pa.float64()), ("island", pa.int32())])
 
 
 def lineage_dir(run_dir: str | Path) -> Path:

@@ -123,7 +123,7 @@ class Search:
         self.t0 = time.monotonic()
         self.progress = Progress(run_id, harness.ranks)
         self.sup = lineage.scan_supervisor([run_dir]).collect()  # read once; _supervise appends
-        self.directive = self._last_directive()
+        self.directives = self._last_directives()  # island -> the supervisor's latest directions for it
         # a transferred seed that failed here: the operator adapts it until a candidate passes (-> v0)
         pending = transfer.failed_seed(self.rows)
         self.pending: Version | None = self._version(pending) if pending and not self.history else None
@@ -144,8 +144,13 @@ class Search:
         """One island's lineage, oldest first: v0 (every island's ancestor) and the versions committed into it."""
         return [v for v in self.history if v.island == island or v.version == 0]
 
-    def _last_directive(self) -> str | None:
-        return self.sup.sort("at")["directive"].to_list()[-1] if len(self.sup) else None
+    def _last_directives(self) -> dict[int, str | None]:
+        latest = self.sup.sort("at").group_by(pl.col("island").fill_null(0), maintain_order=True).last()
+        return dict(zip(latest["island"].to_list(), latest["directive"].to_list(), strict=True))
+
+    def directive(self, island: int = 0) -> str | None:
+        """The supervisor's latest directions for an island's operators (None before any)."""
+        return self.directives.get(island)
 
     def _next_position(self) -> tuple[int, int]:
         last = self.rows.sort("step", "attempt").tail(1).row(0, named=True)
@@ -234,7 +239,7 @@ class Search:
                             r["decision"], r["score"], r["error"] or "", r["message"] or "")
                     for r in self.rows.filter(seen).iter_rows(named=True)]
         ctx = StepContext(step, attempt, best, list(self.history), failures, self.problem, self._bench(best),
-                          self.run_dir, self.rng, set(self.tried), self.directive, self.deadline())
+                          self.run_dir, self.rng, set(self.tried), self.directive(), self.deadline())
         started = datetime.now(timezone.utc)
         t = time.monotonic()
         try:
@@ -279,7 +284,7 @@ class Search:
         return self.keep(lineage.attempt_row(
             run_id=self.run_id, step=step, attempt=attempt, parent=parent, decision=decision, result=result,
             version=(self.history[-1].version + 1 if self.history else 0) if committed else None,
-            proposal=proposal, operator=self.operator, problem=self.problem, directive=self.directive,
+            proposal=proposal, operator=self.operator, problem=self.problem, directive=self.directive(island),
             started=started, propose_s=propose_s, source_sha=sha, worker=worker, island=island))
 
     def keep(self, row: dict) -> dict:
@@ -292,25 +297,35 @@ class Search:
         return row
 
     def _supervise(self, step: int, operator=None, rng=None, island: int = 0) -> str | None:
-        since = int(self.sup["step"].max()) if len(self.sup) else 0
-        reason = detect(self.rows, self.s.stagnation, since)
+        """Review an island for a stall (its own rows since its own last intervention: one island
+        committing must not hide another's stall) and redirect its operators; a reason to stop once
+        every island has had search.stagnation.max_redirects interventions, else None."""
+        own = pl.col("island").fill_null(0) == island
+        mine = self.sup.filter(own)
+        since = int(mine["step"].max()) if len(mine) else 0
+        reason = detect(self.rows.filter(own), self.s.stagnation, since)
         if reason is None:
             return None
         chain = self.chain(island)
         best = chain[-1] if chain else self.pending
         operator = operator or self.operator
         ctx = StepContext(step, 0, best, chain, [], self.problem, self._bench(best), self.run_dir,
-                          rng or self.rng, set(self.tried), self.directive, self.deadline())
+                          rng or self.rng, set(self.tried), self.directive(island), self.deadline())
         r = operator.redirect(ctx, reason) or Redirect("")
         directive = r.directive
         record = lineage.append_supervisor(self.run_dir, {"run_id": self.run_id, "step": step, "reason": reason,
-                                                          "operator": operator.name, **asdict(r)})
+                                                          "operator": operator.name, **asdict(r), "island": island})
         self.sup = pl.concat([self.sup, lineage.to_frame([record], lineage.SUPERVISOR_SCHEMA)])
-        self.directive = directive or self.directive
-        self.progress.line(f"supervisor at step {step}: {reason}" + (f" -> {directive[:200]}" if directive else ""))
-        n = len(self.sup)
-        if self.s.stagnation.max_redirects and n >= self.s.stagnation.max_redirects:
-            return f"stagnated: {n} supervisor interventions (search.stagnation.max_redirects)"
+        self.directives[island] = directive or self.directive(island)
+        where = f" on island {island}" if self.s.islands > 1 else ""
+        self.progress.line(f"supervisor at step {step}{where}: {reason}"
+                           + (f" -> {directive[:200]}" if directive else ""))
+        cap = self.s.stagnation.max_redirects
+        counts = self.sup.group_by(pl.col("island").fill_null(0)).len()
+        n = dict(zip(counts["island"].to_list(), counts["len"].to_list(), strict=True))
+        if cap and all(n.get(i, 0) >= cap for i in range(self.s.islands)):
+            each = " on each island" if self.s.islands > 1 else ""
+            return f"stagnated: {min(n.values())} supervisor interventions{each} (search.stagnation.max_redirects)"
         return None
 
     def _summary(self, stopped: str) -> Summary:

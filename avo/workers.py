@@ -19,7 +19,9 @@ the cost of one.
   a harness that times nothing, it is recorded as `stale` without a second timing. Two commits can
   therefore never share a parent, and every commit's parent is the best at its decision.
 - With search.islands = N > 1 all of this holds per island (avo.islands): "the best" is the best of
-  the worker's island, and the counter's migration steps run under the same lock.
+  the worker's island, and the counter's migration steps run under the same lock. The supervisor
+  reviews each island on its own (one island's commits must not hide another's stall), and its
+  directions go to that island's workers only.
 """
 from __future__ import annotations
 
@@ -59,13 +61,14 @@ class Workers:
     def __init__(self, search, operators: list):
         self.search, self.ops = search, operators
         self.lock = threading.RLock()        # decisions, records, the step counter
-        self.sup_lock = threading.Lock()     # one supervisor review at a time
+        self.sup_lock = threading.Lock()     # one supervisor review at a time (they share its records)
         self.stop: str | None = None         # set: no worker starts another attempt
         self.finished: str | None = None     # set: no worker takes another step
         self.error: BaseException | None = None
         self.inflight: set[str] = set()      # sources proposed but not yet recorded
         rows, s = search.rows, search.s
         self.islands = s.islands
+        self.reviewing = [threading.Lock() for _ in range(self.islands)]  # held while an island is reviewed
         island = pl.col("island").fill_null(0)
         self.open_steps = {i: unfinished_steps(rows.filter(island == i), s.attempts_per_step)
                            for i in range(self.islands)}  # a step resumes on its own island
@@ -145,11 +148,13 @@ class Workers:
                 return
             if self._attempt(w, step, attempt)["committed"]:
                 break
-        if self.sup_lock.acquire(blocking=False):  # another worker reviewing now covers this step too
+        island = island_of(w, self.islands)
+        if self.reviewing[island].acquire(blocking=False):  # a review of this island now covers this step too
             try:
-                why = self.search._supervise(step, self.ops[w], self.rngs[w], island_of(w, self.islands))
+                with self.sup_lock:
+                    why = self.search._supervise(step, self.ops[w], self.rngs[w], island)
             finally:
-                self.sup_lock.release()
+                self.reviewing[island].release()
             if why:
                 self.stop = self.stop or why
 
@@ -166,7 +171,7 @@ class Workers:
                                 Status(r["status"]), r["decision"], r["score"], r["error"] or "", r["message"] or "")
                         for r in s.rows.filter(seen).iter_rows(named=True)]
             ctx = StepContext(step, attempt, parent, history, failures, s.problem, s._bench(parent), s.run_dir,
-                              self.rngs[w], set(s.tried) | self.inflight, s.directive, s.deadline())
+                              self.rngs[w], set(s.tried) | self.inflight, s.directive(island), s.deadline())
         started = datetime.now(timezone.utc)
         t = time.monotonic()
         try:

@@ -14,7 +14,8 @@ from avo.config import ConfigError, validate
 from avo.contract import set_tunables
 from avo.problem import problem_from_cfg
 from avo.search import Search, _open_run
-from avo.types import Proposal
+from avo.stagnation import detect
+from avo.types import Proposal, Redirect
 from avo.workers import Workers
 from tests.conftest import kill_and_resume, make_cfg
 from tests.test_search import SEED, ScoreHarness
@@ -257,3 +258,54 @@ def test_every_m_th_step_migrates_only_with_several_islands():
     assert not any(islands.migrates(s, make_cfg("search.migrate_every=4").search) for s in range(13))
     assert [islands.island_of(w, 2) for w in range(4)] == [0, 1, 0, 1]
 
+
+
+class Directed(Laggard):
+    """The laggard, whose redirects name it; `seen`: the directions each proposal was handed. Test double only."""
+    name = "directed"
+
+    def __init__(self, gate):
+        super().__init__(gate)
+        self.seen = []
+
+    def propose(self, ctx):
+        self.seen.append(ctx.directive)
+        return super().propose(ctx)
+
+    def redirect(self, ctx, reason):
+        return Redirect(f"laggard: leave the seed ({reason})")
+
+
+def test_the_supervisor_reviews_each_island_on_its_own_and_directs_only_it(cfg_factory, tmp_path, capsys):
+    """Island 0 keeps committing while island 1 never does: island 1 is redirected all the same, and
+    only its workers get the directions. Before, the climbing island's commits hid the other's stall."""
+    gate = threading.Event()
+    climber, laggard = Climber(gate), Directed(gate)
+    run = tmp_path / "run"
+    islands_run(cfg_factory, run, [climber, laggard], "search.islands=2", "search.migrate_every=0",
+                "search.max_steps=12", "search.stagnation.no_commit_steps=2")
+    df, sup = lineage.read_run(run), lineage.scan_supervisor([run]).collect()
+    assert 1 in set(sup["island"])  # the climber's own redirects give no directions
+    assert all(d.startswith("laggard:") == (i == 1) for i, d in zip(sup["island"], sup["directive"], strict=True))
+    stag = cfg_factory("search.stagnation.no_commit_steps=2").search.stagnation
+    for r in sup.iter_rows(named=True):  # each review was justified by its own island's rows
+        own = df.filter((pl.col("island") == r["island"]) & (pl.col("step") <= r["step"]))
+        before = sup.filter((pl.col("island") == r["island"]) & (pl.col("step") < r["step"]))
+        assert detect(own, stag, int(before["step"].max() or 0)) is not None
+    assert any(d and d.startswith("laggard:") for d in laggard.seen)
+    assert set(df.filter(pl.col("directive").str.starts_with("laggard:"))["island"]) == {1}
+    assert " on island 1: no commit in " in capsys.readouterr().out
+    from avo.analyze import main
+    assert main([str(run), "--out", str(tmp_path / "out")]) == 0
+    section = (tmp_path / "out" / "report.md").read_text().split("Supervisor interventions", 1)[1]
+    assert "| step | island | reason |" in section
+
+
+def test_resume_brings_back_each_island_s_latest_directions(cfg_factory, tmp_path):
+    for island, step, text in ((1, 3, "island 1: first"), (0, 4, "island 0: only"), (1, 6, "island 1: latest")):
+        lineage.append_supervisor(tmp_path, {"run_id": "r", "step": step, "reason": "stall", "directive": text,
+                                             "operator": "directed", "island": island})
+        time.sleep(0.002)
+    s = object.__new__(Search)
+    s.sup = lineage.scan_supervisor([tmp_path]).collect()
+    assert s._last_directives() == {1: "island 1: latest", 0: "island 0: only"}

@@ -217,7 +217,8 @@ def write(lin: Lineage, out: Path, fmt: str = "md", by: list[str] | None = None,
         s = sup.filter(pl.col("run_id") == run_id).sort("at")
         doc.h(3, f"Supervisor interventions ({len(s)})")
         if len(s):
-            doc.table(s.select("step", "reason", pl.col("directive").str.slice(0, 300), "operator", "at"))
+            island = [pl.col("island").fill_null(0)] if (s["island"].fill_null(0) > 0).any() else []
+            doc.table(s.select("step", *island, "reason", pl.col("directive").str.slice(0, 300), "operator", "at"))
         doc.h(3, "Best version against the seed")
         doc.code(best_diff(lin, run_id), "diff")
     path = out / f"report.{fmt}"
