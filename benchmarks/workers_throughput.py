@@ -31,8 +31,8 @@ from pathlib import Path
 
 import polars as pl
 
-from avo import lineage
-from avo.workers import busy_seconds
+from avo.analysis import load
+from avo.analysis.workers import gpu_busy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,20 +57,18 @@ def one(k: int, minutes: float, out: Path, gpu: bool, extra: list[str]) -> dict:
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"K={k} failed:\n{r.stderr[-3000:]}")
-    run = lineage.read_run(run_dir)
+    lin = load([run_dir])
+    run = lin.attempts.collect()
     rows = run.filter(pl.col("step") > 0)
-    wall = busy_seconds(rows)
-    prompt, completion = int(rows["prompt_tokens"].sum()), int(rows["completion_tokens"].sum())
-    timed = float((rows["screen_s"].fill_null(0) + rows["bench_s"].fill_null(0)).sum())
-    gpu_s = timed + float(rows["verify_s"].fill_null(0).sum())
+    rates = gpu_busy(lin).row(0, named=True)  # the analysis's own definitions of the rates
+    wall = rates["wall_h"] * 3600
     seed = run.filter(pl.col("version") == 0)["candidate_id"].to_list()
     v0 = rows.filter(pl.col("parent_id").is_in(seed) & (pl.col("stage") == "bench"))["incumbent_score"].drop_nulls()
-    return {"workers": k, "attempts": len(rows), "wall_s": round(wall, 1),
-            "attempts_per_h": round(len(rows) / wall * 3600, 1) if wall else None,
-            "tokens_per_s": round((prompt + completion) / wall, 1) if wall else None,
-            "completion_tokens_per_s": round(completion / wall, 2) if wall else None,
-            "timed": round(timed / wall, 3) if wall else None,
-            "busy": round(min(1.0, gpu_s / wall), 3) if wall else None,
+    return {"workers": k, "attempts": rates["attempts"], "wall_s": round(wall, 1),
+            "attempts_per_h": round(rates["attempts_per_h"], 1) if wall else None,
+            "tokens_per_s": round(rates["tokens_per_s"], 1) if wall else None,
+            "completion_tokens_per_s": round(int(rows["completion_tokens"].sum()) / wall, 2) if wall else None,
+            "timed": round(rates["timed"], 3) if wall else None, "busy": round(rates["busy"], 3) if wall else None,
             "llm_calls": int(rows["llm_calls"].sum()), "mean_propose_s": round(float(rows["propose_s"].mean()), 1),
             "invalid": int((rows["status"] == "invalid").sum()), "job_s": round(time.monotonic() - t0, 1),
             "v0_tflops": v0.to_list(), "run_dir": str(run_dir)}

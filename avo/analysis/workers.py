@@ -1,7 +1,9 @@
 """Runs with several workers (search.workers) or islands (search.islands): attempts per worker and per island,
 the GPU's busy fraction, commits over time.
 
-Wall time here is the union of the attempts' spans (what the search budget counts), not their sum.
+Wall time here is the union of the attempts' spans (what the search budget counts), not their sum,
+over the search's steps: the seed's evaluation, which runs before any operator, is left out of the
+rates (benchmarks/workers_throughput.py reports these same numbers).
 The GPU's busy fraction is read from the recorded stage times: `timed` (screen and benchmark, which
 hold the device lock alone) is exact to the lock; `busy` adds the correctness checks, which may
 share the GPU with each other, so it can overstate a little when checks overlap. A migrant (a copy of
@@ -33,10 +35,10 @@ def _wall(rows: pl.DataFrame) -> pl.DataFrame:
 
 def gpu_busy(lin: Lineage) -> pl.DataFrame:
     """Per run: workers, islands, wall hours, attempts per hour, the fraction of wall time the GPU was timing/busy."""
-    rows = _rows(lin)
+    rows = _rows(lin).filter(pl.col("step") > 0)
     per = rows.group_by("run_id").agg(
         workers=pl.col("worker").n_unique(), islands=pl.col("island").n_unique(),
-        attempts=((pl.col("step") > 0) & ~pl.col("migrant")).sum(),
+        attempts=(~pl.col("migrant")).sum(),
         timed_s=(pl.col("screen_s").fill_null(0) + pl.col("bench_s").fill_null(0)).sum(),
         gpu_s=(pl.col("verify_s").fill_null(0) + pl.col("screen_s").fill_null(0) + pl.col("bench_s").fill_null(0))
         .sum(), tokens=(pl.col("prompt_tokens").fill_null(0) + pl.col("completion_tokens").fill_null(0)).sum())
