@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from avo.errors import LineageError
 from avo.fsutil import atomic_write_bytes, atomic_write_text
 
-SCHEMA_VERSION = 4  # 3: worker, island; 4: device
+SCHEMA_VERSION = 5  # 3: worker, island; 4: device; 5: the supervisor rows' island
 # rows written before a column or a per-config field existed read it as null
 OLDER_ROWS = pl.ScanCastOptions(missing_struct_fields="insert", extra_struct_fields="ignore")
 MIGRATED = "migrated"  # the decision of a copy of another island's best (avo.islands)
