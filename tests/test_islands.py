@@ -299,6 +299,8 @@ def test_the_supervisor_reviews_each_island_on_its_own_and_directs_only_it(cfg_f
     assert main([str(run), "--out", str(tmp_path / "out")]) == 0
     section = (tmp_path / "out" / "report.md").read_text().split("Supervisor interventions", 1)[1]
     assert "| step | island | reason |" in section
+    per = pl.read_csv(tmp_path / "out" / "islands.csv")
+    assert per["interventions"].to_list() == [int((sup["island"] == i).sum()) for i in (0, 1)]
 
 
 def test_resume_brings_back_each_island_s_latest_directions(cfg_factory, tmp_path):

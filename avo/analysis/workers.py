@@ -63,7 +63,8 @@ def per_worker(lin: Lineage) -> pl.DataFrame:
 
 
 def per_island(lin: Lineage) -> pl.DataFrame:
-    """Per run and island: workers, attempts, commits, migrants received, and its best version now."""
+    """Per run and island: workers, attempts, commits, migrants received, supervisor interventions, and
+    its best version now."""
     all_rows = _rows(lin)
     rows = all_rows.filter(pl.col("step") > 0)
     committed = all_rows.filter(pl.col("committed")).sort("version")
@@ -72,11 +73,14 @@ def per_island(lin: Lineage) -> pl.DataFrame:
         best_version=pl.col("version").last(), best_score=pl.col("score").last())
     seed = committed.filter(pl.col("version") == 0).select("run_id", v0="version", v0_score="score")
     tried = ~pl.col("migrant")
+    sup = (lin.supervisor.group_by("run_id", pl.col("island").fill_null(0).cast(pl.Int32))
+           .agg(interventions=pl.len()).collect())
     return (rows.group_by("run_id", "island").agg(
         workers=pl.col("worker").filter(tried).n_unique(), attempts=tried.sum(),
         commits=(pl.col("committed") & tried).sum(), migrants_in=pl.col("migrant").sum())
         .join(best, on=["run_id", "island"], how="left").join(seed, on="run_id", how="left")
-        .with_columns(best_version=pl.coalesce("best_version", "v0"),
+        .join(sup, on=["run_id", "island"], how="left")
+        .with_columns(pl.col("interventions").fill_null(0), best_version=pl.coalesce("best_version", "v0"),
                       best_score=pl.coalesce("best_score", "v0_score").round(2))
         .drop("v0", "v0_score").sort("run_id", "island"))
 
