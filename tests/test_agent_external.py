@@ -192,7 +192,7 @@ def test_budgets_and_silence_end_steps_and_the_search_goes_on(cfg_factory, tmp_p
 
 def test_a_stdio_agent_and_the_shell_cli_work_steps_with_the_same_records(cfg_factory, tmp_path):
     search = SearchThread(cfg_factory, tmp_path, "search.max_steps=3")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     stdio = StdioServerParameters(command=sys.executable, args=["-m", "avo.agent.mcp_server", "--run-dir",
                                                                 str(tmp_path)], cwd=str(ROOT), env=env)
 
