@@ -6,7 +6,7 @@
 # SET=harness fetches only what `python -m avo.bench` and tests/gpu need (Hydra, OmegaConf,
 # pyelftools, submitit: about 1 MB); SET=all adds polars and openai for the search (about 57 MB,
 # mostly polars' native runtime); SET=external adds the MCP SDK and its server stack for
-# agent=external (about 10 MB more; the SDK needs a newer pydantic, which then replaces all's).
+# agent=external (about 7 MB more; the SDK needs a newer pydantic, which then replaces all's).
 #
 # Downloads, with no dependency resolution, exactly the packages the CUDA node image lacks
 # (its image already has torch, numpy, pyarrow, cuda-core/-bindings, httpx, anyio, tqdm, pyyaml,
