@@ -192,7 +192,9 @@ class HarnessConf:
     stage_floor_s: float = 10.0       # but at least this
     spares: int = 2                   # GPU workers kept started ahead, per GPU (torch, CUDA and the baselines
                                       # ready); conf/harness/gpu.yaml derives it from search.workers
-    cache_dir: str = "~/.cache/avo/cubin"
+    cache_dir: str = "~/.cache/avo/cubin"  # cubins of the versions timed beside candidates (not of every candidate)
+    keep_jobs: str = "failed"         # job folders kept after an evaluation: all | failed (crashed, timeout,
+                                      # error, unavailable: for their worker.log) | none
     device: int = 0                   # CUDA device index the harness times on (when devices is unset)
     devices: list[int] | None = None  # several GPUs: a lock, spares and probe each; evaluations go to the least busy
     check_seeds: int = 2              # fresh random inputs per check shape
@@ -353,7 +355,11 @@ def validate(cfg: DictConfig, check_seed: bool = True) -> None:
     if k.bench.tokens < 1 or any(n < 1 or k.bench.tokens % n for n in k.bench.seqlens):
         raise ConfigError(f"kernel.bench.seqlens {list(k.bench.seqlens)} must divide "
                           f"kernel.bench.tokens={k.bench.tokens}")
+    from avo.harness import KEEP_JOBS
+
     h = cfg.harness
+    if h.keep_jobs not in KEEP_JOBS:
+        raise ConfigError(f"harness.keep_jobs={h.keep_jobs!r}: use one of {', '.join(KEEP_JOBS)}")
     if min(h.timeout_s, h.compile_timeout_s, h.stage_floor_s, h.stage_mult) <= 0 or h.iters < 1 or h.spares < 0:
         raise ConfigError("harness.timeout_s, compile_timeout_s, stage_floor_s and stage_mult must be positive, "
                           "harness.iters >= 1 and harness.spares >= 0")

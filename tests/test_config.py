@@ -50,6 +50,7 @@ def test_default_benchmark_set_is_the_papers():
     (["search.max_hours=0"], "search.max_hours"),
     (["search.stagnation.no_commit_steps=-2"], "no_commit_steps"),
     (["kernel.head_dim=96"], "head_dim=96"),
+    (["harness.keep_jobs=sometimes"], "harness.keep_jobs='sometimes': use one of all, failed, none"),
 ])
 def test_invalid_values_fail_with_one_line(overrides, needle):
     cfg = make_cfg(*overrides)

@@ -42,7 +42,22 @@ def test_compilation_has_its_own_time_limit(tmp_path):
     took = time.monotonic() - t0
     assert r.status == Status.TIMEOUT and "compile stage ran past its 3 s limit" in r.error, r.error
     assert took < 12, f"killed after {took:.1f} s"
+    kept = list((tmp_path / "jobs").iterdir())  # harness.keep_jobs=failed: a timeout's folder stays, for its log
+    assert len(kept) == 1 and (kept[0] / "worker.log").exists() and (kept[0] / "source.cu").read_text() == BOMB
     assert h.evaluate(NAIVE, PROBLEM).status == Status.OK
+    assert list((tmp_path / "jobs").iterdir()) == kept  # an ok evaluation's folder is gone
+
+
+@pytest.mark.parametrize("keep,left", [("failed", 0), ("all", 2), ("none", 0)])
+def test_job_folders_are_kept_as_configured_and_candidates_are_not_cached(tmp_path, keep, left):
+    """A week of attempts would leave gigabytes of job folders and cached cubins; the lineage keeps
+    what a row needs (source, error, log tail), and the cache holds only what is compiled again."""
+    h = _harness(tmp_path, keep_jobs=keep)
+    h.cfg.cache_dir = str(tmp_path / "cubin")
+    ok, broken = h.evaluate(NAIVE, PROBLEM), h.evaluate(NAIVE.replace("{", "{ syntax error", 1), PROBLEM)
+    assert (ok.status, broken.status) == (Status.OK, Status.COMPILE_ERROR)  # the lineage has its error and log
+    assert len(list((tmp_path / "jobs").iterdir())) == left
+    assert not (tmp_path / "cubin").exists() or not any((tmp_path / "cubin").iterdir())
 
 
 def test_a_deadline_stops_an_evaluation_in_flight(tmp_path):

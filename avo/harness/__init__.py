@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import shutil
 import threading
 from pathlib import Path
 
@@ -16,6 +17,14 @@ from avo.fsutil import atomic_write_text
 from avo.harness.job import Job, write_sources
 from avo.harness.sandbox import run_worker
 from avo.types import EvalResult, Harness, Problem, Reference, Status
+
+# harness.keep_jobs: which evaluations' job folders stay after their result is read. Everything an
+# evaluation's row needs is in the lineage (its source, error and log tail); a folder per evaluation
+# would add about 200 KB and 5 files per attempt, gigabytes and a million inodes over a week. The
+# failures of the harness's own making stay, for their whole worker.log.
+KEPT_FAILURES = frozenset({Status.CRASHED, Status.TIMEOUT, Status.ERROR, Status.UNAVAILABLE})
+KEEP_JOBS = {"all": lambda status: True, "failed": lambda status: status in KEPT_FAILURES,
+             "none": lambda status: False}
 
 
 class SandboxHarness:
@@ -47,7 +56,10 @@ class SandboxHarness:
         others = against if self.ranks and self.worker_mode(mode) == "evaluate" else None
         with self.placement() as device:
             job_dir = self.write_job(source, problem, mode, others=others, device=device)
-            return self.run_job(job_dir, self.limits(others), deadline, device)
+            result = self.run_job(job_dir, self.limits(others), deadline, device)
+        if not KEEP_JOBS[self.cfg.get("keep_jobs", "failed")](result.status):
+            shutil.rmtree(job_dir, ignore_errors=True)  # a worker still exiting may hold a file open: harmless
+        return result
 
     def placement(self):
         """The device an evaluation runs on, held for the block (None: this harness runs no kernel)."""
