@@ -20,8 +20,9 @@ from avo.types import EvalResult, Harness, Problem, Reference, Status
 
 # harness.keep_jobs: which evaluations' job folders stay after their result is read. Everything an
 # evaluation's row needs is in the lineage (its source, error and log tail); a folder per evaluation
-# would add about 200 KB and 5 files per attempt, gigabytes and a million inodes over a week. The
-# failures of the harness's own making stay, for their whole worker.log.
+# adds 5 files and 44 KB (compile only) or more (a GPU's result and log) per attempt: at 1600 attempts
+# an hour, over a million inodes in a week. The failures of the harness's own making stay, for their
+# whole worker.log.
 KEPT_FAILURES = frozenset({Status.CRASHED, Status.TIMEOUT, Status.ERROR, Status.UNAVAILABLE})
 KEEP_JOBS = {"all": lambda status: True, "failed": lambda status: status in KEPT_FAILURES,
              "none": lambda status: False}

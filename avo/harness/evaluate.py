@@ -256,8 +256,8 @@ def evaluate(source: str, problem: Problem, hc: dict, arch: str, cache_dir, chec
     the incumbent, and the anchor of the commit rule), after a short paired screen.
     check_only stops after correctness (ranked=False)."""
     phase("compile")
-    # the candidate is compiled once (a cache of every candidate grows by ~175 KB an attempt, without
-    # bound); the versions beside it (cache_dir) are compiled for every evaluation they take part in
+    # the candidate is compiled once (a cache of every candidate would grow by 175 KB an sm90 attempt,
+    # without bound); the versions beside it (cache_dir) are compiled for every evaluation they join
     kernel, res = prepare(source, problem, hc, arch, None, allow_printf=check_only, log=log)
     if kernel is None:
         return res
