@@ -290,7 +290,7 @@ class Search:
     def keep(self, row: dict) -> dict:
         """Write a row to the lineage, keep it in memory and show it (with its island's best before it)."""
         lineage.append(self.run_dir, row)
-        self.rows = pl.concat([self.rows, lineage.to_frame([row])])
+        self.rows = lineage.extended(self.rows, [row])
         self.tried.add(row["source_sha"])
         chain = self.chain(row["island"])
         self.progress.attempt(row, chain[-1].score if chain else None, self.elapsed())
@@ -315,7 +315,7 @@ class Search:
         directive = r.directive
         record = lineage.append_supervisor(self.run_dir, {"run_id": self.run_id, "step": step, "reason": reason,
                                                           "operator": operator.name, **asdict(r), "island": island})
-        self.sup = pl.concat([self.sup, lineage.to_frame([record], lineage.SUPERVISOR_SCHEMA)])
+        self.sup = lineage.extended(self.sup, [record], lineage.SUPERVISOR_SCHEMA)
         self.directives[island] = directive or self.directive(island)
         where = f" on island {island}" if self.s.islands > 1 else ""
         self.progress.line(f"supervisor at step {step}{where}: {reason}"

@@ -74,7 +74,7 @@ def test_without_the_lock_the_overlap_check_sees_overlaps(tmp_path):
 
 
 def test_threads_evaluating_the_same_source_at_once_do_not_collide(cfg_factory, tmp_path):
-    cfg = cfg_factory("harness=compile")
+    cfg = cfg_factory("harness=compile", "harness.keep_jobs=all")  # the folders stay, to be counted
     harness = make_harness(cfg.harness, tmp_path / "work")
     problem = problem_from_cfg(cfg.kernel)
     source = (DATA / "tunable.cu").read_text()

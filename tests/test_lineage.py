@@ -189,3 +189,16 @@ def test_one_row_builder_fills_exactly_the_schema(tmp_path):
                                                                                            True, 5.0)
     lineage.append(tmp_path, {**row, "started_at": row["finished_at"]})
     assert lineage.read_run(tmp_path)["paired_ratio"].to_list() == [1.2]
+
+
+def test_rows_kept_in_memory_stay_in_few_chunks_and_whole():
+    """The search appends a row at a time for weeks; unbounded chunks made each append and read
+    slower (21 ms an append at 4000 rows and growing)."""
+    frame = lineage.to_frame([])
+    n = 3 * lineage.MAX_CHUNKS + 5
+    for i in range(n):
+        frame = lineage.extended(frame, [{"run_id": "r", "step": i, "attempt": 0, "candidate_id": f"{i:05d}.00",
+                                          "configs": [{"key": "k", "tflops": float(i)}]}])
+        assert frame.n_chunks() <= lineage.MAX_CHUNKS
+    assert frame["step"].to_list() == list(range(n)) and frame.schema == lineage.to_frame([]).schema
+    assert frame["configs"].list.get(0).struct.field("tflops").to_list() == [float(i) for i in range(n)]
