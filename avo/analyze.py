@@ -14,6 +14,7 @@ import polars as pl
 
 from avo.analysis import AnalysisError, load, report, summary, tables
 from avo.analysis import workers as crew
+from avo.errors import one_line
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -54,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
             print(report.markdown(crew.per_island(lin).filter(pl.col("run_id").is_in(islands))))
         out = args.out or Path(args.paths[0]) / "analysis"
         report.write(lin, out, args.format, by, plot=not args.no_plots, detail=args.detail)
-    except AnalysisError as e:
-        print(f"avo.analyze: {e.args[0] if e.args else e}", file=sys.stderr)
+    except (AnalysisError, OSError) as e:
+        line = one_line(e, (AnalysisError,))
+        if line is None:
+            raise
+        print(f"avo.analyze: {line}", file=sys.stderr)
         return 2
     print(f"avo.analyze: done in {time.perf_counter() - t0:.1f}s")
     return 0

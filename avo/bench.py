@@ -154,7 +154,7 @@ def _app():
     from hydra.core.hydra_config import HydraConfig
 
     from avo.config import register, validate
-    from avo.errors import USER_ERRORS
+    from avo.errors import USER_ERRORS, one_line
 
     register()
 
@@ -163,8 +163,11 @@ def _app():
         try:
             validate(cfg, check_seed=False)  # run() checks each of `seeds` instead
             rc = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-        except USER_ERRORS as e:
-            print(f"avo.bench: error: {e}", file=sys.stderr, flush=True)
+        except (*USER_ERRORS, OSError) as e:
+            line = one_line(e, USER_ERRORS)
+            if line is None:
+                raise
+            print(f"avo.bench: error: {line}", file=sys.stderr, flush=True)
             rc = 2
         sys.exit(rc)  # Hydra drops the task's return value
 

@@ -5,6 +5,11 @@ the modules that raise them import them from here.
 """
 from __future__ import annotations
 
+import errno
+
+# a file system that takes no more: full, over quota, read-only
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message is one line a person can act on."""
@@ -46,5 +51,31 @@ class ExportError(ValueError):
     """The export cannot be made; the message says why and what to do."""
 
 
+class StorageError(OSError):
+    """A file cannot be written because its file system is full, over quota or read-only. Every file
+    the lineage holds was written whole (atomically), so the run resumes where its lineage ends."""
+
+
+def one_line(e: BaseException, kinds: tuple[type[BaseException], ...]) -> str | None:
+    """What an entry point prints for `e`: its message if it is one of `kinds` (errors a person can act
+    on) or a write without room; None for anything else, which should raise as it is."""
+    full = no_room(e)
+    if full is not None:
+        return str(full)
+    return str(e) if isinstance(e, kinds) else None
+
+
+def no_room(e: BaseException, path=None) -> StorageError | None:
+    """A StorageError with one line for a write that failed for lack of room; None for any other error."""
+    if isinstance(e, StorageError):
+        return e
+    if not isinstance(e, OSError) or e.errno not in NO_ROOM:
+        return None
+    err = StorageError(f"cannot write {path or e.filename or 'a file'}: {e.strerror or e}; free space or raise the "
+                       "quota (what is recorded is intact: the same command resumes the run)")
+    err.errno = e.errno  # not strerror: with both set, str() drops the message for "[Errno n] ..."
+    return err
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, SearchError, SeedError, HarnessUnavailable,
-                                                ContractError, ServerError, LineageError, ExportError)
+                                                ContractError, ServerError, LineageError, ExportError, StorageError)

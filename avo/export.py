@@ -22,7 +22,7 @@ from importlib.metadata import version as dist_version
 from pathlib import Path
 from string import Template
 
-from avo.errors import ExportError, SeedError
+from avo.errors import ExportError, SeedError, one_line
 from avo.harness.nvrtc import compile_source
 from avo.paths import INCLUDE_DIR
 
@@ -179,8 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         export(args.spec, args.out, args.head_dims, args.groups, args.arch, args.force)
-    except ExportError as e:
-        print(f"avo.export: {e}", file=sys.stderr)
+    except (ExportError, OSError) as e:
+        line = one_line(e, (ExportError,))
+        if line is None:
+            raise
+        print(f"avo.export: {line}", file=sys.stderr)
         return 2
     return 0
 

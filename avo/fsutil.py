@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from avo.errors import no_room
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -15,19 +17,25 @@ def _umask() -> int:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
     """mode: the file's permissions; by default what open() would give (0666 less the umask), so
-    collaborators on a shared cluster can read the lineage (mkstemp alone would make it 0600)."""
+    collaborators on a shared cluster can read the lineage (mkstemp alone would make it 0600).
+    A file system without room raises StorageError, one line naming the file; nothing is left half-written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        full = no_room(e, path)
+        if full is not None:
+            raise full from None
         raise
 
 

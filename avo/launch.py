@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from avo.config import register, validate
-from avo.errors import USER_ERRORS
+from avo.errors import USER_ERRORS, one_line
 
 register()
 
@@ -19,8 +19,11 @@ def main(cfg: DictConfig):
     try:
         validate(cfg)
         return launch(cfg)
-    except USER_ERRORS as e:
-        print(f"avo: error: {e}", file=sys.stderr, flush=True)
+    except (*USER_ERRORS, OSError) as e:
+        line = one_line(e, USER_ERRORS)
+        if line is None:
+            raise
+        print(f"avo: error: {line}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

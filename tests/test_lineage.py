@@ -202,3 +202,40 @@ def test_rows_kept_in_memory_stay_in_few_chunks_and_whole():
         assert frame.n_chunks() <= lineage.MAX_CHUNKS
     assert frame["step"].to_list() == list(range(n)) and frame.schema == lineage.to_frame([]).schema
     assert frame["configs"].list.get(0).struct.field("tflops").to_list() == [float(i) for i in range(n)]
+
+
+def test_a_write_without_room_is_one_line_naming_the_file_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    from avo.errors import StorageError
+    from avo.fsutil import atomic_write_bytes
+
+    def fsync(fd):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(StorageError) as e:
+        atomic_write_bytes(tmp_path / "part.parquet", b"x" * 100)
+    assert str(e.value).startswith(f"cannot write {tmp_path / 'part.parquet'}: Disk quota exceeded; free space")
+    assert e.value.errno == errno.EDQUOT and isinstance(e.value, OSError) and not list(tmp_path.iterdir())
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError) as e:  # any other failure is itself, unchanged
+        atomic_write_bytes(tmp_path / "part.parquet", b"x")
+    assert type(e.value) is OSError and e.value.errno == errno.EIO
+
+
+def test_a_full_disk_stops_the_search_with_one_line_and_the_same_command_resumes(small_disk, tmp_path):
+    run = small_disk / "run"
+    args = [sys.executable, "-m", "avo.launch", "harness=compile", "seed=naive", "search.attempts_per_step=1",
+            f"hydra.run.dir={run}", f"harness.cache_dir={tmp_path}/cache"]
+    first = subprocess.run([*args, "search.max_steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    _fill(small_disk / "filler")
+    full = subprocess.run([*args, "search.max_steps=4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    errors = [ln for ln in full.stderr.splitlines() if ln.startswith("avo: error:")]
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-2000:]
+    assert len(errors) == 1 and "No space left on device; free space or raise the quota" in errors[0]
+    assert len(lineage.read_run(run)) == 3 and not list(run.rglob("*.tmp"))  # nothing recorded is lost
+    (small_disk / "filler").unlink()
+    again = subprocess.run([*args, "search.max_steps=4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    df = lineage.read_run(run)
+    assert df["step"].to_list() == [0, 1, 2, 3, 4] and df["candidate_id"].is_unique().all()
