@@ -71,8 +71,9 @@ def no_room(e: BaseException, path=None) -> StorageError | None:
         return e
     if not isinstance(e, OSError) or e.errno not in NO_ROOM:
         return None
-    err = StorageError(f"cannot write {path or e.filename or 'a file'}: {e.strerror or e}; free space or raise the "
-                       "quota (what is recorded is intact: the same command resumes the run)")
+    remedy = "make it writable" if e.errno == errno.EROFS else "free space or raise the quota"
+    err = StorageError(f"cannot write {path or e.filename or 'a file'}: {e.strerror or e}; {remedy} "
+                       "(what is recorded is intact: the same command resumes the run)")
     err.errno = e.errno  # not strerror: with both set, str() drops the message for "[Errno n] ..."
     return err
 
