@@ -202,8 +202,8 @@ class Workers:
         if len(now) != len(history) and decision in lineage.COMMITS:  # it beat its parent; the best moved on since
             best = now[-1]
             proposal.meta.update(stale_from=parent.candidate_id, stale_ratio=result.paired_ratio,
-                                 stale_lo=result.paired_lo, stale_eval_s=round(
-                                     result.compile_s + result.verify_s + result.screen_s + result.bench_s, 3))
+                                 stale_lo=result.paired_lo,
+                                 stale_eval_s=round(sum(getattr(result, c) for c in lineage.STAGE_COLUMNS), 3))
             parent, decision = best, "stale"
             if s.harness.ranks and s.s.recheck_stale:
                 again = self.search.evaluate(proposal.source, now, best)

@@ -58,7 +58,7 @@ class SandboxHarness:
         with self.placement() as device:
             job_dir = self.write_job(source, problem, mode, others=others, device=device)
             result = self.run_job(job_dir, self.limits(others), deadline, device)
-        if not KEEP_JOBS[self.cfg.get("keep_jobs", "failed")](result.status):
+        if not KEEP_JOBS[self.cfg.keep_jobs](result.status):
             shutil.rmtree(job_dir, ignore_errors=True)  # a worker still exiting may hold a file open: harmless
         return result
 
