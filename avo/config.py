@@ -318,8 +318,10 @@ def validate(cfg: DictConfig, check_seed: bool = True) -> None:
         raise ConfigError(f"kernel=mha has one KV head per query head; use kernel=gqa for group={cfg.group}")
     if k.heads_q % k.heads_kv:
         raise ConfigError(f"kernel.heads_kv={k.heads_kv} does not divide kernel.heads_q={k.heads_q}")
-    if k.head_dim not in (64, 128):
-        raise ConfigError(f"kernel.head_dim={k.head_dim}: supported head dims are 64 and 128")
+    from avo.problem import HEAD_DIMS
+
+    if k.head_dim not in HEAD_DIMS:
+        raise ConfigError(f"kernel.head_dim={k.head_dim}: supported head dims are {', '.join(map(str, HEAD_DIMS))}")
     if check_seed and not cfg.get("resume"):  # the seed's YAML says which head dims and architectures it runs
         from avo.seeds import resolve
 

@@ -25,6 +25,7 @@ from string import Template
 from avo.errors import ExportError, SeedError, one_line
 from avo.harness.nvrtc import compile_source
 from avo.paths import INCLUDE_DIR
+from avo.problem import HEAD_DIMS
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "export_template"
 ABI_MODULE = Path(__file__).resolve().parent / "harness" / "abi.py"
@@ -111,8 +112,9 @@ def export(spec: str, out: str | os.PathLike, head_dims: list[int] | None = None
     verified_dims, verified_groups = origin.pop("head_dims"), origin.pop("groups")
     head_dims = sorted(set(head_dims or verified_dims))
     groups = sorted(set(groups or verified_groups))
-    if any(d not in (64, 128) for d in head_dims) or any(g < 1 for g in groups):
-        raise ExportError(f"head dims {head_dims} must be among 64 and 128, groups {groups} positive")
+    if any(d not in HEAD_DIMS for d in head_dims) or any(g < 1 for g in groups):
+        raise ExportError(f"head dims {head_dims} must be among {', '.join(map(str, HEAD_DIMS))}, "
+                          f"groups {groups} positive")
     launch, resources = _compile_all(seed.source, head_dims, arch, log)
     meta = {
         "format": FORMAT, "package": out.name, "source_file": SOURCE_FILE,

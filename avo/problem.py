@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from avo.types import Problem, Shape
 
+# Head dims the kernel contract covers (the harness, its references and `avo.export` handle each).
+HEAD_DIMS = (64, 128, 256)
+
 
 def problem_from_cfg(k) -> Problem:
     common = dict(heads_q=int(k.heads_q), heads_kv=int(k.heads_kv), head_dim=int(k.head_dim))
