@@ -13,6 +13,11 @@
 // so one warpgroup's softmax hides under the other's GEMMs. Key blocks run from the last to the
 // first, so the masked blocks (causal diagonal, ragged seqlen_k) come first and the rest run
 // mask-free. The persistent grid overlaps one tile's epilogue with the next tile's loads.
+// Key blocks are BLOCK_N_FULL keys wide without a mask and BLOCK_N_CAUSAL wide with the causal
+// mask (a wide block amortises the per-block costs; a narrow one wastes less of the diagonal).
+// The online softmax rescales O lazily: a row keeps its running max until a new one exceeds it by
+// more than 2^RESCALE_LOG2 (probabilities then stay <= 2^RESCALE_LOG2, exact in FP32 sums), and a
+// warp whose rows all keep theirs skips the O rescale.
 // Requires sm_90a (wgmma, setmaxnreg). Head dim 128.
 #include <avo/attention.cuh>
 
@@ -28,9 +33,16 @@ static_assert(HEAD_DIM == 128, "sm90 seed: only head dim 128 is implemented (the
 #define PINGPONG 1           // @tunable 0 1
 #define PERSISTENT 1         // @tunable 0 1
 #define HEAD_CHUNK 8         // @tunable 4 8 16 32
+#define BLOCK_N_FULL 176      // @tunable 128 176
+#define BLOCK_N_CAUSAL 176    // @tunable 128 176
+#define RESCALE_LOG2 8       // @tunable 0 8
 
 #define BLOCK_M 128          // 2 consumer warpgroups x 64 rows
-#define BLOCK_N 128          // keys per block (= wgmma N of S)
+#define BLOCK_N_MAX (BLOCK_N_FULL > BLOCK_N_CAUSAL ? BLOCK_N_FULL : BLOCK_N_CAUSAL)
+// K/V TMA box rows: the whole block when both masks use one width, else 16 (a divisor of both);
+// the 128B swizzle is a function of the shared-memory address, so 1024-byte aligned 16-row boxes
+// laid end to end give the same layout as one tall box.
+#define KV_BOX_ROWS (BLOCK_N_FULL == BLOCK_N_CAUSAL ? BLOCK_N_FULL : 16)
 #define NUM_CONSUMERS 2
 #define NUM_THREADS (128 * (NUM_CONSUMERS + 1))
 #define CTAS_PER_SM 1        // __launch_bounds__ minimum CTAs per SM: sets the register cap below
@@ -38,9 +50,9 @@ static_assert(HEAD_DIM == 128, "sm90 seed: only head dim 128 is implemented (the
 #define KCHUNKS (HEAD_DIM / BOX_COLS)
 
 // Shared memory: all tiles 1024-byte aligned (the 128B swizzle pattern repeats every 1024 bytes
-// and wgmma descriptors assume base_offset 0).
+// and wgmma descriptors assume base_offset 0). A K/V slot holds BLOCK_N_MAX rows.
 #define Q_BYTES (BLOCK_M * HEAD_DIM * 2)
-#define KV_BYTES (BLOCK_N * HEAD_DIM * 2)
+#define KV_BYTES (BLOCK_N_MAX * HEAD_DIM * 2)
 #define OFF_Q 0
 #define OFF_K (OFF_Q + Q_BYTES)
 #define OFF_V (OFF_K + STAGES * KV_BYTES)
@@ -77,13 +89,20 @@ static_assert(CONSUMER_REGS % 8 == 0 && CONSUMER_REGS >= LAUNCH_REGS && CONSUMER
 static_assert(PRODUCER_REGS + NUM_CONSUMERS * CONSUMER_REGS <= (NUM_CONSUMERS + 1) * LAUNCH_REGS,
               "sm90 rule [register pool]: PRODUCER_REGS + 2 * CONSUMER_REGS must be <= 504 (3 warpgroups x 168 "
               "registers at launch), else setmaxnreg.inc waits forever; valid pairs: 24/240, 24/232, 32/232, 40/232");
-// Shared memory: at most 227 KB per CTA on sm_90 (2 stages: 161 KB, 3 stages: 225 KB, 4: 289 KB).
+// Key block widths: the wgmma wrappers below exist for N = 128 and 176.
+static_assert((BLOCK_N_FULL == 128 || BLOCK_N_FULL == 176) && (BLOCK_N_CAUSAL == 128 || BLOCK_N_CAUSAL == 176),
+              "sm90 rule [block width]: BLOCK_N_FULL and BLOCK_N_CAUSAL must be 128 or 176");
+static_assert(RESCALE_LOG2 >= 0 && RESCALE_LOG2 <= 16,
+              "sm90 rule [rescale]: RESCALE_LOG2 must be in [0, 16] (probabilities up to 2^RESCALE_LOG2)");
+// Shared memory: at most 227 KB per CTA on sm_90: Q 32 KB + STAGES x (K + V) of BLOCK_N_MAX rows
+// (128 rows: 64 KB a stage, 176 rows: 88 KB), so STAGES 3 fits only with 128-key blocks.
 static_assert(STAGES >= 2 && SMEM_BYTES <= 227 * 1024,
-              "sm90 rule [shared memory]: STAGES must be 2 or 3 (Q + STAGES x 64 KB of K/V must fit in 227 KB)");
+              "sm90 rule [shared memory]: Q + STAGES x (K + V) must fit in 227 KB: STAGES 2, or STAGES 3 with "
+              "both block widths 128");
 static_assert(8 * (2 + 4 * STAGES) <= OFF_TILE - OFF_BAR,
               "sm90 rule [mbarriers]: the 2 + 4 * STAGES mbarriers must fit in the 128 bytes before the tile slot");
 
-AVO_LAUNCH(NUM_THREADS, SMEM_BYTES, BLOCK_M, PERSISTENT, BLOCK_M, BLOCK_N);
+AVO_LAUNCH(NUM_THREADS, SMEM_BYTES, BLOCK_M, PERSISTENT, BLOCK_M, KV_BOX_ROWS);
 // ---- end of the validity rules --------------------------------------------------------------
 
 #define NEG_INF __int_as_float(0xff800000)
@@ -146,38 +165,43 @@ __device__ __forceinline__ unsigned long long smem_desc(unsigned addr, unsigned 
   return d;
 }
 
-#define ACC64                                                                                      \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "   \
-  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "    \
-  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "     \
-  "%56, %57, %58, %59, %60, %61, %62, %63}"
-#define ACC64_OPS(d)                                                                               \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),        \
-  "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),      \
-  "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),      \
-  "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),      \
-  "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),      \
-  "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),      \
-  "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),      \
-  "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-
-// D[64x128] (+)= A[64x16] * B[16x128], A and B K-major in shared memory (S = Q K^T).
-__device__ __forceinline__ void wgmma_ss(float (&d)[64], unsigned long long a, unsigned long long b, int accumulate) {
+// D[64x128] (+)= A[64x16] * B[16x128], A and B K-major in shared memory.
+__device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], unsigned long long a, unsigned long long b, int accumulate) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " ACC64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-      : ACC64_OPS(d)
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "l"(a), "l"(b), "r"(accumulate));
 }
 
-// D[64x128] += A[64x16] * B[16x128], A in registers (P), B MN-major in shared memory (V).
-__device__ __forceinline__ void wgmma_rs(float (&d)[64], const unsigned (&a)[4], unsigned long long b) {
+// D[64x176] (+)= A[64x16] * B[16x176], A and B K-major in shared memory.
+__device__ __forceinline__ void wgmma_ss_n176(float (&d)[88], unsigned long long a, unsigned long long b, int accumulate) {
   asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " ACC64 ", {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
-      : ACC64_OPS(d)
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n176k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87}, %88, %89, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87])
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+
+// D[64x128] += A[64x16] * B[16x128], A in registers, B MN-major in shared memory.
+__device__ __forceinline__ void wgmma_rs_n128(float (&d)[64], const unsigned (&a)[4], unsigned long long b) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 }
+
+template <int BN> struct Gemm;
+template <> struct Gemm<128> {
+  static __device__ __forceinline__ void ss(float (&d)[64], unsigned long long a, unsigned long long b, int acc) {
+    wgmma_ss_n128(d, a, b, acc);
+  }
+};
+template <> struct Gemm<176> {
+  static __device__ __forceinline__ void ss(float (&d)[88], unsigned long long a, unsigned long long b, int acc) {
+    wgmma_ss_n176(d, a, b, acc);
+  }
+};
 
 __device__ __forceinline__ float ex2(float x) {
   float y;
@@ -197,32 +221,38 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
 // ---------------------------------------------------------------------------------------------
 
 // S = Q K^T over the head dim: KCHUNKS boxes of 64 columns, 4 k16 steps each (32 bytes apart).
-__device__ __forceinline__ void gemm_qk(float (&s)[64], unsigned q_base, unsigned k_base) {
+// A K slot's 64-column boxes are BLOCK_N_MAX rows (BLOCK_N_MAX * 128 bytes) apart.
+template <int BN>
+__device__ __forceinline__ void gemm_qk(float (&s)[BN / 2], unsigned q_base, unsigned k_base) {
 #pragma unroll
   for (int c = 0; c < KCHUNKS; ++c) {
 #pragma unroll
     for (int k = 0; k < BOX_COLS / 16; ++k) {
       const unsigned long long a = smem_desc(q_base + c * BLOCK_M * 128 + k * 32, 16, 1024);
-      const unsigned long long b = smem_desc(k_base + c * BLOCK_N * 128 + k * 32, 16, 1024);
-      wgmma_ss(s, a, b, c > 0 || k > 0);
+      const unsigned long long b = smem_desc(k_base + c * BLOCK_N_MAX * 128 + k * 32, 16, 1024);
+      Gemm<BN>::ss(s, a, b, c > 0 || k > 0);
     }
   }
 }
 
-// O += P V: P (64 x BLOCK_N) from registers, V (BLOCK_N x D) MN-major; each k16 step is 16 key
-// rows (2048 bytes); the two 64-column boxes of V are LBO apart, 8-row groups SBO=1024 apart.
-__device__ __forceinline__ void gemm_pv(float (&o)[64], const unsigned (&p)[BLOCK_N / 16][4], unsigned v_base) {
+// O += P V: P (64 x BN) from registers, V (BN x D) MN-major; each k16 step is 16 key rows
+// (2048 bytes); the two 64-column boxes of V are LBO = BLOCK_N_MAX * 128 apart, 8-row groups
+// SBO = 1024 apart.
+template <int BN>
+__device__ __forceinline__ void gemm_pv(float (&o)[64], const unsigned (&p)[BN / 16][4], unsigned v_base) {
 #pragma unroll
-  for (int k = 0; k < BLOCK_N / 16; ++k) {
-    wgmma_rs(o, p[k], smem_desc(v_base + k * 2048, BLOCK_N * 128, 1024));
+  for (int k = 0; k < BN / 16; ++k) {
+    wgmma_rs_n128(o, p[k], smem_desc(v_base + k * 2048, BLOCK_N_MAX * 128, 1024));
   }
 }
 
 // Masks out keys that are beyond seqlen_k or (causal) after row + seqlen_k - seqlen_q.
-__device__ __forceinline__ void apply_mask(float (&s)[64], int n0, int row0, int seqlen_k, int causal_off, bool causal) {
+template <int BN>
+__device__ __forceinline__ void apply_mask(float (&s)[BN / 2], int n0, int row0, int seqlen_k, int causal_off,
+                                           bool causal) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
+  for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int col = n0 + 8 * j + 2 * (lane & 3) + (r & 1);
@@ -233,23 +263,52 @@ __device__ __forceinline__ void apply_mask(float (&s)[64], int n0, int row0, int
   }
 }
 
-// Online softmax on a fresh S block: updates row max m (raw score units) and partial row sum l,
-// turns s into unnormalised probabilities, returns the factor to rescale O by (per row).
-template <bool kFirst>
-__device__ __forceinline__ void softmax_step(float (&s)[64], float (&m)[2], float (&l)[2], float (&corr)[2], float scale_log2) {
+// Online softmax on a fresh S block: turns s into unnormalised probabilities exp2(s*scale - m)
+// against the row's running max m (raw score units), adds them to the partial row sum l, and
+// returns whether this warp must rescale O by corr (per row; 1 for rows that keep their max).
+// kFirst: m is this block's max. Else a row moves its max only when the new one exceeds it by
+// more than 2^RESCALE_LOG2 in probability; the answer is the same for the whole warp, so the O
+// rescale is a uniform branch, and a warp whose rows all keep their max skips it.
+template <bool kFirst, int BN>
+__device__ __forceinline__ bool softmax_step(float (&s)[BN / 2], float (&m)[2], float (&l)[2], float (&corr)[2],
+                                             float scale_log2) {
+  float mx[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    float mx = m[h];
+    float x = m[h];
 #pragma unroll
-    for (int j = 0; j < 16; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    for (int j = 0; j < BN / 8; ++j) x = fmaxf(x, fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    mx[h] = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  }
+  bool rescale = false;
+  if (kFirst) {
+    m[0] = mx[0];
+    m[1] = mx[1];
+  } else {
+    // m = -inf and a finite new max: +inf > threshold, moves; both -inf: NaN, keeps (p stays 0)
+    const bool grow0 = (mx[0] - m[0]) * scale_log2 > float(RESCALE_LOG2);
+    const bool grow1 = (mx[1] - m[1]) * scale_log2 > float(RESCALE_LOG2);
+    rescale = __any_sync(0xffffffffu, grow0 || grow1);
+    corr[0] = corr[1] = 1.f;
+    if (rescale) {
+      if (grow0) {
+        corr[0] = ex2((m[0] - mx[0]) * scale_log2);  // m = -inf gives 0, as wanted
+        m[0] = mx[0];
+      }
+      if (grow1) {
+        corr[1] = ex2((m[1] - mx[1]) * scale_log2);
+        m[1] = mx[1];
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
     // A row with no visible key so far keeps m = -inf; subtract 0 instead so p = 0, not NaN.
-    const float ms = mx == NEG_INF ? 0.f : mx * scale_log2;
-    corr[h] = kFirst ? 1.f : ex2(m[h] * scale_log2 - ms);  // m[h] = -inf gives 0, as wanted
+    const float ms = m[h] == NEG_INF ? 0.f : m[h] * scale_log2;
     float sum = 0.f;
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
+    for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         float& x = s[4 * j + 2 * h + c];
@@ -258,15 +317,16 @@ __device__ __forceinline__ void softmax_step(float (&s)[64], float (&m)[2], floa
       }
     }
     l[h] = kFirst ? sum : l[h] * corr[h] + sum;
-    m[h] = mx;
   }
+  return rescale;
 }
 
 // The accumulator layout of S equals the A-operand register layout of m64k16, so P is packed
 // pairwise: k16 step k uses S columns 16k..16k+15 = accumulator blocks j = 2k, 2k+1.
-__device__ __forceinline__ void to_bf16(const float (&s)[64], unsigned (&p)[BLOCK_N / 16][4]) {
+template <int BN>
+__device__ __forceinline__ void to_bf16(const float (&s)[BN / 2], unsigned (&p)[BN / 16][4]) {
 #pragma unroll
-  for (int k = 0; k < BLOCK_N / 16; ++k) {
+  for (int k = 0; k < BN / 16; ++k) {
     p[k][0] = pack_bf16(s[8 * k + 0], s[8 * k + 1]);
     p[k][1] = pack_bf16(s[8 * k + 2], s[8 * k + 3]);
     p[k][2] = pack_bf16(s[8 * k + 4], s[8 * k + 5]);
@@ -274,7 +334,7 @@ __device__ __forceinline__ void to_bf16(const float (&s)[64], unsigned (&p)[BLOC
   }
 }
 
-__device__ __forceinline__ void rescale(float (&o)[64], const float (&corr)[2]) {
+__device__ __forceinline__ void rescale_o(float (&o)[64], const float (&corr)[2]) {
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
     o[4 * j + 0] *= corr[0];
@@ -294,6 +354,7 @@ struct Tile {
 // Tile `idx` of num_m * Hq * B. The (head, batch) pairs go in chunks of HEAD_CHUNK: CTAs running
 // together then share those heads' K/V in L2. Inside a chunk the longest rows (largest m_block,
 // which see the most keys under a causal mask) come first, so short tiles fill the tail.
+template <int BN>
 __device__ __forceinline__ Tile tile_at(const AvoAttnParams& p, int idx, int num_m) {
   const int hb_total = p.heads_q * p.batch;
   const int chunk = idx / (num_m * HEAD_CHUNK);
@@ -307,84 +368,75 @@ __device__ __forceinline__ Tile tile_at(const AvoAttnParams& p, int idx, int num
   t.hkv = t.h / (p.heads_q / p.heads_kv);
   int n_keys = p.seqlen_k;
   if (p.causal) n_keys = min(n_keys, max(0, (t.m_block + 1) * BLOCK_M + p.seqlen_k - p.seqlen_q));
-  t.n_blocks = (n_keys + BLOCK_N - 1) / BLOCK_N;
+  t.n_blocks = (n_keys + BN - 1) / BN;
   return t;
 }
 
-extern "C" __global__ void __launch_bounds__(NUM_THREADS, CTAS_PER_SM) avo_attention(const __grid_constant__ AvoAttnParams p) {
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(smem_raw) + 1023) & ~size_t(1023));
-  const unsigned base = smem_u32(smem);
+struct Smem {
+  unsigned base;
+  __device__ unsigned full_q() const { return base + OFF_BAR; }
+  __device__ unsigned empty_q() const { return base + OFF_BAR + 8; }
   // full_* : TMA -> consumers (transaction bytes), empty_* : consumers -> producer (one arrive per consumer warp)
-  const unsigned bar_full_q = base + OFF_BAR, bar_empty_q = base + OFF_BAR + 8;
-  auto bar_full_k = [&](int s) { return base + OFF_BAR + 8 * (2 + s); };
-  auto bar_full_v = [&](int s) { return base + OFF_BAR + 8 * (2 + STAGES + s); };
-  auto bar_empty_k = [&](int s) { return base + OFF_BAR + 8 * (2 + 2 * STAGES + s); };
-  auto bar_empty_v = [&](int s) { return base + OFF_BAR + 8 * (2 + 3 * STAGES + s); };
+  __device__ unsigned full_k(int s) const { return base + OFF_BAR + 8 * (2 + s); }
+  __device__ unsigned full_v(int s) const { return base + OFF_BAR + 8 * (2 + STAGES + s); }
+  __device__ unsigned empty_k(int s) const { return base + OFF_BAR + 8 * (2 + 2 * STAGES + s); }
+  __device__ unsigned empty_v(int s) const { return base + OFF_BAR + 8 * (2 + 3 * STAGES + s); }
+};
 
-  const int warpgroup = threadIdx.x / 128;
-  if (threadIdx.x == 0) {
-    mbar_init(bar_full_q, 1);
-    mbar_init(bar_empty_q, NUM_CONSUMERS * 4);
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(bar_full_k(s), 1);
-      mbar_init(bar_full_v(s), 1);
-      mbar_init(bar_empty_k(s), NUM_CONSUMERS * 4);
-      mbar_init(bar_empty_v(s), NUM_CONSUMERS * 4);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();
-
-  if (warpgroup == 0) {
-    // ------------------------------- producer -------------------------------
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(PRODUCER_REGS));
-    if (threadIdx.x != 0) return;
-    // Tiles: the first from blockIdx, then (persistent) claimed one by one from p.tile_counter,
-    // so CTAs that drew short causal tiles take more. Each index goes to the consumers through
-    // smem with the Q load; num_tiles tells them to stop.
-    const int num_m = (p.seqlen_q + BLOCK_M - 1) / BLOCK_M;
-    const int num_tiles = num_m * p.heads_q * p.batch;
-    int idx = PERSISTENT ? blockIdx.x : blockIdx.x + num_m * (blockIdx.y + p.heads_q * blockIdx.z);
-    volatile int* tile_slot = reinterpret_cast<volatile int*>(smem + OFF_TILE);
-    int kv_it = 0;  // K/V blocks loaded so far: ring slot and barrier parity
-    for (int q_it = 0;; ++q_it) {
-      mbar_wait(bar_empty_q, (q_it & 1) ^ 1);  // a fresh barrier counts as released
-      const bool done = idx >= num_tiles;
-      *tile_slot = done ? num_tiles : idx;
-      const Tile t = tile_at(p, done ? 0 : idx, num_m);
-      if (done || t.n_blocks == 0) {
-        mbar_arrive(bar_full_q);
-        if (done) break;
-      } else {
-        mbar_expect_tx(bar_full_q, Q_BYTES);
-        for (int c = 0; c < KCHUNKS; ++c)
-          tma_load(base + OFF_Q + c * BLOCK_M * 128, &p.tma_q, bar_full_q, c * BOX_COLS, t.m_block * BLOCK_M, t.h, t.b);
-      }
-      idx = PERSISTENT ? atomicAdd(p.tile_counter, 1) + gridDim.x : num_tiles;
+// One K or V block of BN rows starting at key n0, as KCHUNKS x (BN / KV_BOX_ROWS) TMA boxes.
+template <int BN>
+__device__ __forceinline__ void load_kv(unsigned dst, const AvoTensorMap* map, unsigned bar, int n0, int hkv, int b) {
+  mbar_expect_tx(bar, BN * HEAD_DIM * 2);
 #pragma unroll 1
-      for (int i = 0; i < t.n_blocks; ++i, ++kv_it) {
-        const int n0 = (t.n_blocks - 1 - i) * BLOCK_N;
-        const int s = kv_it % STAGES;
-        const unsigned parity = ((kv_it / STAGES) & 1) ^ 1;
-        mbar_wait(bar_empty_k(s), parity);
-        mbar_expect_tx(bar_full_k(s), KV_BYTES);
-        for (int c = 0; c < KCHUNKS; ++c)
-          tma_load(base + OFF_K + s * KV_BYTES + c * BLOCK_N * 128, &p.tma_k, bar_full_k(s), c * BOX_COLS, n0, t.hkv, t.b);
-        mbar_wait(bar_empty_v(s), parity);
-        mbar_expect_tx(bar_full_v(s), KV_BYTES);
-        for (int c = 0; c < KCHUNKS; ++c)
-          tma_load(base + OFF_V + s * KV_BYTES + c * BLOCK_N * 128, &p.tma_v, bar_full_v(s), c * BOX_COLS, n0, t.hkv, t.b);
-      }
-    }
-    return;
-  }
+  for (int c = 0; c < KCHUNKS; ++c)
+#pragma unroll 1
+    for (int r = 0; r < BN; r += KV_BOX_ROWS)
+      tma_load(dst + c * BLOCK_N_MAX * 128 + r * 128, map, bar, c * BOX_COLS, n0 + r, hkv, b);
+}
 
-  // ------------------------------- consumers -------------------------------
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(CONSUMER_REGS));
-  const int cw = warpgroup - 1;  // consumer index: rows 64*cw .. 64*cw+63 of the tile
+// The producer's thread: tiles (the first from blockIdx, then, persistent, claimed one by one
+// from p.tile_counter, so CTAs that drew short causal tiles take more); each index goes to the
+// consumers through smem with the Q load, and num_tiles tells them to stop.
+template <int BN>
+__device__ __forceinline__ void produce(const AvoAttnParams& p, const Smem& sm, unsigned char* smem) {
+  const int num_m = (p.seqlen_q + BLOCK_M - 1) / BLOCK_M;
+  const int num_tiles = num_m * p.heads_q * p.batch;
+  int idx = PERSISTENT ? blockIdx.x : blockIdx.x + num_m * (blockIdx.y + p.heads_q * blockIdx.z);
+  volatile int* tile_slot = reinterpret_cast<volatile int*>(smem + OFF_TILE);
+  int kv_it = 0;  // K/V blocks loaded so far: ring slot and barrier parity
+  for (int q_it = 0;; ++q_it) {
+    mbar_wait(sm.empty_q(), (q_it & 1) ^ 1);  // a fresh barrier counts as released
+    const bool done = idx >= num_tiles;
+    *tile_slot = done ? num_tiles : idx;
+    const Tile t = tile_at<BN>(p, done ? 0 : idx, num_m);
+    if (done || t.n_blocks == 0) {
+      mbar_arrive(sm.full_q());
+      if (done) break;
+    } else {
+      mbar_expect_tx(sm.full_q(), Q_BYTES);
+      for (int c = 0; c < KCHUNKS; ++c)
+        tma_load(sm.base + OFF_Q + c * BLOCK_M * 128, &p.tma_q, sm.full_q(), c * BOX_COLS, t.m_block * BLOCK_M, t.h,
+                 t.b);
+    }
+    idx = PERSISTENT ? atomicAdd(p.tile_counter, 1) + gridDim.x : num_tiles;
+#pragma unroll 1
+    for (int i = 0; i < t.n_blocks; ++i, ++kv_it) {
+      const int n0 = (t.n_blocks - 1 - i) * BN;
+      const int s = kv_it % STAGES;
+      const unsigned parity = ((kv_it / STAGES) & 1) ^ 1;
+      mbar_wait(sm.empty_k(s), parity);
+      load_kv<BN>(sm.base + OFF_K + s * KV_BYTES, &p.tma_k, sm.full_k(s), n0, t.hkv, t.b);
+      mbar_wait(sm.empty_v(s), parity);
+      load_kv<BN>(sm.base + OFF_V + s * KV_BYTES, &p.tma_v, sm.full_v(s), n0, t.hkv, t.b);
+    }
+  }
+}
+
+// A consumer warpgroup: rows 64*cw .. 64*cw+63 of every tile the producer hands over.
+template <int BN>
+__device__ __forceinline__ void consume(const AvoAttnParams& p, const Smem& sm, unsigned char* smem, int cw) {
   const int warp = (threadIdx.x / 32) & 3, lane = threadIdx.x & 31;
-  const unsigned q_base = base + OFF_Q + 64 * cw * 128;
+  const unsigned q_base = sm.base + OFF_Q + 64 * cw * 128;
   const int causal_off = p.seqlen_k - p.seqlen_q;
   const float scale_log2 = p.softmax_scale_log2;
 
@@ -403,15 +455,15 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, CTAS_PER_SM) avo_atten
   const volatile int* tile_slot = reinterpret_cast<const volatile int*>(smem + OFF_TILE);
   int kv_it = 0;
   for (int q_it = 0;; ++q_it) {
-    mbar_wait(bar_full_q, q_it & 1);
+    mbar_wait(sm.full_q(), q_it & 1);
     const int idx = __shfl_sync(0xffffffffu, *tile_slot, 0);  // warp-uniform, so wgmma stays convergent
     if (idx >= num_tiles) break;
-    const Tile t = tile_at(p, idx, num_m);
-    if (t.n_blocks == 0) release(bar_empty_q);  // nothing loaded; the slot is read
+    const Tile t = tile_at<BN>(p, idx, num_m);
+    if (t.n_blocks == 0) release(sm.empty_q());  // nothing loaded; the slot is read
     const int row0 = t.m_block * BLOCK_M + 64 * cw + 16 * warp + lane / 4;  // this thread's first row
     // A block needs masking if it reaches past seqlen_k or (causal) past the tile's first row.
     auto needs_mask = [&](int n0) {
-      return n0 + BLOCK_N > p.seqlen_k || (p.causal && n0 + BLOCK_N - 1 > t.m_block * BLOCK_M + causal_off);
+      return n0 + BN > p.seqlen_k || (p.causal && n0 + BN - 1 > t.m_block * BLOCK_M + causal_off);
     };
     float o[64];
 #pragma unroll
@@ -419,75 +471,75 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, CTAS_PER_SM) avo_atten
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f}, corr[2];
 
     if (t.n_blocks > 0) {
-      float s[64];
-      unsigned pr[BLOCK_N / 16][4];
+      float s[BN / 2];
+      unsigned pr[BN / 16][4];
 
       // first (last-in-sequence) block: S, softmax, P
       {
-        const int n0 = (t.n_blocks - 1) * BLOCK_N;
+        const int n0 = (t.n_blocks - 1) * BN;
         const int sk = kv_it % STAGES;
-        mbar_wait(bar_full_k(sk), (kv_it / STAGES) & 1);
+        mbar_wait(sm.full_k(sk), (kv_it / STAGES) & 1);
         turn_begin();
         wgmma_fence();
-        gemm_qk(s, q_base, base + OFF_K + sk * KV_BYTES);
+        gemm_qk<BN>(s, q_base, sm.base + OFF_K + sk * KV_BYTES);
         wgmma_commit();
         turn_end();
         wgmma_wait<0>();
 #pragma unroll
-        for (int i = 0; i < 64; ++i) reg_fence(s[i]);
-        release(bar_empty_k(sk));
-        if (t.n_blocks == 1) release(bar_empty_q);
-        if (needs_mask(n0)) apply_mask(s, n0, row0, p.seqlen_k, causal_off, p.causal);
-        softmax_step<true>(s, m, l, corr, scale_log2);
-        to_bf16(s, pr);
+        for (int i = 0; i < BN / 2; ++i) reg_fence(s[i]);
+        release(sm.empty_k(sk));
+        if (t.n_blocks == 1) release(sm.empty_q());
+        if (needs_mask(n0)) apply_mask<BN>(s, n0, row0, p.seqlen_k, causal_off, p.causal);
+        softmax_step<true, BN>(s, m, l, corr, scale_log2);
+        to_bf16<BN>(s, pr);
       }
 
       for (int i = 1; i < t.n_blocks; ++i) {
-        const int n0 = (t.n_blocks - 1 - i) * BLOCK_N;
+        const int n0 = (t.n_blocks - 1 - i) * BN;
         const int it_k = kv_it + i, it_v = kv_it + i - 1;
         const int sk = it_k % STAGES, sv = it_v % STAGES;
-        mbar_wait(bar_full_k(sk), (it_k / STAGES) & 1);
+        mbar_wait(sm.full_k(sk), (it_k / STAGES) & 1);
         turn_begin();
         wgmma_fence();
-        gemm_qk(s, q_base, base + OFF_K + sk * KV_BYTES);  // S_i
+        gemm_qk<BN>(s, q_base, sm.base + OFF_K + sk * KV_BYTES);  // S_i
         wgmma_commit();
-        mbar_wait(bar_full_v(sv), (it_v / STAGES) & 1);
-        gemm_pv(o, pr, base + OFF_V + sv * KV_BYTES);      // O += P_{i-1} V_{i-1}, overlaps the softmax below
+        mbar_wait(sm.full_v(sv), (it_v / STAGES) & 1);
+        gemm_pv<BN>(o, pr, sm.base + OFF_V + sv * KV_BYTES);      // O += P_{i-1} V_{i-1}, overlaps the softmax below
         wgmma_commit();
         turn_end();
-        wgmma_wait<1>();                                    // S_i ready
+        wgmma_wait<1>();                                           // S_i ready
 #pragma unroll
-        for (int j = 0; j < 64; ++j) reg_fence(s[j]);
-        release(bar_empty_k(sk));
-        if (i == t.n_blocks - 1) release(bar_empty_q);      // last use of Q: next tile's Q may load
-        if (needs_mask(n0)) apply_mask(s, n0, row0, p.seqlen_k, causal_off, p.causal);
-        softmax_step<false>(s, m, l, corr, scale_log2);
-        wgmma_wait<0>();                                    // PV done: O and P registers are free
+        for (int j = 0; j < BN / 2; ++j) reg_fence(s[j]);
+        release(sm.empty_k(sk));
+        if (i == t.n_blocks - 1) release(sm.empty_q());            // last use of Q: next tile's Q may load
+        if (needs_mask(n0)) apply_mask<BN>(s, n0, row0, p.seqlen_k, causal_off, p.causal);
+        const bool rescale = softmax_step<false, BN>(s, m, l, corr, scale_log2);
+        wgmma_wait<0>();                                           // PV done: O and P registers are free
 #pragma unroll
         for (int j = 0; j < 64; ++j) reg_fence(o[j]);
 #pragma unroll
-        for (int k = 0; k < BLOCK_N / 16; ++k)
+        for (int k = 0; k < BN / 16; ++k)
 #pragma unroll
           for (int r = 0; r < 4; ++r) reg_fence(pr[k][r]);
-        release(bar_empty_v(sv));
-        rescale(o, corr);
-        to_bf16(s, pr);
+        release(sm.empty_v(sv));
+        if (rescale) rescale_o(o, corr);
+        to_bf16<BN>(s, pr);
       }
 
       // last PV
       {
         const int it_v = kv_it + t.n_blocks - 1;
         const int sv = it_v % STAGES;
-        mbar_wait(bar_full_v(sv), (it_v / STAGES) & 1);
+        mbar_wait(sm.full_v(sv), (it_v / STAGES) & 1);
         turn_begin();
         wgmma_fence();
-        gemm_pv(o, pr, base + OFF_V + sv * KV_BYTES);
+        gemm_pv<BN>(o, pr, sm.base + OFF_V + sv * KV_BYTES);
         wgmma_commit();
         turn_end();
         wgmma_wait<0>();
 #pragma unroll
         for (int j = 0; j < 64; ++j) reg_fence(o[j]);
-        release(bar_empty_v(sv));
+        release(sm.empty_v(sv));
       }
       kv_it += t.n_blocks;
     }
@@ -516,4 +568,35 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS, CTAS_PER_SM) avo_atten
       }
     }
   }
+}
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS, CTAS_PER_SM) avo_attention(const __grid_constant__ AvoAttnParams p) {
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<size_t>(smem_raw) + 1023) & ~size_t(1023));
+  const Smem sm{smem_u32(smem)};
+
+  const int warpgroup = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    mbar_init(sm.full_q(), 1);
+    mbar_init(sm.empty_q(), NUM_CONSUMERS * 4);
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(sm.full_k(s), 1);
+      mbar_init(sm.full_v(s), 1);
+      mbar_init(sm.empty_k(s), NUM_CONSUMERS * 4);
+      mbar_init(sm.empty_v(s), NUM_CONSUMERS * 4);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(PRODUCER_REGS));
+    if (threadIdx.x != 0) return;
+    if (p.causal) produce<BLOCK_N_CAUSAL>(p, sm, smem);
+    else produce<BLOCK_N_FULL>(p, sm, smem);
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(CONSUMER_REGS));
+  if (p.causal) consume<BLOCK_N_CAUSAL>(p, sm, smem, warpgroup - 1);
+  else consume<BLOCK_N_FULL>(p, sm, smem, warpgroup - 1);
 }
