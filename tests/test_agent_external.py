@@ -215,7 +215,8 @@ def test_a_stdio_agent_and_the_shell_cli_work_steps_with_the_same_records(cfg_fa
         assert cli("edit", f"search=@{tmp_path / 'old.txt'}", f"replace=@{tmp_path / 'new.txt'}")[0] == 0
         rc, out = cli("compile")
         assert rc == 0 and "compile: ok" in out
-        assert cli("compile", "verbose=1") == (1, "compile: unknown argument verbose (parameters: none)\n")
+        assert cli("compile", "verbose=1") == (1, "compile: unknown argument verbose; nothing was run (parameters: "
+                                                  "none)\n")
         assert cli("edit", "nonsense")[0] == 2
         assert cli("submit", "message=via the shell")[0] == 0
 
