@@ -35,9 +35,9 @@ BROKEN = {"search": "AVO_LAUNCH(", "replace": "AVO_LAUNCH_BROKEN("}
 class SearchThread(threading.Thread):
     """The real search (run_search) with agent=external, in the background."""
 
-    def __init__(self, cfg_factory, run_dir, *overrides):
+    def __init__(self, cfg_factory, run_dir, *overrides, seed="naive"):
         super().__init__(daemon=True)
-        self.cfg = cfg_factory("agent=external", "harness=compile", "seed=naive", "search.attempts_per_step=1",
+        self.cfg = cfg_factory("agent=external", "harness=compile", f"seed={seed}", "search.attempts_per_step=1",
                                "agent.budget.max_seconds=120", "agent.budget.idle_seconds=60",
                                f"harness.cache_dir={run_dir / 'cubin'}", *overrides, run_dir=run_dir)
         self.run_dir, self.summary, self.error = run_dir, None, None

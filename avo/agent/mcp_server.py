@@ -175,6 +175,9 @@ class HttpEndpoint:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self._uv is not None:
+            # an agent's open event stream is cancelled after timeout_graceful_shutdown, which uvicorn logs as an
+            # error with a traceback: expected when the search stops, so not for the search's log
+            logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
             self._uv.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout_s)
