@@ -79,9 +79,12 @@ class Upstream:
         return self.client
 
 
-def lost(name: str, e: BaseException) -> types.CallToolResult:
-    text = (f"{name}: the connection to the search was lost while the call ran ({e}); the search stopped or "
-            "restarted, so this call's effect is unknown. Call next_step: after a restart it opens a new step.")
+def failed(name: str, e: MCPError) -> types.CallToolResult:
+    if e.code == types.CONNECTION_CLOSED:
+        text = (f"{name}: the connection to the search was lost while the call ran; the search stopped or "
+                "restarted, so this call's effect is unknown. Call next_step: after a restart it opens a new step.")
+    else:
+        text = f"{name}: the search answered with an error ({e.error.message})"
     return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=True)
 
 
@@ -109,7 +112,7 @@ async def relay(run_dir: str, wait_s: float) -> None:
         try:
             return await client.call_tool(params.name, params.arguments or {}, progress_callback=forward)
         except MCPError as e:
-            return lost(params.name, e)
+            return failed(params.name, e)
 
     relayed = server(list_tools, call_tool)
     async with anyio.create_task_group() as tg:
