@@ -12,11 +12,12 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import polars as pl
 from omegaconf import DictConfig, OmegaConf
 
-from avo import lineage, transfer
+from avo import interrupt, lineage, transfer
 from avo.commit import anchor, decide
 from avo.errors import SearchError
 from avo.harness import HarnessBench, make_harness
@@ -39,6 +40,8 @@ from avo.types import (
     Version,
 )
 from avo.workers import Workers
+
+SEED_OPERATOR = SimpleNamespace(name="seed", model="")  # what the seed's rows name: no operator proposed it
 
 
 @dataclass
@@ -116,7 +119,8 @@ class Search:
         self.history: list[Version] = []  # every committed version in version order, all islands
         for r in self.rows.filter(pl.col("committed")).sort("version").iter_rows(named=True):
             self.history.append(self._version(r))
-        self.tried = set(self.rows["source_sha"].to_list())
+        # an interrupted attempt was never judged: its source may be proposed again
+        self.tried = set(self.rows.filter(pl.col("decision") != interrupt.INTERRUPTED)["source_sha"].to_list())
         self.rng = random.Random(f"{cfg.rng}:{len(self.rows)}")
         self.spent = float(self.rows.select((pl.col("finished_at") - pl.col("started_at")).dt.total_seconds(
             fractional=True).sum()).item() or 0.0)
@@ -249,7 +253,15 @@ class Search:
             proposal = e.proposal or Proposal("", message="")
             result = EvalResult(Status.INVALID, error=str(e))
             return self._record(step, attempt, proposal, result, "invalid", best, started, time.monotonic() - t)
-        result = self.evaluate(proposal.source, self.history, best)
+        except interrupt.STOPS as e:  # the attempt in flight is on record before the search stops
+            self._record(step, attempt, Proposal(""), interrupt.result(e), interrupt.INTERRUPTED, best, started,
+                         time.monotonic() - t)
+            raise
+        try:
+            result = self.evaluate(proposal.source, self.history, best)
+        except interrupt.STOPS as e:
+            self._record(step, attempt, proposal, interrupt.result(e), interrupt.INTERRUPTED, best, started, propose_s)
+            raise
         row = self._record(step, attempt, proposal, result, self.verdict(result, self.history), best, started,
                            propose_s)
         if row["committed"]:
@@ -284,7 +296,8 @@ class Search:
         return self.keep(lineage.attempt_row(
             run_id=self.run_id, step=step, attempt=attempt, parent=parent, decision=decision, result=result,
             version=(self.history[-1].version + 1 if self.history else 0) if committed else None,
-            proposal=proposal, operator=self.operator, problem=self.problem, directive=self.directive(island),
+            proposal=proposal, operator=self.operator if step else SEED_OPERATOR, problem=self.problem,
+            directive=self.directive(island),
             started=started, propose_s=propose_s, source_sha=sha, worker=worker, island=island))
 
     def keep(self, row: dict) -> dict:

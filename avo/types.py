@@ -18,6 +18,7 @@ class Status(str, Enum):
     TIMEOUT = "timeout"              # worker killed after the hard timeout
     ERROR = "error"                  # harness-side failure (e.g. result above the roofline)
     UNAVAILABLE = "unavailable"      # the environment is broken (no NVRTC, driver or GPU): never a candidate's fault
+    INTERRUPTED = "interrupted"      # the search was stopped (a signal, a requeue) before a verdict (avo.interrupt)
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,9 @@ BROKEN = {"search": "AVO_LAUNCH(", "replace": "AVO_LAUNCH_BROKEN("}
 class SearchThread(threading.Thread):
     """The real search (run_search) with agent=external, in the background."""
 
-    def __init__(self, cfg_factory, run_dir, *overrides):
+    def __init__(self, cfg_factory, run_dir, *overrides, seed="naive"):
         super().__init__(daemon=True)
-        self.cfg = cfg_factory("agent=external", "harness=compile", "seed=naive", "search.attempts_per_step=1",
+        self.cfg = cfg_factory("agent=external", "harness=compile", f"seed={seed}", "search.attempts_per_step=1",
                                "agent.budget.max_seconds=120", "agent.budget.idle_seconds=60",
                                f"harness.cache_dir={run_dir / 'cubin'}", *overrides, run_dir=run_dir)
         self.run_dir, self.summary, self.error = run_dir, None, None
@@ -215,7 +215,8 @@ def test_a_stdio_agent_and_the_shell_cli_work_steps_with_the_same_records(cfg_fa
         assert cli("edit", f"search=@{tmp_path / 'old.txt'}", f"replace=@{tmp_path / 'new.txt'}")[0] == 0
         rc, out = cli("compile")
         assert rc == 0 and "compile: ok" in out
-        assert cli("compile", "verbose=1") == (1, "compile: unknown argument verbose (parameters: none)\n")
+        assert cli("compile", "verbose=1") == (1, "compile: unknown argument verbose; nothing was run (parameters: "
+                                                  "none)\n")
         assert cli("edit", "nonsense")[0] == 2
         assert cli("submit", "message=via the shell")[0] == 0
 

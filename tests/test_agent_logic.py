@@ -92,12 +92,62 @@ def test_submit_refuses_an_already_evaluated_source(tmp_path):
     assert "attempt0: incorrect/failed" in bench.call("lineage", {}).text
 
 
-def test_long_tool_output_is_truncated(tmp_path):
-    assert len(truncate("x" * 10_000, 1000)) < 1100
-    bench = Workbench(ctx(tmp_path, source="AVO_LAUNCH avo_attention\n" + "int a;\n" * 5000), Notes(tmp_path),
-                      KnowledgeBase(), output_chars=2000)
-    r = bench.call("view_source", {"which": "v0"})
-    assert r.ok and "characters cut" in r.text and len(r.text) < 2200
+def test_long_tool_output_is_truncated():
+    cut = truncate("x" * 10_000, 1000)
+    assert len(cut) < 1100 and "[9000 characters cut]" in cut
+
+
+def test_view_source_pages_whole_lines_and_says_where_the_next_part_starts(tmp_path):
+    source = "AVO_LAUNCH avo_attention\n" + "".join(f"int a{i};\n" for i in range(700))
+    bench = Workbench(ctx(tmp_path, source=source), Notes(tmp_path), KnowledgeBase(), output_chars=2000)
+    seen, start = [], 1
+    while True:
+        r = bench.call("view_source", {"which": "v0", "start_line": start})
+        assert r.ok and len(r.text) <= 2000 and "characters cut" not in r.text
+        head, *body = r.text.splitlines()
+        lo, hi = (int(x) for x in head.split(" lines ")[1].split(" of ")[0].split("-"))
+        assert lo == start and [int(b.split()[0]) for b in body if not b.startswith("[")] == list(range(lo, hi + 1))
+        seen += [b[6:] for b in body if not b.startswith("[")]
+        if hi == 701:
+            assert "not shown" not in r.text
+            break
+        assert f"lines {hi + 1}-701 not shown" in head and body[-1].endswith(f"start_line={hi + 1}]")
+        start = hi + 1
+    assert "\n".join(seen) + "\n" == source
+    assert not bench.call("view_source", {"start_line": 900}).ok
+
+
+@pytest.mark.parametrize("args,msg", [
+    ({"search": "int x = 2;", "replace": None}, "replace must be a string, got null"),
+    ({"search": 2, "replace": "x"}, "search must be a string, got an integer 2"),
+    ({"search": ["int x = 2;"], "replace": "x"}, "search must be a string, got an array"),
+])
+def test_arguments_of_the_wrong_type_are_refused_and_change_nothing(tmp_path, args, msg):
+    bench = Workbench(ctx(tmp_path), Notes(tmp_path), KnowledgeBase())
+    before = bench.source
+    r = bench.call("edit", args)
+    assert not r.ok and msg in r.text and "nothing was run" in r.text and "replace (string)" in r.text
+    assert bench.source == before
+
+
+def test_integer_and_number_arguments(tmp_path):
+    bench = Workbench(ctx(tmp_path), Notes(tmp_path), KnowledgeBase())
+    assert bench.call("view_source", {"start_line": 2.0}).text.startswith("current lines 2-2 of 2")
+    for bad, msg in ((True, "must be an integer, got a boolean"), ("2", "must be an integer, got a string"),
+                     (2.5, "must be an integer, got a number")):
+        r = bench.call("view_source", {"start_line": bad})
+        assert not r.ok and msg in r.text
+    r = bench.call("view_source", '{"end_line": NaN}')
+    assert not r.ok and "end_line must be an integer" in r.text
+
+
+def test_every_parameter_type_is_one_the_checker_knows():
+    from avo.agent.desk import NEXT_STEP
+    from avo.agent.tools import JSON_TYPES
+
+    for s in [*SCHEMAS, NEXT_STEP]:
+        for key, p in s["function"]["parameters"]["properties"].items():
+            assert p["type"] in JSON_TYPES, (s["function"]["name"], key)
 
 
 def test_schemas_are_valid_openai_functions():

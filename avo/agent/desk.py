@@ -16,13 +16,16 @@ from avo.config import ConfigError
 from avo.lineage import sha256
 from avo.types import StepContext
 
-MAX_WAIT_S = 300.0
+# under the tool-call timeout most clients start with (60 s); a client given a longer one may wait longer
+DEFAULT_WAIT_S, MAX_WAIT_S = 30.0, 300.0
+NOT_READY = "not ready"
 NEXT_STEP = tool_schema(
     "next_step", "Wait for the search to open a step and return its context: the problem, the budget, the lineage, "
                  "this step's failed attempts, the supervisor's directions, your notes, the best source and the "
-                 "verdict on your previous submission. Call it first, and again after each submit.",
-    {"wait_seconds": {"type": "number", "description": f"how long to wait for a step (default 60, at most "
-                                                       f"{MAX_WAIT_S:.0f})"},
+                 "verdict on your previous submission. Call it first, and again after each submit. While the "
+                 f"harness evaluates a submission it answers '{NOT_READY}': then call it again.",
+    {"wait_seconds": {"type": "number", "description": f"how long to wait for a step (default "
+                                                       f"{DEFAULT_WAIT_S:.0f}, at most {MAX_WAIT_S:.0f})"},
      "model": {"type": "string", "description": "the model you run on; the lineage records it"}})
 # The CLI (avo.tool) opens one connection per command, so its connections never hold a step.
 ONE_SHOT_CLIENT = "avo.tool"
@@ -93,7 +96,16 @@ class StepDesk:
 
     def finish(self, reason: str) -> None:
         with self.cond:
-            self.finished = reason
+            self.finished = self.finished or reason
+            self.cond.notify_all()
+
+    def interrupt(self, s: OpenStep, reason: str) -> None:
+        """The search is stopping (a signal, a requeue) while the step is open: it ends without a candidate."""
+        with self.cond:
+            s.ended = s.ended or reason
+            s.tr.event("end", outcome="interrupted", reason=reason, client=s.client, model=s.model)
+            s.closed = True
+            self.finished = f"{reason}; the search resumes when it is started again (then next_step opens a new step)"
             self.cond.notify_all()
 
     # -- the agent's side (any thread) -----------------------------------------------------------
@@ -101,10 +113,7 @@ class StepDesk:
         args, problem = parse_args(NEXT_STEP, raw_args)
         if problem:
             return ToolResult(problem, False)
-        try:
-            wait = min(max(0.0, float(args.get("wait_seconds", 60))), MAX_WAIT_S)
-        except (TypeError, ValueError):
-            return ToolResult(f"next_step: wait_seconds must be a number, got {args['wait_seconds']!r}", False)
+        wait = min(max(0.0, args.get("wait_seconds", DEFAULT_WAIT_S)), MAX_WAIT_S)
         deadline = time.monotonic() + wait
         with self.cond:
             while True:
@@ -112,16 +121,17 @@ class StepDesk:
                 if s is not None and not s.ended:
                     self._attach(s, who)
                     s.last = time.monotonic()
-                    if args.get("model"):
-                        s.model = str(args["model"]).strip()[:200]
+                    if args.get("model", "").strip():
+                        s.model = args["model"].strip()[:200]
                     s.tr.event("note", kind="next_step", client=who.client, session=who.session, model=s.model)
                     return ToolResult(s.context, True)
                 if self.finished:
                     return ToolResult(f"the search has ended: {self.finished}", False)
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    return ToolResult(f"no step is open after {wait:.0f} s (the harness may be evaluating the last "
-                                      "submission); call next_step again", False)
+                if left <= 0:  # a normal answer, not an error: the agent is to ask again
+                    return ToolResult(f"{NOT_READY}: no step is open after {wait:.0f} s (the harness is evaluating "
+                                      "the last submission, or the search is between steps); call next_step again",
+                                      True)
                 self.cond.wait(left)
 
     def call(self, name: str, raw_args, who: Caller) -> ToolResult:

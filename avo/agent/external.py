@@ -8,12 +8,13 @@ usable source leaves an `invalid` attempt, and the search goes on.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import polars as pl
 
-from avo import lineage
+from avo import interrupt, lineage
 from avo.agent.desk import OpenStep, StepDesk, offered_schemas
 from avo.agent.knowledge import KnowledgeBase
 from avo.agent.mcp_server import HttpEndpoint, instructions
@@ -45,7 +46,7 @@ class ExternalOperator:
         self.desk = StepDesk()
         self.endpoint = HttpEndpoint(self.desk, self.schemas, self.run_dir, cfg.port, cfg.token_file)
         self.url = self.endpoint.start()
-        print(f"[avo] MCP endpoint {self.url} (token in {self.endpoint.token_file}); stdio: python -m "
+        print(f"[avo] MCP endpoint {self.url} (token in {self.endpoint.token_file}); stdio: {sys.executable} -m "
               f"avo.agent.mcp_server --run-dir {self.run_dir}", flush=True)
         self._last_sha: str | None = None
 
@@ -67,7 +68,11 @@ class ExternalOperator:
             self.desk.open(s)
             # a call in flight when the step ends runs the harness, which kills its worker after timeout_s
             grace = ctx.bench.timeout_s + 30.0
-            stop = self.desk.wait(s, grace)
+            try:
+                stop = self.desk.wait(s, grace)
+            except interrupt.STOPS as e:  # the search stops: the agent's next call hears why
+                self.desk.interrupt(s, interrupt.reason(e))
+                raise
             return self._finish(s, stop, path)
 
     def redirect(self, ctx: StepContext, reason: str) -> Redirect:

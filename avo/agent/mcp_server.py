@@ -22,6 +22,8 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
+from functools import partial
+from importlib import metadata
 from pathlib import Path
 
 import anyio
@@ -34,6 +36,7 @@ from avo.config import ConfigError
 from avo.fsutil import atomic_write_json, atomic_write_text
 
 CLIENT_HEADER = "x-avo-client"      # the stdio relay passes on the name its own client declared
+HEARTBEAT_S = 10.0                  # progress notifications while a tool runs (to clients that ask for them)
 
 
 def endpoint_path(run_dir: str | Path) -> Path:
@@ -42,6 +45,41 @@ def endpoint_path(run_dir: str | Path) -> Path:
 
 def instructions() -> str:
     return render.text("system") + "\n" + render.text("external")
+
+
+def version() -> str:
+    """This package's version, as installed (a source checkout on PYTHONPATH has no metadata)."""
+    try:
+        return metadata.version("avo")
+    except metadata.PackageNotFoundError:
+        from avo import __version__
+
+        return __version__
+
+
+def server(on_list_tools, on_call_tool) -> Server:
+    """The MCP server both transports present (the HTTP endpoint and the stdio relay)."""
+    return Server("avo", version=version(), instructions=instructions(), on_list_tools=on_list_tools,
+                  on_call_tool=on_call_tool)
+
+
+async def with_heartbeat(ctx, name: str, work):
+    """Await `work()` and, every HEARTBEAT_S until it returns, tell the client it is still running: a progress
+    notification (sent only when the client's request carried a progress token) that keeps a client whose
+    tool-call timeout restarts on progress from giving up on a benchmark or a wait for the next step."""
+    async def beat():
+        t0 = time.monotonic()
+        while True:
+            await anyio.sleep(HEARTBEAT_S)
+            s = time.monotonic() - t0
+            await ctx.session.report_progress(s, None, f"{name}: still running after {s:.0f} s")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(beat)
+        try:
+            return await work()
+        finally:
+            tg.cancel_scope.cancel()
 
 
 def build_server(desk: StepDesk, schemas: list[dict]) -> Server:
@@ -53,14 +91,13 @@ def build_server(desk: StepDesk, schemas: list[dict]) -> Server:
 
     async def call_tool(ctx, params: types.CallToolRequestParams) -> types.CallToolResult:
         who = caller(ctx)
+        run = partial(desk.next_step, params.arguments, who) if params.name == "next_step" else \
+            partial(desk.call, params.name, params.arguments, who)
         # tools block (the harness, the wait for a step): run them off the event loop
-        if params.name == "next_step":
-            r = await anyio.to_thread.run_sync(desk.next_step, params.arguments, who)
-        else:
-            r = await anyio.to_thread.run_sync(desk.call, params.name, params.arguments, who)
+        r = await with_heartbeat(ctx, params.name, partial(anyio.to_thread.run_sync, run))
         return types.CallToolResult(content=[types.TextContent(type="text", text=r.text)], is_error=not r.ok)
 
-    return Server("avo", instructions=instructions(), on_list_tools=list_tools, on_call_tool=call_tool)
+    return server(list_tools, call_tool)
 
 
 def caller(ctx) -> Caller:
@@ -138,6 +175,9 @@ class HttpEndpoint:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self._uv is not None:
+            # an agent's open event stream is cancelled after timeout_graceful_shutdown, which uvicorn logs as an
+            # error with a traceback: expected when the search stops, so not for the search's log
+            logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
             self._uv.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout_s)

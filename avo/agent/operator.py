@@ -251,7 +251,8 @@ def step_prompt(ctx: StepContext, notes: str, budget: str, source_in_prompt: boo
                 f" benchmark shapes: {shapes}; {len(p.check)} correctness shapes",
         harness=f"{bench.name} ("
                 + ("times kernels: scores are TFLOPS" if bench.ranks
-                   else "compiles and checks only: no timing, nothing is ranked") + ")",
+                   else "checks correctness only: no timing, nothing is ranked" if bench.checks
+                   else "compiles only: no kernel runs, so nothing is checked or ranked") + ")",
         budget=budget, lineage=lineage_text(ctx), best_version=best.version,
         best_score=f"{best.score:.1f} TFLOPS" if best.score is not None else "unranked",
         best_configs=configs, directive=f"\nSupervisor's directions:\n{ctx.directive}\n" if ctx.directive else "",

@@ -41,8 +41,8 @@ def replay(path: str | Path) -> tuple[str, dict]:
         if sha256(source) != e["source_sha"]:
             raise ReplayError(f"{path}: replaying {e['name']} (call {e['id']}) gives a different source than recorded")
         by_sha[sha256(source)] = source
-    if end["outcome"] == "invalid":
-        raise ReplayError(f"{path}: the step produced no candidate ({end.get('reason', '')})")
+    if "source_sha" not in end:  # invalid, interrupted
+        raise ReplayError(f"{path}: the step produced no candidate ({end['outcome']}: {end.get('reason', '')})")
     if end["source_sha"] not in by_sha:
         raise ReplayError(f"{path}: the recorded candidate {end['source_sha'][:12]} is not reproduced by the edits")
     return by_sha[end["source_sha"]], end

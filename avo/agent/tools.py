@@ -6,6 +6,7 @@ tool results the model can act on; nothing here raises into the conversation loo
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,8 +26,10 @@ def tool_schema(name: str, description: str, props: dict[str, dict] | None = Non
 _REF = {"type": "string", "description": "current (your working copy), best, v<k> (committed version k), "
                                          "or attempt<i> (an earlier failed attempt of this step)"}
 SCHEMAS = [
-    tool_schema("view_source", "Show a kernel source with line numbers.",
-        {"which": _REF, "start_line": {"type": "integer"}, "end_line": {"type": "integer"}}),
+    tool_schema("view_source", "Show a kernel source with line numbers. A source longer than one tool result is "
+                               "shown in parts: the header says which lines came and where the next part starts.",
+        {"which": _REF, "start_line": {"type": "integer", "description": "first line (default 1)"},
+         "end_line": {"type": "integer", "description": "last line (default: the end)"}}),
     tool_schema("diff", "Unified diff between two sources.", {"a": _REF, "b": _REF}, ["a", "b"]),
     tool_schema("lineage", "The committed versions (score, message) and this step's failed attempts."),
     tool_schema("edit", "Replace one exact, unique piece of the working copy. `search` is copied verbatim from it.",
@@ -124,10 +127,24 @@ class Workbench:
     # -- viewing ---------------------------------------------------------------------------------
     def t_view_source(self, which: str = "current", start_line: int = 1, end_line: int | None = None) -> ToolResult:
         lines = self.resolve(which).splitlines()
-        lo = max(1, int(start_line))
-        hi = min(len(lines), int(end_line) if end_line else len(lines))
-        body = "\n".join(f"{i:4d}  {lines[i - 1]}" for i in range(lo, hi + 1))
-        return ToolResult(f"{which} lines {lo}-{hi} of {len(lines)}:\n{body}", True)
+        n = len(lines)
+        lo, hi = max(1, start_line), min(n, n if end_line is None else end_line)
+        if lo > hi:
+            return ToolResult(f"view_source: no lines in {lo}-{hi}; {which} has {n} lines", False)
+        # whole lines only, within one result: the header never claims a line it does not show
+        room = self.output_chars - 400
+        shown: list[str] = []
+        for i in range(lo, hi + 1):
+            row = f"{i:4d}  {lines[i - 1]}"
+            if shown and sum(map(len, shown)) + len(shown) + len(row) > room:
+                break
+            shown.append(row)
+        last = lo + len(shown) - 1
+        if last == hi:
+            return ToolResult(f"{which} lines {lo}-{hi} of {n}:\n" + "\n".join(shown), True)
+        more = (f"lines {last + 1}-{hi} not shown (one result holds {self.output_chars} characters, "
+                f"agent.budget.tool_output_chars): call view_source with which={which!r}, start_line={last + 1}")
+        return ToolResult(f"{which} lines {lo}-{last} of {n}; {more}\n" + "\n".join(shown) + f"\n[{more}]", True)
 
     def t_diff(self, a: str, b: str) -> ToolResult:
         return ToolResult(unified_diff(self.resolve(a), self.resolve(b), a, b), True)
@@ -167,34 +184,34 @@ class Workbench:
 
     def t_test(self) -> ToolResult:
         r = self._evaluate("check")
-        return ToolResult(format_eval(r, "test", self.ctx), r.ok)
+        return ToolResult(format_eval(r, "test", self.ctx), passed(r, "test", self.ctx))
 
     def t_benchmark(self) -> ToolResult:
         r = self._evaluate("benchmark")
-        return ToolResult(format_eval(r, "benchmark", self.ctx), r.ok)
+        return ToolResult(format_eval(r, "benchmark", self.ctx), passed(r, "benchmark", self.ctx))
 
     def t_profile(self, shape: str = "") -> ToolResult:
         try:
-            return ToolResult(self.ctx.bench.profile(self.source, str(shape) or None), True)
+            return ToolResult(self.ctx.bench.profile(self.source, shape or None), True)
         except ProfileError as e:
             return ToolResult(f"profile: {e}", False)
 
     # -- knowledge and notes ---------------------------------------------------------------------
     def t_search_knowledge(self, query: str) -> ToolResult:
-        return ToolResult(self.knowledge.render(str(query)), True)
+        return ToolResult(self.knowledge.render(query), True)
 
     def t_read_notes(self) -> ToolResult:
         return ToolResult(self.notes.recent() or "(no notes yet)", True)
 
     def t_write_note(self, text: str) -> ToolResult:
-        return ToolResult(self.notes.add(self.ctx.step, str(text)), True)
+        return ToolResult(self.notes.add(self.ctx.step, text), True)
 
     # -- the end ---------------------------------------------------------------------------------
     def t_submit(self, message: str) -> ToolResult:
         problem = self.rejects(self.source)
         if problem:
             return ToolResult(f"not submitted: {problem}", False)
-        self.submitted = (self.source, str(message).strip() or "(no message)")
+        self.submitted = (self.source, message.strip() or "(no message)")
         return ToolResult("submitted; the harness will evaluate it", True)
 
     def rejects(self, source: str) -> str | None:
@@ -207,8 +224,15 @@ class Workbench:
         return None
 
 
+# the JSON Schema types the tools' parameters use (a test holds every schema to these)
+JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,)}
+_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
+               dict: "an object", type(None): "null"}
+
+
 def parse_args(schema: dict, raw_args: str | dict | None) -> tuple[dict, str | None]:
-    """The arguments of a call to the tool `schema` describes, or the one-line reason they are unusable."""
+    """The arguments of a call to the tool `schema` describes, checked against its input schema (required,
+    unknown keys, types), or the one-line reason they are unusable; nothing runs with arguments that fail."""
     name, spec = schema["function"]["name"], schema["function"]["parameters"]
     try:
         args = raw_args if isinstance(raw_args, dict) else json.loads(raw_args or "{}")
@@ -216,21 +240,41 @@ def parse_args(schema: dict, raw_args: str | dict | None) -> tuple[dict, str | N
         return {}, f"the arguments of {name} are not valid JSON ({e}); send one JSON object"
     if not isinstance(args, dict):
         return {}, f"the arguments of {name} must be a JSON object, got {type(args).__name__}"
+    props = spec["properties"]
     missing = [k for k in spec["required"] if k not in args]
-    unknown = [k for k in args if k not in spec["properties"]]
-    if missing or unknown:
-        return {}, f"{name}: " + "; ".join(
-            ([f"missing {', '.join(missing)}"] if missing else []) +
-            ([f"unknown argument {', '.join(unknown)}"] if unknown else [])) + \
-            f" (parameters: {', '.join(spec['properties']) or 'none'})"
-    return args, None
+    unknown = [k for k in args if k not in props]
+    problems = ([f"missing {', '.join(missing)}"] if missing else []) + \
+               ([f"unknown argument {', '.join(unknown)}"] if unknown else [])
+    typed = {}
+    for key, value in args.items():
+        if key in props:
+            typed[key], problem = _typed(key, props[key]["type"], value)
+            problems += [problem] if problem else []
+    if problems:
+        params = ", ".join(f"{k} ({p['type']}{'' if k in spec['required'] else ', optional'})"
+                           for k, p in props.items()) or "none"
+        return {}, f"{name}: {'; '.join(problems)}; nothing was run (parameters: {params})"
+    return typed, None
+
+
+def _typed(key: str, kind: str, value) -> tuple[object, str | None]:
+    if kind == "integer" and isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON does not tell 3 from 3.0
+    ok = isinstance(value, JSON_TYPES[kind]) and (kind == "boolean" or not isinstance(value, bool))
+    if ok and kind == "number" and not math.isfinite(value):
+        return value, f"{key} must be a finite number, got {value}"
+    if ok:
+        return value, None
+    got = _JSON_NAMES.get(type(value), type(value).__name__)
+    article = "an" if kind[0] in "aeiou" else "a"
+    return value, f"{key} must be {article} {kind}, got {got}" + (f" {value!r}"[:60] if value is not None else "")
 
 
 def apply_tool_edit(source: str, name: str, args: dict) -> str:
     """The working copy after an `edit` or `rewrite` call (shared with replay, so both agree exactly)."""
     if name == "edit":
-        return apply_edits(source, [Edit(str(args["search"]), str(args["replace"]))])
-    new = str(args["source"])
+        return apply_edits(source, [Edit(args["search"], args["replace"])])
+    new = args["source"]
     if "avo_attention" not in new or "AVO_LAUNCH" not in new:
         raise EditError("a complete kernel defines `avo_attention` and states its geometry with AVO_LAUNCH(...) "
                         "(see kernels_cuda/CONTRACT.md)")
@@ -250,15 +294,24 @@ def lineage_text(ctx: StepContext, last: int = 12) -> str:
     return text
 
 
+def passed(r: EvalResult, what: str, ctx: StepContext) -> bool:
+    """A test or benchmark passes only when it checked something: on a harness that runs no kernel
+    (harness=compile) a compiled source is not a pass."""
+    return r.ok and (what == "compile" or ctx.bench.checks)
+
+
 def format_eval(r: EvalResult, what: str, ctx: StepContext) -> str:
     name = ctx.bench.name
-    note = ""
-    if what == "test":
-        note = (" (harness=compile compiles only: nothing was checked)" if name == "compile"
-                else " (correctness on the check shapes)")
-    elif what == "benchmark" and not r.ranked:
-        note = f" (harness={name} does not time kernels)"
-    lines = [f"{what}: {r.status.value}{note}"]
+    if r.ok and not passed(r, what, ctx):
+        head = (f"unchecked: {what} ran no kernel: harness={name} only compiles, so the working copy compiled but "
+                "neither its correctness nor its speed is known. This is not a pass.")
+    elif what == "test":
+        head = f"test: {r.status.value} (correctness on the check shapes)"
+    elif what == "benchmark" and r.ok and not r.ranked:
+        head = f"benchmark: {r.status.value} (correct; harness={name} does not time kernels)"
+    else:
+        head = f"{what}: {r.status.value}"
+    lines = [head]
     res = {"registers": r.registers, "spill_bytes": r.spill_bytes, "stack_bytes": r.stack_bytes,
            "smem_bytes": r.smem_bytes, "threads": r.threads}
     known = ", ".join(f"{k}={v}" for k, v in res.items() if v is not None)

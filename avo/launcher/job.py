@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from avo import interrupt
 from avo.config import register
 from avo.errors import LaunchError, RunDirBusy  # noqa: F401 - LaunchError: part of this module's interface
 from avo.fsutil import atomic_write_text
@@ -125,8 +126,12 @@ class SearchJob(Checkpointable):
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
         log(f"search job{f' {jid}' if jid else ''} on {socket.gethostname()} (restart {restarts}): {run_dir}")
         place_gpus(cfg)
-        with run_lock(run_dir):
-            summary = run_search(cfg)
+        try:
+            with run_lock(run_dir), interrupt.on_signals():
+                summary = run_search(cfg)
+        except interrupt.Interrupted as e:  # recorded and cleaned up by the search: one line, the usual status
+            log(f"search {e}: the attempt in flight is recorded as interrupted; the same command resumes {run_dir}")
+            raise SystemExit(interrupt.exit_status(e)) from None
         return asdict(summary)
 
     def checkpoint(self, *args, **kwargs) -> DelayedSubmission:
