@@ -1,5 +1,6 @@
 """The two gates on what may be compiled and run: the source's preprocessor directives (lexed as the
-compiler does) and the PTX NVRTC produced (parsed into statements, whatever the spelling). Real NVRTC, no GPU."""
+compiler does) and the PTX NVRTC produced (parsed into statements, whatever the spelling), plus the
+bound on local memory per thread. Real NVRTC, no GPU."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -179,6 +180,31 @@ L1: { .reg .pred q; setp.eq.u32 q, %r1, 0; @!q bra L1; }
 def test_ptx_gate_rules_on_hand_written_ptx(ptx, words):
     why = check_ptx(ptx)
     assert why is not None and words in why, why
+
+
+def test_local_memory_per_thread_is_bounded():
+    """400 KB of local memory per thread reserves over 100 GB of device memory on an H100; a stack ptxas
+    cannot bound (recursion) is refused too. The seeds fit the default bound (sm80 uses 80 bytes)."""
+    pytest.importorskip("cuda.core")
+    from avo.config import HarnessConf
+    from avo.harness.nvrtc import compile_candidate
+
+    bound = HarnessConf.max_local_bytes
+    big = NAIVE.replace(RET, f"  volatile char buf[400000]; buf[row % 400000] = 1; if (buf[(row * 7) % 400000] == 3) "
+                             f"return;\n{RET}")
+    c = compile_candidate(big, "sm_90a", 128, max_local_bytes=bound)
+    assert not c.ok and "uses 400000 bytes of local memory per thread" in c.error
+    assert f"harness.max_local_bytes={bound}" in c.error
+    rec = NAIVE.replace("AVO_LAUNCH(", "__device__ __noinline__ int rec(int n, volatile int* d) {\n"
+                                       "  if (n <= 0) return 0; d[n & 7] = n; return rec(n - 1, d) + rec(n - 2, d); }\n"
+                                       "AVO_LAUNCH(")
+    rec = rec.replace(RET, f"  volatile int d[8]; if (rec(row, d) == -1) return;\n{RET}")
+    c = compile_candidate(rec, "sm_90a", 128, max_local_bytes=bound)
+    assert not c.ok and "cannot be bounded" in c.error
+    for name in ("naive", "sm80", "sm90"):
+        c = compile_candidate((ROOT / "kernels_cuda" / name / f"{name}.cu").read_text(), "sm_90a", 128,
+                              max_local_bytes=bound)
+        assert c.ok and c.stack_bytes <= bound, (name, c.error)
 
 
 def test_ptx_gate_accepts_the_seeds_constant_tables_and_printf_when_checking():
