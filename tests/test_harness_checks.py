@@ -105,7 +105,7 @@ def test_an_honest_kernel_passes_every_case_with_truths_computed_ahead_or_after(
 @pytest.mark.parametrize("name, kernel, words", [
     ("wrong only on long rows",
      Attention(lambda q, k, v, o, causal: o.mul_(1.02) if k.shape[1] > 128 else None),
-     "full_b1_s203_h1-1_d64 (large, bhsd"),
+     "full_b1_s203_h2-2_d64 (large, bhsd"),
     ("wrong only for three KV heads",
      Attention(lambda q, k, v, o, causal: o[:, :, -1].zero_() if k.shape[2] == 3 else None),
      "full_b3_s203_h3-3_d64"),

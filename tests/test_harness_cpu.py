@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import io
 import math
+import re
 import struct
 import subprocess
 import sys
@@ -185,20 +186,22 @@ def test_adversarial_kernels_reach_the_stage_they_target(name):
     """Those expected to be rejected before running are, by the source or the PTX gate; all others
     pass both and compile, so the GPU suite really exercises the run-time defences."""
     pytest.importorskip("cuda.core")
+    from avo.config import HarnessConf
     from avo.harness.nvrtc import compile_candidate
 
     source = ADVERSARIAL[name]
-    c = compile_candidate(source, "sm_90a", 128)
+    c = compile_candidate(source, "sm_90a", 128, max_local_bytes=HarnessConf.max_local_bytes)
     if "// expect: compile_error" in source:
         assert not c.ok and c.error.startswith("rejected"), c.error or c.log
         assert "root:" not in c.error + c.log
+        where = re.search(r"^// where: (.+)$", source, re.M)
+        assert where is None or where[1] in c.error, c.error
     else:
         assert c.ok, c.error + c.log
 
 
 def test_pack_params_fills_pointers_strides_and_scale():
-    from avo.harness.abi import LaunchGeometry
-    from avo.harness.abi import pack_params
+    from avo.harness.abi import LaunchGeometry, pack_params
 
     q = torch.zeros(2, 5, 4, 64, dtype=torch.bfloat16)
     k, v = torch.zeros(2, 7, 2, 64, dtype=torch.bfloat16), torch.zeros(2, 7, 2, 64, dtype=torch.bfloat16)

@@ -69,8 +69,8 @@ def _flags(out: Outputs, kern, mine: tuple, pristine: tuple, ref: tuple, tol: tu
 
 
 def _sample_rows(shape: Shape, gen) -> torch.Tensor:
-    rows = torch.randperm(shape.seqlen_q, generator=gen, device="cuda")[:RECHECK_ROWS]
-    return torch.unique(torch.cat([rows, torch.tensor([0, shape.seqlen_q - 1], device="cuda")]))
+    rows = torch.randperm(shape.seqlen_q, generator=gen, device=gen.device)[:RECHECK_ROWS]
+    return torch.unique(torch.cat([rows, torch.tensor([0, shape.seqlen_q - 1], device=gen.device)]))
 
 
 def tolerances(t: Truth, ref: tuple, atol: float, err_mult: float) -> tuple[tuple, str]:
@@ -89,11 +89,11 @@ class _Vault:
     """Where the reference's outputs wait for the checks: a copy at a random offset, away from the
     buffers the kernels are given (the original is poisoned before the next kernel runs)."""
 
-    def __init__(self, shape: Shape, rng: random.Random):
+    def __init__(self, shape: Shape, rng: random.Random, device):
         b, sq, hq, d = shape.batch, shape.seqlen_q, shape.heads_q, shape.head_dim
         at_o, at_l = (rng.randrange(VAULT_SPREAD // 64) * 64 for _ in range(2))
-        self.o = torch.empty(at_o + b * sq * hq * d, dtype=torch.bfloat16, device="cuda")[at_o:].view(b, sq, hq, d)
-        self.lse = torch.empty(at_l + b * hq * sq, dtype=torch.float32, device="cuda")[at_l:].view(b, hq, sq)
+        self.o = torch.empty(at_o + b * sq * hq * d, dtype=torch.bfloat16, device=device)[at_o:].view(b, sq, hq, d)
+        self.lse = torch.empty(at_l + b * hq * sq, dtype=torch.float32, device=device)[at_l:].view(b, hq, sq)
 
     def keep(self, o, lse) -> None:
         self.o.copy_(o)
@@ -151,17 +151,18 @@ class _Shape:
         self.live, self.shape, self.hc, self.log, self.checked = live, shape, hc, log, checked
         self.timer, self.rng, self.gen = timer, rng, gen
         b, sq, sk, d = shape.batch, shape.seqlen_q, shape.seqlen_k, shape.head_dim
-        hq, hkv = shape.heads_q, shape.heads_kv
-        self.q = torch.empty(b, sq, hq, d, dtype=torch.bfloat16, device="cuda")
-        self.k, self.v = (torch.empty(b, sk, hkv, d, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+        hq, hkv, dev = shape.heads_q, shape.heads_kv, gen.device  # the device is the generator's
+        self.q = torch.empty(b, sq, hq, d, dtype=torch.bfloat16, device=dev)
+        self.k, self.v = (torch.empty(b, sk, hkv, d, dtype=torch.bfloat16, device=dev) for _ in range(2))
         # each kernel gets its own copy of the inputs and its own outputs, from slots reassigned at random
         # every iteration: where a buffer sits in memory can move a kernel's time by a percent, and that
         # must not favour one of two kernels compared pair by pair
-        self.slots = [(tuple(torch.empty_like(t) for t in (self.q, self.k, self.v)), Outputs(shape)) for _ in live]
+        self.slots = [(tuple(torch.empty_like(t) for t in (self.q, self.k, self.v)), Outputs(shape, dev))
+                      for _ in live]
         self.mine, self.outs, self.last = {}, {}, {}
         self.scale, self.ref, self.tol, self.recheck_at = 1.0 / d ** 0.5, None, None, 0
         self.ref_name = reference if reference in live and reference not in checked else REFERENCE
-        self.vault = _Vault(shape, rng) if self.ref_name in live or self.ref_name in baselines else None
+        self.vault = _Vault(shape, rng, dev) if self.ref_name in live or self.ref_name in baselines else None
         self.fns = {n: (lambda kern=kern, n=n: kern(*self.mine[n], self.outs[n].o, self.outs[n].lse, shape.causal,
                                                    self.scale)) for n, kern in live.items()}
         self.prep = {n: (lambda n=n: self.outs[n].poison()) for n in live}

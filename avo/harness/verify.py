@@ -75,9 +75,9 @@ def regime(problem: Problem) -> list[tuple[Shape, list[tuple[str, str]]]]:
     def shape(b, sq, sk, hkv, causal):
         return Shape(b, sq, sk, g * hkv, hkv, d, causal)
 
-    return [
-        (shape(1, n, n, 1, False), [("large", "bhsd"), ("wide", "padded")]),
-        (shape(1, n, n, 1, True), [("large", "padded"), ("wide", "packed")]),
+    return [  # two KV heads where the layout matters: one head in (B, H, S, D) storage is contiguous
+        (shape(1, n, n, 2, False), [("large", "bhsd"), ("wide", "padded")]),
+        (shape(1, n, n, 2, True), [("large", "padded"), ("wide", "packed")]),
         (shape(1, m, n, 1, False), [("large", "contiguous")]),
         (shape(2, m, n // 2 + 5, 1, True), [("normal", "bhsd"), ("large", "packed")]),
         (shape(1, n // 2 + 7, m, 1, True), [("outliers", "padded")]),
