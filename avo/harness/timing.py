@@ -132,10 +132,15 @@ class Timer:
 
     def wall_times(self, fn, prep=None, post=None, repeats: int = 1) -> list[tuple[float, float]]:
         """(host wall-clock ms, event ms) of `repeats` calls of fn, each alone on the device."""
-        out = []
-        for _ in range(repeats):
-            start, end, host = self._call(fn, prep, post, wall=True)
-            out.append((host, start.elapsed_time(end)))
+        out, collecting = [], gc.isenabled()
+        gc.disable()
+        try:
+            for _ in range(repeats):
+                start, end, host = self._call(fn, prep, post, wall=True)
+                out.append((host, start.elapsed_time(end)))
+        finally:
+            if collecting:
+                gc.enable()
         return out
 
 

@@ -128,6 +128,7 @@ def gpu_profile(source: str, job: Job) -> EvalResult:
     import torch
 
     from avo.harness.check import Outputs, random_inputs
+    from avo.harness.devlock import gpu_lock
     from avo.harness.evaluate import prepare
 
     problem, hc = job.problem_of(), job.harness
@@ -135,13 +136,14 @@ def gpu_profile(source: str, job: Job) -> EvalResult:
     kernel, res = prepare(source, problem, hc, job.arch, job.cache_dir, False, _log, job.lock)
     if kernel is None:
         return res
-    gen = torch.Generator(device="cuda")
-    gen.manual_seed(0)
-    q, k, v = random_inputs(shape, gen)
-    out = Outputs(shape)
-    for _ in range(2):
-        kernel(q, k, v, out.o, out.lse, shape.causal)
-    torch.cuda.synchronize()
+    with gpu_lock(job.lock, exclusive=False):  # like every GPU use of a worker (ncu serialises the launches)
+        gen = torch.Generator(device="cuda")
+        gen.manual_seed(0)
+        q, k, v = random_inputs(shape, gen)
+        out = Outputs(shape)
+        for _ in range(2):
+            kernel(q, k, v, out.o, out.lse, shape.causal)
+        torch.cuda.synchronize()
     _log(f"launched twice on {shape.key}")
     return res
 
