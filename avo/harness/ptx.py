@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 _LABEL = re.compile(r"^([A-Za-z_$%][\w$]*)\s*:(?!:)\s*")
 _GUARD = re.compile(r"^@!?([%\w$]+)\s+")
+_PLAIN = re.compile(r'[^;{}()\n/"]+')
 _LINE_DIRECTIVES = (".version", ".target", ".address_size", ".file", ".loc")
 _HEADER = re.compile(r"(^|\s)\.(entry|func|section)\b")
 _SPACES = (".global", ".const", ".shared", ".local", ".param", ".reg", ".tex", ".sreg")
@@ -54,27 +55,34 @@ class Declaration:
 
 
 def statements(ptx: str) -> list[Statement]:
-    """Split PTX into statements; raises PtxSyntaxError where its braces or comments do not close."""
+    """Split PTX into statements; raises PtxSyntaxError where its braces, comments or strings do not close."""
     out: list[Statement] = []
     buf: list[str] = []
-    start, line, depth, inner, paren, i, n = 0, 1, 0, 0, 0, 0, len(ptx)
+    start, line, depth, inner, paren, i, n = 1, 1, 0, 0, 0, 0, len(ptx)
+    has_text = False  # the statement being read has begun (its first line is `start`)
 
-    def emit(block_header: bool = False) -> None:
-        nonlocal buf
+    def emit() -> None:
+        nonlocal buf, has_text
         text = " ".join("".join(buf).split())
-        buf = []
-        while text:
-            m = _LABEL.match(text)
-            if m is None:
-                break
+        buf, has_text = [], False
+        while (m := _LABEL.match(text)) is not None:
             out.append(Statement("label", m.group(1), start, depth))
             text = text[m.end():]
         if text:
             out.append(_statement(text, start, depth))
-        elif block_header:
-            raise PtxSyntaxError(f"line {start}: a block header without a statement")
+
+    def take(text: str) -> None:
+        nonlocal start, has_text
+        if not has_text and text.strip():
+            start, has_text = line, True
+        buf.append(text)
 
     while i < n:
+        m = _PLAIN.match(ptx, i)
+        if m:  # a run of characters that end nothing
+            take(m.group())
+            i = m.end()
+            continue
         c = ptx[i]
         if ptx.startswith("//", i):
             j = ptx.find("\n", i)
@@ -88,29 +96,24 @@ def statements(ptx: str) -> list[Statement]:
             buf.append(" ")
             i = j + 2
             continue
-        if not "".join(buf).strip():
-            start = line
         if c == '"':
             j = i + 1
             while j < n and ptx[j] != '"' and ptx[j] != "\n":
                 j += 2 if ptx[j] == "\\" else 1
             if j >= n or ptx[j] != '"':
                 raise PtxSyntaxError(f"line {line}: unterminated string")
-            buf.append(ptx[i:j + 1])
+            take(ptx[i:j + 1])
             i = j + 1
             continue
         if c == "\n":
             line += 1
-            if "".join(buf).lstrip().startswith(_LINE_DIRECTIVES):
+            if has_text and "".join(buf).lstrip().startswith(_LINE_DIRECTIVES):
                 emit()  # these end at the end of their line, without ';'
             else:
                 buf.append(" ")
-        elif c == "(":
-            paren += 1
-            buf.append(c)
-        elif c == ")":
-            paren -= 1
-            buf.append(c)
+        elif c in "()":
+            paren += 1 if c == "(" else -1
+            take(c)
         elif c == ";" and inner == 0 and paren == 0:
             emit()
         elif c == "{":
@@ -122,21 +125,21 @@ def statements(ptx: str) -> list[Statement]:
                 depth += 1
             else:
                 inner += 1  # a vector operand or an initialiser
-                buf.append(c)
+                take(c)
         elif c == "}":
             if inner:
                 inner -= 1
-                buf.append(c)
+                take(c)
             else:
-                if "".join(buf).strip():
+                if has_text:
                     emit()  # a last statement without ';' (a section's data)
                 depth -= 1
                 if depth < 0:
                     raise PtxSyntaxError(f"line {line}: `}}` closes no block")
         else:
-            buf.append(c)
+            take(c)  # ';' inside braces or parentheses, or a lone '/'
         i += 1
-    if "".join(buf).strip():
+    if has_text:
         emit()
     if depth or inner:
         raise PtxSyntaxError(f"line {line}: {depth + inner} brace(s) never closed")
