@@ -190,7 +190,7 @@ class HarnessConf:
     compile_timeout_s: float = 60.0   # the compile stage's own limit
     stage_mult: float = 4.0           # each later stage's limit: this times the incumbent's time for it,
     stage_floor_s: float = 10.0       # but at least this
-    spares: int = 2                   # GPU workers kept started ahead, per GPU (torch, CUDA and the baselines
+    spares: int = 2                   # GPU workers kept started ahead, per GPU (torch, CUDA and the reference
                                       # ready); conf/harness/gpu.yaml derives it from search.workers
     cache_dir: str = "~/.cache/avo/cubin"  # cubins of the versions timed beside candidates (not of every candidate)
     keep_jobs: str = "failed"         # job folders kept after an evaluation: all | failed (crashed, timeout,
