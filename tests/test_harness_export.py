@@ -11,21 +11,13 @@ from pathlib import Path
 
 from avo.export import export
 from avo.harness import envelope
+from tests.test_export import CHILD as EXPORT_CHILD
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CHILD = r"""
-import importlib.abc, sys
-class NoAvo(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name == "avo" or name.startswith("avo."):
-            raise ImportError("avo must not be needed by an exported package")
-sys.meta_path.insert(0, NoAvo())
-sys.path.insert(0, sys.argv[1])
-import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-import pkg
-
+# the package imported where importing avo fails, as tests/test_export.py does it
+PREAMBLE = EXPORT_CHILD[:EXPORT_CHILD.index("import pkg\n") + len("import pkg\n")]
+CHILD = PREAMBLE + r"""
 env = pkg.metadata()["envelope"]
 def bf16(*shape):
     return torch.empty(*shape, dtype=torch.bfloat16, device="cuda")
