@@ -190,7 +190,7 @@ class HarnessConf:
     compile_timeout_s: float = 60.0   # the compile stage's own limit
     stage_mult: float = 4.0           # each later stage's limit: this times the incumbent's time for it,
     stage_floor_s: float = 10.0       # but at least this
-    spares: int = 2                   # GPU workers kept started ahead, per GPU (torch, CUDA and the baselines
+    spares: int = 2                   # GPU workers kept started ahead, per GPU (torch, CUDA and the reference
                                       # ready); conf/harness/gpu.yaml derives it from search.workers
     cache_dir: str = "~/.cache/avo/cubin"  # cubins of the versions timed beside candidates (not of every candidate)
     keep_jobs: str = "failed"         # job folders kept after an evaluation: all | failed (crashed, timeout,
@@ -206,6 +206,13 @@ class HarnessConf:
     flush_l2: bool = True
     baselines: list[str] = field(default_factory=lambda: ["cudnn", "flash"])
     roofline_tflops: float = 989.4    # dense BF16 peak; any faster result is an error
+    # bounds of one evaluation (avo.harness): local memory per thread (sm90 uses 0, sm80 80), the device
+    # memory its harness allocations may take, the worker process group's host memory (a compile bomb)
+    max_local_bytes: int = 1024
+    max_device_gb: float = 24.0
+    max_host_gb: float = 16.0
+    # with an incumbent, cuDNN and FA2 are timed only for a would-be commit and this fraction of the rest
+    baseline_fraction: float = 0.05
     screen: ScreenConf = field(default_factory=lambda: ScreenConf())
     profiler: str = "ncu"             # Nsight Compute, for the agent's profile tool (a name or a path)
 
@@ -365,6 +372,9 @@ def validate(cfg: DictConfig, check_seed: bool = True) -> None:
     if min(h.timeout_s, h.compile_timeout_s, h.stage_floor_s, h.stage_mult) <= 0 or h.iters < 1 or h.spares < 0:
         raise ConfigError("harness.timeout_s, compile_timeout_s, stage_floor_s and stage_mult must be positive, "
                           "harness.iters >= 1 and harness.spares >= 0")
+    if h.max_local_bytes < 0 or min(h.max_device_gb, h.max_host_gb) <= 0 or not 0 <= h.baseline_fraction <= 1:
+        raise ConfigError("harness.max_local_bytes must be >= 0, max_device_gb and max_host_gb positive, "
+                          "baseline_fraction in [0, 1]")
     from avo.harness.devices import check_gpus
 
     check_gpus(cfg)

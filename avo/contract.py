@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from elftools.elf.elffile import ELFFile
 
 from avo.errors import ContractError
-
-# the ABI's names and grid rule live once, in the self-contained half that exports copy
-from avo.harness.abi import ABI_VERSION, ENTRY, LAUNCH_SYMBOL, LaunchGeometry  # noqa: F401 - re-exported
+from avo.harness.abi import LAUNCH_SYMBOL, LaunchGeometry  # the ABI's names and rules live there, once
 
 _TUNABLE = re.compile(r"^(?P<head>[ \t]*#define[ \t]+(?P<name>\w+)[ \t]+)(?P<value>\S+)"
                       r"(?P<mid>[ \t]*//[ \t]*@tunable[ \t]+)(?P<choices>[^\n]*)$", re.M)

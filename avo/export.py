@@ -23,7 +23,7 @@ from pathlib import Path
 from string import Template
 
 from avo.errors import ExportError, SeedError, one_line
-from avo.harness.nvrtc import compile_source
+from avo.harness.nvrtc import compile_candidate
 from avo.paths import INCLUDE_DIR
 from avo.problem import HEAD_DIMS
 
@@ -68,6 +68,20 @@ def _origin(seed) -> dict:
             "groups": [row["group"]], "scores": scores}
 
 
+def _checked(seed) -> tuple[int, dict]:
+    """(the local-memory bound, the op's envelope) of the harness the source was verified with: its
+    run's configuration, or the defaults (a seed or a file is held to what a run would check)."""
+    from avo import lineage
+    from avo.config import BenchSetConf, HarnessConf
+    from avo.harness.envelope import envelope
+
+    cfg = ((lineage.read_run_info(seed.run_dir) or {}).get("config") or {}) if seed.run_dir is not None else {}
+    bench = (cfg.get("kernel") or {}).get("bench") or {}
+    harness = cfg.get("harness") or {}
+    return (int(harness.get("max_local_bytes", HarnessConf.max_local_bytes)),
+            envelope(bench.get("seqlens") or BenchSetConf().seqlens))
+
+
 def _avo_version() -> str:
     try:
         return dist_version("avo")
@@ -75,10 +89,11 @@ def _avo_version() -> str:
         return "source tree"
 
 
-def _compile_all(source: str, head_dims: list[int], arch: str, log) -> tuple[dict, dict]:
+def _compile_all(source: str, head_dims: list[int], arch: str, log, max_local_bytes: int) -> tuple[dict, dict]:
+    """Compiled behind the harness's gates and bounds (avo.harness.nvrtc), as the search compiles."""
     launch, resources = {}, {}
     for d in head_dims:
-        c = compile_source(source, arch, d)
+        c = compile_candidate(source, arch, d, max_local_bytes=max_local_bytes)
         if not c.ok:
             raise ExportError(f"the source does not compile for head_dim={d} on {arch}: {c.error}\n{c.log[-3000:]}")
         launch[str(d)] = vars(c.launch)
@@ -115,14 +130,16 @@ def export(spec: str, out: str | os.PathLike, head_dims: list[int] | None = None
     if any(d not in HEAD_DIMS for d in head_dims) or any(g < 1 for g in groups):
         raise ExportError(f"head dims {head_dims} must be among {', '.join(map(str, HEAD_DIMS))}, "
                           f"groups {groups} positive")
-    launch, resources = _compile_all(seed.source, head_dims, arch, log)
+    max_local_bytes, limits = _checked(seed)
+    launch, resources = _compile_all(seed.source, head_dims, arch, log, max_local_bytes)
     meta = {
         "format": FORMAT, "package": out.name, "source_file": SOURCE_FILE,
         "source_sha256": hashlib.sha256(seed.source.encode()).hexdigest(), "abi": next(iter(launch.values()))["abi"],
         "dtypes": ["bfloat16"], "layout": "q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), last dim contiguous",
         "head_dims": head_dims, "groups": groups, "verified_head_dims": verified_dims if origin["verified"] else [],
         "verified_groups": verified_groups if origin["verified"] else [], "export_arch": arch,
-        "min_capability": _capability(arch), "launch": launch, "resources": resources, "origin": origin,
+        "min_capability": _capability(arch), "launch": launch, "resources": resources, "envelope": limits,
+        "origin": origin,
         "scores": origin.pop("scores"), "exported_at": datetime.now(timezone.utc).isoformat(),
         "exported_with": f"avo {_avo_version()}",
     }

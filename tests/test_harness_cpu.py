@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import io
 import math
+import re
 import struct
 import subprocess
 import sys
@@ -12,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from avo.harness.abi import FIELD_NAMES, AvoAttnParams
 from avo.harness.check import compare
-from avo.harness.launch import FIELD_NAMES, AvoAttnParams
-from avo.harness.reference import attention_ref
+from avo.harness.reference import attention_refs
 from avo.harness.static import check_source
 from avo.harness.timing import _quantile, hidden_work
 from tests.conftest import adversarial_sources
@@ -37,7 +38,8 @@ def test_params_layout_matches_the_header():
     pytest.importorskip("cuda.core")
     from cuda.core import Program, ProgramOptions
 
-    from avo.harness.nvrtc import INCLUDE_DIR, cuda_include_dir
+    from avo.harness.abi import cuda_include_dir
+    from avo.paths import INCLUDE_DIR
 
     entries = ["sizeof(AvoAttnParams)", "alignof(AvoAttnParams)"] + \
               [f"__builtin_offsetof(AvoAttnParams, {n})" for n in FIELD_NAMES]
@@ -89,7 +91,7 @@ def _manual(q, k, v, causal):
 def test_reference_matches_plain_softmax(sq, sk, hq, hkv, causal):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, s, h, 64, generator=g).bfloat16() for s, h in ((sq, hq), (sk, hkv), (sk, hkv)))
-    o, lse = attention_ref(q, k, v, causal)
+    o, lse = attention_refs(q, k, v, causal)[:2]
     mo, mlse = _manual(q, k, v, causal)
     assert (o - mo).abs().max() < 1e-5
     assert torch.equal(torch.isneginf(lse), torch.isneginf(mlse))
@@ -98,7 +100,7 @@ def test_reference_matches_plain_softmax(sq, sk, hq, hkv, causal):
     if sq > sk and causal:  # bottom-right aligned: the first sq - sk rows see no key
         assert torch.isneginf(lse[:, :, : sq - sk]).all() and (o[:, : sq - sk] == 0).all()
     rows = torch.tensor([0, sq // 2, sq - 1])
-    ro, rl = attention_ref(q, k, v, causal, rows=rows)
+    ro, rl = attention_refs(q, k, v, causal, rows=rows)[:2]
     assert torch.allclose(ro, o[:, rows], atol=1e-6) and torch.allclose(rl, lse[:, :, rows], atol=1e-6, equal_nan=True)
 
 
@@ -106,7 +108,7 @@ def test_reference_matches_plain_softmax(sq, sk, hq, hkv, causal):
 def case():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 70, 2, 64, generator=g).bfloat16() for _ in range(3))
-    o, lse = attention_ref(q, k, v, True)
+    o, lse = attention_refs(q, k, v, True)[:2]
     return q, k, v, o.bfloat16(), lse
 
 
@@ -184,20 +186,22 @@ def test_adversarial_kernels_reach_the_stage_they_target(name):
     """Those expected to be rejected before running are, by the source or the PTX gate; all others
     pass both and compile, so the GPU suite really exercises the run-time defences."""
     pytest.importorskip("cuda.core")
+    from avo.config import HarnessConf
     from avo.harness.nvrtc import compile_candidate
 
     source = ADVERSARIAL[name]
-    c = compile_candidate(source, "sm_90a", 128)
+    c = compile_candidate(source, "sm_90a", 128, max_local_bytes=HarnessConf.max_local_bytes)
     if "// expect: compile_error" in source:
         assert not c.ok and c.error.startswith("rejected"), c.error or c.log
         assert "root:" not in c.error + c.log
+        where = re.search(r"^// where: (.+)$", source, re.M)
+        assert where is None or where[1] in c.error, c.error
     else:
         assert c.ok, c.error + c.log
 
 
 def test_pack_params_fills_pointers_strides_and_scale():
-    from avo.harness.abi import LaunchGeometry
-    from avo.harness.launch import pack_params
+    from avo.harness.abi import LaunchGeometry, pack_params
 
     q = torch.zeros(2, 5, 4, 64, dtype=torch.bfloat16)
     k, v = torch.zeros(2, 7, 2, 64, dtype=torch.bfloat16), torch.zeros(2, 7, 2, 64, dtype=torch.bfloat16)

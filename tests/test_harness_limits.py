@@ -60,6 +60,39 @@ def test_job_folders_are_kept_as_configured_and_candidates_are_not_cached(tmp_pa
     assert not (tmp_path / "cubin").exists() or not any((tmp_path / "cubin").iterdir())
 
 
+@pytest.mark.parametrize("phase, status", [("compile", Status.COMPILE_ERROR), ("verify", Status.ERROR)])
+def test_a_worker_group_over_its_host_memory_is_killed_with_one_line(tmp_path, phase, status):
+    """A compile bomb must not wake the host's out-of-memory killer: the parent reads the worker group's
+    memory from /proc (a grandchild's counts) and kills the group (CUDA needs a large virtual address
+    space, so RLIMIT_AS is no bound). While compiling it is the candidate's fault; later, the harness's."""
+    import os
+    import sys
+
+    from avo.harness.sandbox import run_worker
+
+    child = ("import pathlib, subprocess, sys\n"
+             f"pathlib.Path(sys.argv[-1], 'phase').write_text({phase!r})\n"
+             "p = subprocess.Popen([sys.executable, '-c', 'import time; x = bytearray(600 << 20); time.sleep(120)'])\n"
+             "pathlib.Path(sys.argv[-1], 'grandchild').write_text(str(p.pid))\n"
+             "p.wait()\n")
+    t0 = time.monotonic()
+    r = run_worker(tmp_path, 120, prefix=[sys.executable, "-c", child], max_host_gb=0.25)
+    assert r.status == status and "host memory reached" in r.error and "harness.max_host_gb=0.25" in r.error, r.error
+    assert ("compile bomb" in r.error) == (phase == "compile") and time.monotonic() - t0 < 30
+    pid = int((tmp_path / "grandchild").read_text())
+    for _ in range(100):  # killed with its group; reaped by whoever adopted it
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        raise AssertionError("the grandchild outlived its killed group")
+
+
 def test_a_deadline_stops_an_evaluation_in_flight(tmp_path):
     h = _harness(tmp_path, compile_timeout_s=60.0)
     t0 = time.monotonic()
@@ -129,3 +162,18 @@ def test_the_job_contract_round_trips_and_refuses_fields_it_does_not_know(tmp_pa
     (job_dir / "job.json").write_text(json.dumps({**d, "sneaky": 1}))
     with pytest.raises(ValueError, match="unknown fields \\['sneaky'\\]"):
         Job.read(job_dir)
+
+
+def test_the_screen_of_a_seed_paired_evaluation_is_held_to_the_benchmarks_limit():
+    """The seed is timed with nothing to screen against, so it has no screen time: the screen of the first
+    candidates gets the benchmark's limit (a shorter run of the same kernels), not harness.timeout_s."""
+    from avo.harness.gpu import GpuHarness
+    from avo.types import Reference
+
+    h = object.__new__(GpuHarness)  # limits() needs only the config: no GPU, no probe
+    h.cfg = OmegaConf.structured(HarnessConf(name="gpu", stage_mult=4.0, stage_floor_s=10.0, compile_timeout_s=60.0))
+    seed = Reference("incumbent", 0, "", {"verify": 0.7, "bench": 3.4})
+    assert h.limits([seed]) == {"compile": 60.0, "verify": 10.0, "bench": 13.6, "screen": 13.6}
+    timed = Reference("incumbent", 3, "", {"verify": 0.7, "screen": 0.3, "bench": 3.4})
+    assert h.limits([timed])["screen"] == 10.0  # its own screen time, at least the floor
+    assert h.limits(None) == {"compile": 60.0}

@@ -8,9 +8,12 @@ last dimension; Hkv must divide Hq (grouped-query attention). out: (B, Sq, Hq, D
 lse: (B, Hq, Sq) float32, the natural log of each row's softmax denominator. Causal masking is
 bottom-right aligned (key j is visible to query i iff j <= i + Sk - Sq), as in FlashAttention.
 
-The kernel is compiled with NVRTC on first use, once per (head dim, GPU architecture), and the
-cubin is cached on disk under $AVO_EXPORT_CACHE (default ~/.cache/avo_export) by a hash of the
-source, the header, the options and the NVRTC version. Launches go on torch's current stream.
+The kernel is compiled with NVRTC on first use, once per (head dim, GPU architecture), with the
+search harness's own options and code (the ABI module, _abi.py), and the cubin is cached on disk
+under $AVO_EXPORT_CACHE (default ~/.cache/avo_export) by a hash of the source, the header, the
+options and the NVRTC version. Launches go on torch's current stream. The op accepts what the
+search verified (avo_export.json's "envelope": head dims, GQA groups, sequence lengths up to the
+longest the checks ran, element offsets below 2^32) and refuses the rest with UnsupportedError.
 The op is a torch.library custom op with a fake implementation, so torch.compile traces it.
 Needs torch and cuda-python (cuda-bindings with NVRTC) only.
 """
@@ -78,8 +81,14 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: bool = Tr
         raise UnsupportedError(f"group {hq // hkv} (Hq={hq}, Hkv={hkv}): this kernel was verified for groups "
                                f"{META['groups']} only; seed a search for that group from its run and export "
                                "that run's best version")
-    if max(sq, sk) >= 2**31 or max(t.numel() for t in (q, k, v)) >= 2**62:
-        raise UnsupportedError(f"sequence length {max(sq, sk)} does not fit the kernel's 32-bit indices")
+    envelope = META["envelope"]
+    if max(sq, sk) > envelope["max_seqlen"]:
+        raise UnsupportedError(f"sequence length {max(sq, sk)}: this kernel was verified on rows of up to "
+                               f"{envelope['max_seqlen']} (the longest its checks ran)")
+    reach = max([q.numel(), *(sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) for t in (q, k, v))])
+    if reach >= envelope["max_offset"]:
+        raise UnsupportedError(f"a tensor reaches {reach} elements from its start: this kernel was verified for "
+                               f"offsets below {envelope['max_offset']}")
 
 
 # -- compilation and loading ----------------------------------------------------------------------
@@ -95,56 +104,24 @@ def _arch(device: torch.device) -> str:
     return _abi.arch_name(major, minor)
 
 
-def _cuda_include() -> str:
-    import cuda.pathfinder as pf
-
-    return str(pf.find_nvidia_header_directory("cudart"))
-
-
-def _nvrtc_version() -> str:
-    from cuda.bindings import nvrtc
-
-    return ".".join(map(str, _nvrtc_check(nvrtc.nvrtcVersion())))
-
-
 def _compile(head_dim: int, arch: str) -> bytes:
-    from cuda.bindings import nvrtc
-
+    """The cubin for one head dim, compiled exactly as the search's harness compiles (_abi)."""
     header = (INCLUDE / "avo" / "attention.cuh").read_text()
-    opts = [f"--gpu-architecture={arch}", "-std=c++17", f"-DAVO_HEAD_DIM={head_dim}",
-            f"-I{INCLUDE}", f"-I{_cuda_include()}"]
-    key = hashlib.sha256("\0".join([SOURCE, header, *opts[:3], _nvrtc_version()]).encode()).hexdigest()
+    opts = _abi.compile_options(arch, head_dim, [str(INCLUDE), _abi.cuda_include_dir()])
+    key_parts = [SOURCE, header, *(o for o in opts if not o.startswith("-I")), repr(_abi.nvrtc_version())]
+    key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()
     cache = Path(os.environ.get("AVO_EXPORT_CACHE", "~/.cache/avo_export")).expanduser() / f"{key}.cubin"
     if cache.exists():
         return cache.read_bytes()
-    prog = _nvrtc_check(nvrtc.nvrtcCreateProgram(SOURCE.encode(), META["source_file"].encode(), 0, [], []))
-    try:
-        err = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])[0]
-        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            size = _nvrtc_check(nvrtc.nvrtcGetProgramLogSize(prog))
-            log = b" " * size
-            _nvrtc_check(nvrtc.nvrtcGetProgramLog(prog, log))
-            raise RuntimeError(f"NVRTC could not compile {META['source_file']} for {arch}, head_dim={head_dim}:\n"
-                               + log.decode(errors="replace").rstrip("\0")[-4000:])
-        size = _nvrtc_check(nvrtc.nvrtcGetCUBINSize(prog))
-        cubin = b" " * size
-        _nvrtc_check(nvrtc.nvrtcGetCUBIN(prog, cubin))
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
+    ok, log, _, cubin = _abi.nvrtc_compile(SOURCE, META["source_file"], opts)
+    if not ok:
+        raise RuntimeError(f"NVRTC could not compile {META['source_file']} for {arch}, head_dim={head_dim}:\n"
+                           + log[-4000:])
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_bytes(cubin)
     os.replace(tmp, cache)  # atomic: concurrent processes never read half a cubin
     return cubin
-
-
-def _nvrtc_check(result):
-    from cuda.bindings import nvrtc
-
-    err, *rest = result
-    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        raise RuntimeError(f"NVRTC error {nvrtc.nvrtcGetErrorString(err)[1].decode()}")
-    return rest[0] if len(rest) == 1 else tuple(rest)
 
 
 def _kernel(device: torch.device, head_dim: int) -> _abi.LoadedKernel:

@@ -34,21 +34,19 @@ class SandboxHarness:
     ranks = checks = profiles = False
     mode = ""
 
-    def __init__(self, cfg, work_dir: Path):
+    def __init__(self, cfg, work_dir: Path, commit=None):
         self.cfg = cfg
         self.work_dir = Path(work_dir)
         self.arch = cfg.arch  # NVRTC target; the GPU harness resolves "auto" to the device's own
+        # the search's commit rule (search.commit): a worker times the baselines only beside a would-be
+        # commit (and a sampled fraction); None: beside every paired evaluation
+        self.commit = _plain(commit) if commit is not None else {}
 
     def job(self, problem: Problem, mode: str | None = None, device=None, **fields) -> Job:
         """The job this harness would hand its worker (avo.harness.job); device: where it runs (GPU harness)."""
-        return Job.for_problem(self.worker_mode(mode), problem, self.arch, self._cfg_dict(),
+        return Job.for_problem(self.worker_mode(mode), problem, self.arch, _plain(self.cfg),
                                cache_dir=str(Path(self.cfg.cache_dir).expanduser()) if self.cfg.cache_dir else None,
-                               **fields)
-
-    def _cfg_dict(self) -> dict:
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(self.cfg, resolve=True) if OmegaConf.is_config(self.cfg) else dict(vars(self.cfg))
+                               commit=self.commit, **fields)
 
     def evaluate(self, source: str, problem: Problem, mode: str | None = None, against: list[Reference] | None = None,
                  deadline: float | None = None) -> EvalResult:
@@ -83,7 +81,7 @@ class SandboxHarness:
     def run_job(self, job_dir: Path, limits: dict[str, float] | None = None,
                 deadline: float | None = None, device=None) -> EvalResult:
         return self.outcome(run_worker(job_dir, self.cfg.timeout_s, env=self.env(), limits=limits,
-                                       deadline=deadline))
+                                       deadline=deadline, max_host_gb=self.cfg.max_host_gb))
 
     def outcome(self, result: EvalResult) -> EvalResult:
         """A worker's result, or HarnessUnavailable where it says the environment is broken."""
@@ -99,6 +97,15 @@ class SandboxHarness:
 
     def close(self) -> None:
         pass
+
+
+def _plain(cfg) -> dict:
+    """A config (OmegaConf, a dict or a dataclass) as a plain dict for a job file."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg) if isinstance(cfg, dict) else dict(vars(cfg))
 
 
 def _thread_tag() -> str:
@@ -161,11 +168,12 @@ class HarnessBench:
         return self._harness.profile(source, self._problem, shape)
 
 
-def make_harness(cfg, work_dir: Path) -> Harness:
+def make_harness(cfg, work_dir: Path, commit=None) -> Harness:
+    """The configured harness; commit: the search's commit rule (search.commit), for the GPU workers."""
     if cfg.name == "compile":
-        return CompileHarness(cfg, work_dir)
+        return CompileHarness(cfg, work_dir, commit)
     if cfg.name == "gpu":
         from avo.harness.gpu import GpuHarness
 
-        return GpuHarness(cfg, work_dir)
+        return GpuHarness(cfg, work_dir, commit=commit)
     raise ValueError(f"unknown harness {cfg.name!r}")

@@ -1,8 +1,9 @@
 """The host half of the kernel ABI in kernels_cuda/include/avo/attention.cuh, with no AVO imports.
 
-AvoAttnParams packing, TMA descriptor encoding and the launch of a loaded `avo_attention`.
-Self-contained (ctypes and cuda.bindings; torch tensors are passed in), so `python -m avo.export`
-copies this file verbatim into the packages it writes; the harness (avo.harness.launch) imports it.
+The NVRTC compilation (one set of flags), AvoAttnParams packing, TMA descriptor encoding and the
+launch of a loaded `avo_attention`. Self-contained (ctypes and cuda.bindings; torch tensors are
+passed in), so `python -m avo.export` copies this file verbatim into the packages it writes, whose
+op compiles and launches exactly as the harness does (avo.harness.nvrtc, avo.harness.launch).
 Change it together with attention.cuh and AVO_ABI_VERSION.
 """
 from __future__ import annotations
@@ -15,6 +16,61 @@ ENTRY = "avo_attention"
 LAUNCH_SYMBOL = "avo_launch"
 _TMA_BYTES = 128
 _PARAMS_ALIGN = 64  # alignas(64) of AvoTensorMap makes the whole struct 64-byte aligned
+
+
+# every compilation of a kernel, in the harness and in an exported package: the contract's flags
+NVRTC_FLAGS = ("-std=c++17", "--ptxas-options=-v", "--no-source-include")
+
+
+def compile_options(arch: str, head_dim: int, include_dirs: list[str], defines: dict | None = None) -> list[str]:
+    """NVRTC's options for one kernel: the target, the contract's flags, the headers and AVO_HEAD_DIM."""
+    defines = {"AVO_HEAD_DIM": str(head_dim), **(defines or {})}
+    return [f"-arch={arch}", *NVRTC_FLAGS, *(f"-I{d}" for d in include_dirs),
+            *(f"-D{k}={v}" for k, v in defines.items())]
+
+
+def cuda_include_dir() -> str:
+    """The CUDA runtime headers NVRTC compiles against (cuda_bf16.h and friends)."""
+    import cuda.pathfinder as pf
+
+    return str(pf.find_nvidia_header_directory("cudart"))
+
+
+def nvrtc_version() -> tuple[int, int]:
+    from cuda.bindings import nvrtc
+
+    err, major, minor = nvrtc.nvrtcVersion()
+    if int(err):
+        raise RuntimeError(f"NVRTC does not answer (nvrtcVersion: {err})")
+    return major, minor
+
+
+def nvrtc_compile(source: str, name: str, options: list[str]) -> tuple[bool, str, str, bytes]:
+    """(ok, log, ptx, cubin) of one NVRTC run; a compile error is ok=False with NVRTC's log."""
+    from cuda.bindings import nvrtc
+
+    def get(size_fn, get_fn, prog) -> bytes:
+        err, n = size_fn(prog)
+        if int(err) or n == 0:
+            return b""
+        buf = b" " * n
+        (err,) = get_fn(prog, buf)
+        return b"" if int(err) else buf
+
+    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], [])
+    if int(err):
+        raise RuntimeError(f"nvrtcCreateProgram failed: {err}")
+    try:
+        opts = [o.encode() for o in options]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        log = get(nvrtc.nvrtcGetProgramLogSize, nvrtc.nvrtcGetProgramLog, prog).decode(errors="replace")
+        log = log.replace("\x00", "")
+        if int(err):
+            return False, log, "", b""
+        ptx = get(nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX, prog).decode(errors="replace").replace("\x00", "")
+        return True, log, ptx, get(nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN, prog)
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
 
 
 class AvoTensorMap(ctypes.Structure):

@@ -14,15 +14,21 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def gpu_lock(path: str | os.PathLike | None, exclusive: bool):
-    """Hold the device's lock for the block; a no-op without a path (nothing else shares the GPU)."""
+def gpu_lock(path: str | os.PathLike | None, exclusive: bool, wait: bool = True):
+    """Hold the device's lock for the block; a no-op without a path (nothing else shares the GPU).
+
+    wait=False: take it only if it is free now; the block gets True when it holds the lock."""
     if not path:
-        yield
+        yield True
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)  # closing releases the lock

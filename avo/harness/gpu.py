@@ -100,8 +100,8 @@ class GpuHarness(SandboxHarness):
     ranks = checks = profiles = True
     mode = "evaluate"
 
-    def __init__(self, cfg, work_dir: Path, spare: bool = True):
-        super().__init__(cfg, work_dir)
+    def __init__(self, cfg, work_dir: Path, spare: bool = True, commit=None):
+        super().__init__(cfg, work_dir, commit)
         locks = (Path(cfg.cache_dir).expanduser().parent if cfg.cache_dir else self.work_dir) / "locks"
         devices, cc = [], set()
         for index in harness_devices(cfg):
@@ -163,12 +163,17 @@ class GpuHarness(SandboxHarness):
             dev.spares.append((proc, log_path, log_file))
 
     def limits(self, against: list[Reference] | None) -> dict[str, float]:
-        """Per-stage time limits: compilation's own, the others from the incumbent's measured times."""
+        """Per-stage time limits: compilation's own, the others from the incumbent's measured times.
+
+        An incumbent timed without a screen (the seed: nothing to screen against) gives the screen the
+        benchmark's limit: the screen is a shorter run of fewer shapes of the same kernels."""
         limits = super().limits(against)
         inc = next((r for r in against or [] if r.role == "incumbent"), None)
         for stage, t in (inc.stage_s if inc else {}).items():
             if t:
                 limits[stage] = max(float(self.cfg.stage_floor_s), float(self.cfg.stage_mult) * t)
+        if "bench" in limits:
+            limits.setdefault("screen", limits["bench"])
         return limits
 
     def run_job(self, job_dir: Path, limits: dict[str, float] | None = None,
@@ -183,7 +188,8 @@ class GpuHarness(SandboxHarness):
                     spare = None
             self._fill_spares(dev)  # the next start-up overlaps this evaluation
         if spare is None:
-            result = run_worker(job_dir, self.cfg.timeout_s, env=self.env(), limits=limits, deadline=deadline)
+            result = run_worker(job_dir, self.cfg.timeout_s, env=self.env(), limits=limits, deadline=deadline,
+                                max_host_gb=self.cfg.max_host_gb)
         else:
             result = self._run_on_spare(spare, job_dir, limits, deadline)
         result.device = dev.index
@@ -226,7 +232,8 @@ class GpuHarness(SandboxHarness):
         except BrokenPipeError:
             pass  # it died getting ready; wait_worker says how
         try:
-            return wait_worker(proc, job_dir, self.cfg.timeout_s, t0, limits, deadline)
+            return wait_worker(proc, job_dir, self.cfg.timeout_s, t0, limits, deadline,
+                               max_host_gb=self.cfg.max_host_gb)
         finally:
             log.close()
 
@@ -259,7 +266,7 @@ class GpuHarness(SandboxHarness):
         with self.pool.use() as dev:  # ncu sees every GPU and records the launch on this one
             job_dir = self.write_job(source, problem, "profile", device=dev, shape=key)
             result = run_worker(job_dir, self.cfg.timeout_s, env=self.env(), prefix=ncu_command(ncu, job_dir),
-                                limits=self.limits(None))
+                                limits=self.limits(None), max_host_gb=self.cfg.max_host_gb)
         if not result.ok:
             raise ProfileError(f"no profile: {result.status.value}: {result.error}\n{result.log[-1500:]}".rstrip())
         return summarise(*export_csv(ncu, job_dir), key)

@@ -37,6 +37,7 @@ class Job:
     sources: dict[str, str] = field(default_factory=dict)  # bench, trials: name -> source path
     pairs: list[list[str]] = field(default_factory=list)   # trials: [condition, candidate, incumbent]
     trials: int = 0
+    commit: dict = field(default_factory=dict)  # evaluate: the search's commit rule (avo.commit); {}: none known
     shape: str = ""                 # profile: the benchmark shape's key
     job_dir: str = ""               # filled in by read(): where the job lives
 

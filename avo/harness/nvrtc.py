@@ -1,8 +1,10 @@
 """NVRTC compilation: source -> PTX + cubin + ptxas resource report, behind the two gates.
 
 One NVRTC run for a real architecture (sm_90a) yields both the PTX, which the PTX gate judges,
-and the cubin built from exactly that PTX. Runs inside the worker process (generated code never
-compiles in the search process), whose compile phase has its own time limit.
+and the cubin built from exactly that PTX. The options and the NVRTC call are the ABI module's
+(avo.harness.abi), which exported packages copy, so the harness and an exported op compile one
+way. Runs inside the worker process (generated code never compiles in the search process),
+whose compile phase has its own time limit and whose host memory the parent watches.
 """
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from avo.contract import ContractError, LaunchGeometry, launch_from_cubin
+from avo.contract import launch_from_cubin
+from avo.errors import ContractError
+from avo.harness.abi import LaunchGeometry, compile_options, cuda_include_dir, nvrtc_compile
+from avo.harness.abi import nvrtc_version as _nvrtc_version
 from avo.harness.ptxgate import check_ptx
 from avo.harness.static import check_source
 from avo.paths import INCLUDE_DIR
@@ -20,7 +25,9 @@ from avo.paths import INCLUDE_DIR
 SOURCE_NAME = "candidate.cu"  # what diagnostics call the candidate (never a path on this machine)
 
 _REGS = re.compile(r"Used (\d+) registers")
-_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_CUMULATIVE = re.compile(r"(\d+) bytes cumulative stack size")
+_DYNAMIC = "cannot be statically determined"  # ptxas: recursion or alloca
 
 
 @dataclass
@@ -31,37 +38,24 @@ class Compiled:
     ptx: str = ""
     launch: LaunchGeometry | None = None
     registers: int | None = None
-    stack_bytes: int | None = None
+    stack_bytes: int | None = None  # local memory per thread: the deepest stack ptxas reports
     spill_bytes: int | None = None  # stores + loads, as ptxas reports
+    dynamic_stack: bool = False     # ptxas cannot bound the stack (recursion, alloca)
     cached: bool = False
     error: str = ""
-
-
-def cuda_include_dir() -> str:
-    import cuda.pathfinder as pf
-
-    return str(pf.find_nvidia_header_directory("cudart"))
 
 
 def nvrtc_version() -> tuple[int, int]:
     """Loads NVRTC; raises RuntimeError with one line where it is missing (a broken environment)."""
     try:
-        from cuda.bindings import nvrtc
-
-        err, major, minor = nvrtc.nvrtcVersion()
+        return _nvrtc_version()
     except Exception as e:  # noqa: BLE001 - any failure to load the library means the same thing
         raise RuntimeError(f"NVRTC cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                            "install cuda-bindings with the NVRTC wheels (pip install -e '.[nvrtc]')") from None
-    if int(err):
-        raise RuntimeError(f"NVRTC does not answer (nvrtcVersion: {err})")
-    return major, minor
 
 
-def _options(arch: str, head_dim: int, extra_defines: dict[str, str] | None) -> list[bytes]:
-    defines = {"AVO_HEAD_DIM": str(head_dim), **(extra_defines or {})}
-    opts = [f"-arch={arch}", "-std=c++17", "--ptxas-options=-v", "--no-source-include",
-            f"-I{INCLUDE_DIR}", f"-I{cuda_include_dir()}", *(f"-D{k}={v}" for k, v in defines.items())]
-    return [o.encode() for o in opts]
+def _options(arch: str, head_dim: int, extra_defines: dict[str, str] | None) -> list[str]:
+    return compile_options(arch, head_dim, [str(INCLUDE_DIR), cuda_include_dir()], extra_defines)
 
 
 def cache_key(source: str, arch: str, head_dim: int, extra_defines: dict | None = None) -> str:
@@ -73,41 +67,20 @@ def cache_key(source: str, arch: str, head_dim: int, extra_defines: dict | None 
     return h.hexdigest()
 
 
-def _parse(log: str) -> dict:
+def resources(log: str) -> dict:
+    """Registers, local memory per thread and spills from ptxas's report (-v) in NVRTC's log.
+
+    The stack is the largest of ptxas's cumulative stack size and the sum of every function's frame
+    (a bound when functions are not inlined); a stack ptxas cannot bound is flagged."""
     regs = _REGS.search(log)
-    spill = _SPILL.search(log)
+    frames = [tuple(int(x) for x in m) for m in _FRAME.findall(log)]
+    cumulative = [int(x) for x in _CUMULATIVE.findall(log)]
     return {
         "registers": int(regs[1]) if regs else None,
-        "stack_bytes": int(spill[1]) if spill else None,
-        "spill_bytes": int(spill[2]) + int(spill[3]) if spill else None,
+        "stack_bytes": max([sum(f[0] for f in frames), *cumulative]) if frames or cumulative else None,
+        "spill_bytes": sum(f[1] + f[2] for f in frames) if frames else None,
+        "dynamic_stack": _DYNAMIC in log,
     }
-
-
-def _nvrtc(source: str, options: list[bytes]) -> tuple[bool, str, str, bytes]:
-    """(ok, log, ptx, cubin) of one NVRTC run."""
-    from cuda.bindings import nvrtc
-
-    def get(size_fn, get_fn, prog) -> bytes:
-        err, n = size_fn(prog)
-        if int(err) or n == 0:
-            return b""
-        buf = b" " * n
-        (err,) = get_fn(prog, buf)
-        return b"" if int(err) else buf
-
-    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), SOURCE_NAME.encode(), 0, [], [])
-    if int(err):
-        raise RuntimeError(f"nvrtcCreateProgram failed: {err}")
-    try:
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
-        log = get(nvrtc.nvrtcGetProgramLogSize, nvrtc.nvrtcGetProgramLog, prog).decode(errors="replace")
-        log = log.replace("\x00", "")
-        if int(err):
-            return False, log, "", b""
-        ptx = get(nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX, prog).decode(errors="replace").replace("\x00", "")
-        return True, log, ptx, get(nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN, prog)
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
 
 
 def compile_source(source: str, arch: str, head_dim: int, cache_dir: str | os.PathLike | None = None,
@@ -120,7 +93,7 @@ def compile_source(source: str, arch: str, head_dim: int, cache_dir: str | os.Pa
         cubin, ptx, log = files[0].read_bytes(), files[1].read_text(), files[2].read_text()
         cached = True
     else:
-        ok, log, ptx, cubin = _nvrtc(source, _options(arch, head_dim, extra_defines))
+        ok, log, ptx, cubin = nvrtc_compile(source, SOURCE_NAME, _options(arch, head_dim, extra_defines))
         if not ok:  # the first diagnostic names the problem (a static_assert's rule, a typo's line)
             first = next((ln.strip() for ln in log.splitlines() if ": error" in ln), "")
             return Compiled(ok=False, log=log, error=f"compile error: {first[:300]}" if first else "compile error")
@@ -130,7 +103,7 @@ def compile_source(source: str, arch: str, head_dim: int, cache_dir: str | os.Pa
 
             for f, data in zip(files, (cubin, ptx.encode(), log.encode()), strict=True):
                 atomic_write_bytes(f, data)
-    res = _parse(log)
+    res = resources(log)
     try:
         launch = launch_from_cubin(cubin)
     except ContractError as e:
@@ -138,14 +111,33 @@ def compile_source(source: str, arch: str, head_dim: int, cache_dir: str | os.Pa
     return Compiled(ok=True, log=log, cubin=cubin, ptx=ptx, launch=launch, cached=cached, **res)
 
 
-def compile_candidate(source: str, arch: str, head_dim: int, cache_dir=None, allow_printf: bool = False) -> Compiled:
-    """The source gate, NVRTC, then the PTX gate; a rejection is a failed Compiled with the reason."""
+def local_memory_error(stack_bytes: int | None, dynamic: bool, limit: int) -> str | None:
+    """Why a kernel's local memory per thread is refused (harness.max_local_bytes), or None.
+
+    The driver reserves local memory for every thread that can be resident at once: 1 KB per
+    thread is about 280 MB on an H100, 400 KB over 100 GB, which starves every other process."""
+    if dynamic:
+        return ("its stack size cannot be bounded when it is compiled (recursion or alloca); local memory "
+                "per thread must be known")
+    if stack_bytes is not None and stack_bytes > limit:
+        return (f"uses {stack_bytes} bytes of local memory per thread (stack frame and spills), over "
+                f"harness.max_local_bytes={limit}: keep arrays in registers or shared memory")
+    return None
+
+
+def compile_candidate(source: str, arch: str, head_dim: int, cache_dir=None, allow_printf: bool = False,
+                      max_local_bytes: int | None = None) -> Compiled:
+    """The source gate, NVRTC, the PTX gate and the local-memory bound; a rejection is a failed Compiled
+    with the reason."""
     why = check_source(source, allow_printf=allow_printf)
     if why:
         return Compiled(ok=False, log="", error=f"rejected before compiling: {why}")
     c = compile_source(source, arch, head_dim, cache_dir)
     if c.ok:
         why = check_ptx(c.ptx, allow_printf=allow_printf)
+        if why is None and max_local_bytes is not None:
+            why = local_memory_error(c.stack_bytes, c.dynamic_stack, max_local_bytes)
+            why = f"the kernel {why}" if why else None
         if why:
             c.ok, c.error, c.cubin = False, f"rejected after compiling: {why}", b""
     return c

@@ -17,8 +17,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from avo.contract import ENTRY
 from avo.fsutil import atomic_write_text
+from avo.harness.abi import ENTRY
 from avo.harness.sandbox import _tail
 
 SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis",

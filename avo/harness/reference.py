@@ -57,12 +57,6 @@ def attention_refs(q, k, v, causal: bool, scale: float | None = None, rows: torc
     return out, lse, out_bf, lse
 
 
-def attention_ref(q, k, v, causal: bool, scale: float | None = None, rows: torch.Tensor | None = None):
-    """(o, lse): the FP32 ground truth (see attention_refs)."""
-    o, lse, _, _ = attention_refs(q, k, v, causal, scale, rows)
-    return o, lse
-
-
 # -- baselines: torch SDPA backends on the same (B, S, H, D) tensors -----------------------------
 BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION"}
 REFERENCE = "flash"  # the baseline whose outputs (O and LSE) every timed candidate output is checked against

@@ -3,21 +3,27 @@
 Per shape, the candidates, the incumbent and the baselines are timed interleaved, in the same
 process, on the same inputs and stream. Every iteration first runs `before` (fresh input
 contents, a new softmax scale), then every function once in a fresh random order, each preceded
-by its `prep` (re-poisoned outputs) and an L2 flush (a 256 MB memset outside the events) and
-bracketed by CUDA events on the launch stream, then `after` (the checks of that iteration's
-outputs, enqueued on the same stream). The number of warm-up iterations is drawn at random, and
-warm-up iterations are prepared and checked exactly like timed ones, so a kernel cannot tell
-which launches count. Iterations adapt to a per-shape time budget so a slow kernel stays
-bounded. The statistic is the median, with p10/p90; the per-iteration samples are kept, so
-functions timed in the same iteration can be compared pair by pair (avo.paired).
+by its `prep` (re-poisoned outputs) and an L2 flush (a 256 MB memset outside the events),
+bracketed by CUDA events on the launch stream and followed by its `post` (outside the events:
+what the later functions of the iteration must not read, such as another kernel's outputs, is
+moved away), then `after` (the checks of that iteration's outputs, enqueued on the same stream).
+The first iteration sizes the run to a per-shape time budget (a slow kernel stays bounded) and
+`plan` learns the number of launches before the first checks run, so a check can be drawn from
+all of them. The number of warm-up iterations is drawn at random, and warm-up iterations are
+prepared and checked exactly like timed ones, so a kernel cannot tell which launches count. The
+statistic is the median, with p10/p90; the per-iteration samples are kept, so functions timed in
+the same iteration can be compared pair by pair (avo.paired). Python's garbage collector is off
+while a shape is timed (a collection would stall the host in the middle of a launch).
 
 A host wall-clock cross-check catches work the events cannot see: on one timed iteration,
 chosen at random, each function in `wall` is bracketed by device-wide synchronizes (they see
 every stream) and timed by the host as well; its outputs are checked like every other launch's.
+A suspicion is never a verdict by itself: `wall_times` measures the function again, alone.
 Worker-side.
 """
 from __future__ import annotations
 
+import gc
 import random
 import time
 import uuid
@@ -58,8 +64,8 @@ class Timer:
         if self.flush_buf is not None:
             self.flush_buf.zero_()
 
-    def _call(self, fn, prep=None, wall: bool = False) -> tuple:
-        """Enqueue one prepared, flushed, event-bracketed call: (start, end, host ms or None).
+    def _call(self, fn, prep=None, post=None, wall: bool = False) -> tuple:
+        """Enqueue one prepared, flushed, event-bracketed call, then its post: (start, end, host ms or None).
         wall: the call alone on the device, timed by the host too (synchronizes twice)."""
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if prep is not None:
@@ -71,46 +77,71 @@ class Timer:
         start.record()
         fn()
         end.record()
-        if not wall:
-            return start, end, None
-        torch.cuda.synchronize()
-        return start, end, (time.perf_counter() - t0) * 1e3
+        host = None
+        if wall:
+            torch.cuda.synchronize()
+            host = (time.perf_counter() - t0) * 1e3
+        if post is not None:
+            post()
+        return start, end, host
 
     def interleaved(self, fns: dict, warmup: int, iters: int, budget_s: float, rng: random.Random,
-                    prep: dict | None = None, before=None, after=None, min_iters: int = 2,
-                    wall: set[str] = frozenset()) -> dict[str, Stats]:
+                    prep: dict | None = None, post: dict | None = None, before=None, after=None, plan=None,
+                    min_iters: int = 2, wall: set[str] = frozenset()) -> dict[str, Stats]:
         """Per-function Stats over the timed iterations (see the module docstring).
 
-        before(i) and after(i) run around every iteration i, warm-ups included and alike; the
-        functions in `wall` get a host wall-clock time on one timed iteration (Stats.wall)."""
-        names, prep = list(fns), prep or {}
+        before(i) and after(i) run around every iteration i, warm-ups included and alike; plan(n) is
+        told the number of iterations n before after(0); the functions in `wall` get a host
+        wall-clock time on one timed iteration (Stats.wall)."""
+        names, prep, post = list(fns), prep or {}, post or {}
         n_warm = rng.randint(max(1, warmup), max(1, 2 * warmup))
         events: dict[str, list] = {n: [] for n in names}
         walled: dict[str, tuple] = {}
         i, n_iter, wall_at = 0, None, None
-        while n_iter is None or i < n_warm + n_iter:
-            if before is not None:
-                before(i)
-            order = rng.sample(names, len(names))
-            evs = {n: self._call(fns[n], prep.get(n), wall=i == wall_at and n in wall) for n in order}
-            if after is not None:
-                after(i)
-            if n_iter is not None and i >= n_warm:
-                for n in names:
-                    events[n].append(evs[n])
-            if i == wall_at:
-                walled = {n: evs[n] for n in wall}
-            if n_iter is None:  # the first iteration sizes the run to the budget
-                evs[order[-1]][1].synchronize()
-                per_iter_s = sum(s.elapsed_time(e) for s, e, _ in evs.values()) / 1e3
-                n_iter = max(min_iters, min(iters, int(budget_s / max(per_iter_s, 1e-6))))
-                n_warm = max(1, min(n_warm, 1 + int(0.25 * budget_s / max(per_iter_s, 1e-6))))
-                wall_at = rng.randrange(n_warm, n_warm + n_iter)
-            i += 1
-        torch.cuda.synchronize()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            while n_iter is None or i < n_warm + n_iter:
+                if before is not None:
+                    before(i)
+                order = rng.sample(names, len(names))
+                evs = {n: self._call(fns[n], prep.get(n), post.get(n), wall=i == wall_at and n in wall) for n in order}
+                if n_iter is None:  # the first iteration sizes the run to the budget
+                    torch.cuda.synchronize()
+                    per_iter_s = sum(s.elapsed_time(e) for s, e, _ in evs.values()) / 1e3
+                    n_iter = max(min_iters, min(iters, int(budget_s / max(per_iter_s, 1e-6))))
+                    n_warm = max(1, min(n_warm, 1 + int(0.25 * budget_s / max(per_iter_s, 1e-6))))
+                    wall_at = rng.randrange(n_warm, n_warm + n_iter)
+                    if plan is not None:
+                        plan(n_warm + n_iter)
+                if after is not None:
+                    after(i)
+                if i >= n_warm:
+                    for n in names:
+                        events[n].append(evs[n])
+                if i == wall_at:
+                    walled = {n: evs[n] for n in wall}
+                i += 1
+            torch.cuda.synchronize()
+        finally:
+            if collecting:
+                gc.enable()
         return {n: Stats.of([s.elapsed_time(e) for s, e, _ in evs],
                             (walled[n][2], walled[n][0].elapsed_time(walled[n][1])) if n in walled else None)
                 for n, evs in events.items()}
+
+    def wall_times(self, fn, prep=None, post=None, repeats: int = 1) -> list[tuple[float, float]]:
+        """(host wall-clock ms, event ms) of `repeats` calls of fn, each alone on the device."""
+        out, collecting = [], gc.isenabled()
+        gc.disable()
+        try:
+            for _ in range(repeats):
+                start, end, host = self._call(fn, prep, post, wall=True)
+                out.append((host, start.elapsed_time(end)))
+        finally:
+            if collecting:
+                gc.enable()
+        return out
 
 
 def hidden_work(event_ms: float, wall_ms: float) -> bool:

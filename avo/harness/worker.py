@@ -26,7 +26,8 @@ def compile_only(source: str, job: Job) -> EvalResult:
     problem = job.problem_of()
     _phase(job, "compile")
     t0 = time.perf_counter()
-    c = compile_candidate(source, job.arch, problem.head_dim, None, allow_printf=True)  # once: not cached
+    c = compile_candidate(source, job.arch, problem.head_dim, None, allow_printf=True,  # once: not cached
+                          max_local_bytes=job.harness["max_local_bytes"])
     dt = time.perf_counter() - t0
     common = dict(log=c.log[-8000:], registers=c.registers, spill_bytes=c.spill_bytes,
                   stack_bytes=c.stack_bytes, compile_s=dt)
@@ -48,7 +49,7 @@ def gpu_evaluate(source: str, job: Job, check_only: bool = False) -> EvalResult:
 
     others = {name: Path(path).read_text() for name, path in job.others.items()}
     return evaluate(source, job.problem_of(), job.harness, job.arch, job.cache_dir, check_only, _log, others,
-                    lambda name: _phase(job, name), job.lock)
+                    lambda name: _phase(job, name), job.lock, job.commit)
 
 
 def gpu_check(source: str, job: Job) -> EvalResult:
@@ -60,17 +61,20 @@ def gpu_bench(source: str, job: Job) -> EvalResult:
 
     Writes JOB_DIR/bench.json (name -> EvalResult); the returned result summarises the batch.
     """
+    from avo.harness.benchmark import benchmark
     from avo.harness.devlock import gpu_lock
-    from avo.harness.evaluate import benchmark, finish, prepare, run_checks
+    from avo.harness.evaluate import finish, prepare, run_checks
 
     problem, hc = job.problem_of(), job.harness
     results, kernels = {}, {}
     for name, path in job.sources.items():
         _log(f"== {name}: compile and verify")
-        kernel, res = prepare(Path(path).read_text(), problem, hc, job.arch, job.cache_dir, False, _log)
+        kernel, res = prepare(Path(path).read_text(), problem, hc, job.arch, job.cache_dir, False, _log, job.lock)
         results[name] = res
-        if kernel is not None and run_checks(kernel, problem, hc, res, _log):
-            kernels[name] = kernel
+        if kernel is not None:
+            with gpu_lock(job.lock, exclusive=False):
+                if run_checks(kernel, problem, hc, res, _log):
+                    kernels[name] = kernel
     if kernels:
         _log(f"== timing {', '.join(kernels)} with baselines {', '.join(hc['baselines'])}")
         t0 = time.perf_counter()
@@ -87,16 +91,18 @@ def gpu_trials(source: str, job: Job) -> EvalResult:
     """Repeated paired benchmarks, for measuring the commit rule (benchmarks/commit_rule.py).
 
     job.sources: name -> path; job.pairs: [[condition, candidate name, incumbent name], ...];
-    job.trials: repetitions. Each trial is the search's own full paired benchmark (baselines
-    included); conditions alternate, so slow drift affects them alike. Writes JOB_DIR/trials.json.
+    job.trials: repetitions. Each trial is the search's own paired benchmark (the candidate beside the
+    incumbent, no baselines, every candidate launch checked against the incumbent's output); conditions
+    alternate, so slow drift affects them alike. Writes JOB_DIR/trials.json.
     """
+    from avo.harness.benchmark import benchmark
     from avo.harness.devlock import gpu_lock
-    from avo.harness.evaluate import benchmark, prepare
+    from avo.harness.evaluate import prepare
 
     problem, hc = job.problem_of(), job.harness
     kernels = {}
     for name, path in job.sources.items():
-        kernel, res = prepare(Path(path).read_text(), problem, hc, job.arch, job.cache_dir, False, _log)
+        kernel, res = prepare(Path(path).read_text(), problem, hc, job.arch, job.cache_dir, False, _log, job.lock)
         if kernel is None:
             return res
         kernels[name] = kernel
@@ -106,7 +112,7 @@ def gpu_trials(source: str, job: Job) -> EvalResult:
             for cond, cand, inc in job.pairs:
                 _log(f"== trial {t + 1}/{job.trials}: {cond} ({cand} against {inc})")
                 b = benchmark({"candidate": kernels[cand], "incumbent": kernels[inc]}, problem.bench, hc, _log,
-                              {"candidate"})
+                              {"candidate"}, baselines=[], reference="incumbent")
                 if b.errors:
                     return EvalResult(Status.ERROR, error=f"{cond}: {b.errors}")
                 out.append({"trial": t, "condition": cond, "configs": [
@@ -122,20 +128,22 @@ def gpu_profile(source: str, job: Job) -> EvalResult:
     import torch
 
     from avo.harness.check import Outputs, random_inputs
+    from avo.harness.devlock import gpu_lock
     from avo.harness.evaluate import prepare
 
     problem, hc = job.problem_of(), job.harness
     shape = next(s for s in problem.bench if s.key == job.shape)
-    kernel, res = prepare(source, problem, hc, job.arch, job.cache_dir, False, _log)
+    kernel, res = prepare(source, problem, hc, job.arch, job.cache_dir, False, _log, job.lock)
     if kernel is None:
         return res
-    gen = torch.Generator(device="cuda")
-    gen.manual_seed(0)
-    q, k, v = random_inputs(shape, gen)
-    out = Outputs(shape)
-    for _ in range(2):
-        kernel(q, k, v, out.o, out.lse, shape.causal)
-    torch.cuda.synchronize()
+    with gpu_lock(job.lock, exclusive=False):  # like every GPU use of a worker (ncu serialises the launches)
+        gen = torch.Generator(device="cuda")
+        gen.manual_seed(0)
+        q, k, v = random_inputs(shape, gen)
+        out = Outputs(shape)
+        for _ in range(2):
+            kernel(q, k, v, out.o, out.lse, shape.causal)
+        torch.cuda.synchronize()
     _log(f"launched twice on {shape.key}")
     return res
 
@@ -145,7 +153,11 @@ MODES = {"compile": compile_only, "evaluate": gpu_evaluate, "check": gpu_check, 
 
 
 def environment(job: Job) -> None:
-    """What every GPU job needs before any candidate runs; raises EnvironmentError with one line."""
+    """What every GPU job needs before any candidate runs; raises EnvironmentError with one line.
+
+    A worker started cold (no spare was ready) creates its CUDA context under the device lock, as a
+    spare does: a context starting up beside a timed launch would disturb it. Its allocations are
+    bounded by harness.max_device_gb."""
     try:
         nvrtc_version()
     except RuntimeError as e:
@@ -155,12 +167,47 @@ def environment(job: Job) -> None:
     try:
         import torch
 
-        torch.cuda.set_device(job.device)
-        torch.empty(1, device="cuda")
+        from avo.harness.devlock import gpu_lock
+
+        with gpu_lock(job.lock, exclusive=False):
+            torch.cuda.set_device(job.device)
+            torch.empty(1, device="cuda")
+        bound_device_memory(job)
     except Exception as e:  # noqa: BLE001 - whatever CUDA raises here, the GPU is not usable
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise OSError(f"the GPU cannot be used ({type(e).__name__}: {first}); check the driver and "
                       "nvidia-smi, or use harness=compile") from None
+
+
+def bound_device_memory(job: Job) -> None:
+    """Cap what this process may allocate through torch at harness.max_device_gb (a kernel's own local
+    memory is bounded by harness.max_local_bytes): one evaluation cannot starve another's."""
+    import torch
+
+    total = torch.cuda.get_device_properties(job.device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, job.harness["max_device_gb"] * 2**30 / total), job.device)
+
+
+def release_gpu(job: Job) -> None:
+    """Give the GPU back before exiting, under the shared device lock: a context torn down by the
+    driver after a kill frees (and scrubs) its memory whenever it happens, beside another worker's
+    timed launch. The result is already written; any failure here only ends the process sooner."""
+    if "torch" not in sys.modules or job.mode in ("compile", "profile"):
+        return
+    import torch
+    from cuda.bindings import driver as drv
+
+    from avo.harness.abi import check
+    from avo.harness.devlock import gpu_lock
+
+    t0 = time.perf_counter()
+    try:
+        with gpu_lock(job.lock, exclusive=False):
+            torch.cuda.synchronize()
+            check(drv.cuDevicePrimaryCtxReset(check(drv.cuDeviceGet(job.device))))
+        _log(f"released the GPU in {time.perf_counter() - t0:.2f} s")
+    except Exception as e:  # noqa: BLE001 - a broken context is gone with the process anyway
+        _log(f"releasing the GPU failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); exiting")
 
 
 def main(job_dir: str, env_error: str = "") -> int:
@@ -179,11 +226,19 @@ def main(job_dir: str, env_error: str = "") -> int:
         result = MODES[job.mode](source, job)
     except Exception as e:  # noqa: BLE001 - everything is reported to the parent as a result
         first = (str(e).strip().splitlines() or [""])[0]  # torch appends paragraphs of advice
-        result = EvalResult(Status.CRASHED, error=f"{type(e).__name__}: {first}", log=traceback.format_exc()[-8000:])
+        status = getattr(e, "status", None)  # a harness fault carries its own (benchmark.NoReference: ERROR)
+        result = EvalResult(status if isinstance(status, Status) else Status.CRASHED,
+                            error=f"{type(e).__name__}: {first}", log=traceback.format_exc()[-8000:])
+        if type(e).__name__ == "OutOfMemoryError":  # the harness's allocations: never the kernel's own
+            result.status, result.error = Status.ERROR, (
+                f"the evaluation needed more device memory than harness.max_device_gb={job.harness['max_device_gb']} "
+                f"allows, or the GPU is full ({first[:200]})")
     atomic_write_json(job_dir / RESULT, result.to_dict())
     if job.mode != "profile":  # under a profiler its exit handlers must run; elsewhere the result is all
         sys.stdout.flush()
-        os._exit(0)  # skip tearing torch and the CUDA context down in Python: the parent has what it needs
+        release_gpu(job)
+        sys.stdout.flush()
+        os._exit(0)  # skip tearing torch down in Python: the parent has what it needs
     return 0
 
 

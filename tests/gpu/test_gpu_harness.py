@@ -1,5 +1,7 @@
 """The GPU harness end to end: the seeds pass, every adversarial kernel is rejected with the
-expected status, paired timing against the incumbent, derived stage limits."""
+expected status (and, where its file says `// where:`, at the check that targets it), paired timing
+against the incumbent, baselines timed only beside a would-be commit, derived stage limits, the
+device-memory bound."""
 from __future__ import annotations
 
 import re
@@ -29,6 +31,12 @@ def _problem(heads_q: int, heads_kv: int, bench: tuple[Shape, ...] = ()) -> Prob
 
 MHA = _problem(4, 4, bench=(Shape(2, 2048, 2048, 16, 16, 128, False), Shape(2, 2048, 2048, 16, 16, 128, True)))
 GQA = _problem(8, 2)
+# the naive seed made slower by 64 dependent FMAs per key (kept alive by a branch never taken): an honest
+# incumbent that a copy of the seed truly beats
+SLOW_AT = "    m = m_new;\n"
+SLOW_NAIVE = NAIVE.replace(SLOW_AT, SLOW_AT + "    { float z = s; for (int r = 0; r < 64; ++r) "
+                                             "z = fmaf(z, 1.0000001f, 1e-9f); if (z == -12345.f) l = z; }\n", 1)
+GAIN = {"rule": "gain", "alpha": 0.01, "min_gain": 0.0, "config_margin": 0.01}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +70,8 @@ def test_seeds_pass_every_check(harness, name, problem):
 
 
 def test_paired_against_itself(harness):
-    """A/A: the incumbent against a copy of itself, side by side: a ratio near 1, bounds around it."""
+    """A/A: the incumbent against a copy of itself, side by side: a ratio near 1, bounds around it; with no
+    commit rule known to the harness, the baselines are timed beside it too."""
     ref = Reference("incumbent", 0, NAIVE, {"verify": 2.0, "screen": 1.0, "bench": 3.0})
     r = harness.evaluate(NAIVE + "\n// a copy\n", MHA, against=[ref])
     # one-sided bounds at 0.1 % each: at the search's 1 % an honest A/A misses 1 about 2 % of the time
@@ -73,6 +82,49 @@ def test_paired_against_itself(harness):
     print(f"A/A: {r.paired_ratio:.4f} [{r.paired_lo:.4f}, {r.paired_hi:.4f}], screen {r.screen_s:.2f} s")
     assert r.stage == "bench" and 0.97 < r.paired_ratio < 1.03 and r.paired_lo <= 1.0 <= r.paired_hi * 1.001
     assert all(c.incumbent_tflops and len(c.incumbent_samples) == len(c.samples) for c in r.configs)
+    assert all(c.cudnn_tflops and c.fa2_tflops for c in r.configs)
+
+
+@pytest.fixture
+def gain_rule(harness):
+    """The harness as the search makes it: it knows the commit rule (search.commit), and samples no drift."""
+    saved = harness.commit, harness.cfg.baseline_fraction
+    harness.commit, harness.cfg.baseline_fraction = GAIN, 0.0
+    yield harness
+    harness.commit, harness.cfg.baseline_fraction = saved
+
+
+def test_baselines_are_timed_beside_a_would_be_commit_only(gain_rule):
+    """A decision needs the candidate and the incumbent: cuDNN and FA2 are timed, in the same worker, only
+    for a candidate the commit rule would commit; every committed version keeps same-run baselines."""
+    ref = Reference("incumbent", 0, SLOW_NAIVE, {"verify": 2.0, "screen": 1.0, "bench": 3.0})
+    win = gain_rule.evaluate(NAIVE, MHA, against=[ref])
+    annotate(win, GAIN["alpha"])
+    assert win.status == Status.OK and win.paired_lo > 1.0, win.error
+    assert all(c.cudnn_tflops and c.fa2_tflops and c.incumbent_tflops for c in win.configs)
+    same = Reference("incumbent", 0, NAIVE, {"verify": 2.0, "screen": 1.0, "bench": 3.0})
+    lose = gain_rule.evaluate(SLOW_NAIVE, MHA, against=[same])
+    assert lose.status == Status.OK and lose.stage in ("screen", "bench"), lose.error
+    assert all(c.cudnn_tflops is None and c.fa2_tflops is None for c in lose.configs)
+
+
+def test_a_kernel_wrong_from_its_sixth_launch_is_caught_against_the_incumbent(harness):
+    """Timed beside an incumbent, every launch is held to the incumbent's output on the same inputs."""
+    ref = Reference("incumbent", 0, NAIVE, {"verify": 2.0, "screen": 1.0, "bench": 3.0})
+    r = harness.evaluate(ADVERSARIAL["sixth_launch_on"], MHA, against=[ref])
+    print(f"sixth_launch_on against the incumbent: {r.status.value}: {r.error}")
+    assert r.status == Status.INCORRECT and ("against incumbent" in r.error or "FP32" in r.error), r.error
+
+
+def test_an_evaluation_over_its_device_memory_bound_is_an_error_that_names_it(harness):
+    """The far layout needs 4.3 GB: under harness.max_device_gb=2 the evaluation stops with one line."""
+    saved = harness.cfg.max_device_gb
+    harness.cfg.max_device_gb = 2.0
+    try:
+        r = harness.evaluate(NAIVE, MHA, mode="check")
+    finally:
+        harness.cfg.max_device_gb = saved
+    assert r.status == Status.ERROR and "harness.max_device_gb=2.0" in r.error, r.error
 
 
 def test_check_mode_does_not_time(harness):
@@ -90,15 +142,18 @@ def test_adversarial_rejected(harness, name):
     r = harness.evaluate(source, problem, mode=None if full else "check")
     print(f"{name}: {r.status.value}: {r.error}")
     assert r.status == expect, f"{name}: got {r.status.value}: {r.error}"
+    where = re.search(r"^// where: (.+)$", source, re.M)
+    assert where is None or where[1] in r.error, f"{name}: caught elsewhere than where it is wrong: {r.error}"
     assert "root:" not in r.error + r.log  # no host file reaches what the agent reads
     if expect == Status.TIMEOUT:  # the GPU is usable again after a hard kill
         assert harness.evaluate(NAIVE, GQA, mode="check").status == Status.OK
 
 
 def test_hang_at_the_benchmark_is_killed_within_its_derived_limit(harness):
-    """A kernel that passes the checks and deadlocks when timed dies within the screen's limit,
-    derived from the incumbent's measured time (here 4 x 1 s, at least the 10 s floor)."""
-    ref = Reference("incumbent", 0, NAIVE, {"verify": 2.0, "screen": 1.0, "bench": 3.0})
+    """A kernel that passes the checks and deadlocks when timed dies within the screen's limit, derived
+    from the incumbent's measured times: the seed has no screen time (nothing to screen against), so the
+    screen gets the benchmark's limit (4 x 3 s), not harness.timeout_s."""
+    ref = Reference("incumbent", 0, NAIVE, {"verify": 2.0, "bench": 3.0})
     t0 = time.monotonic()
     r = harness.evaluate(ADVERSARIAL["bench_hang"], MHA, against=[ref])
     took = time.monotonic() - t0
