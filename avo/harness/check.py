@@ -202,6 +202,12 @@ def random_scale(head_dim: int, gen: torch.Generator) -> float:
     return (0.5 + 1.5 * u) / math.sqrt(head_dim)
 
 
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of BF16 numbers at |x| (8 significant bits: 2^(e - 8) for |x| in [2^(e-1), 2^e)); 0 at 0."""
+    _, e = torch.frexp(x.abs())
+    return torch.where(x == 0, torch.zeros_like(x), torch.ldexp(torch.ones_like(x), e - 8))
+
+
 @dataclass
 class Truth:
     """The FP32 reference on some rows (all if rows is None) and the tolerances BF16 itself implies."""
@@ -239,8 +245,14 @@ def judge(o, lse, t: Truth, atol: float, lse_atol: float) -> tuple[bool, float, 
         return False, float("inf"), "O contains Inf"
     diff = (of - t.o).abs()
     err = diff.max().item()
-    if not err <= t.tol:
-        return False, err, f"max|O - ref| = {err:.3e} > tolerance {t.tol:.3e}"
+    # plus one BF16 ulp of each value: an honest kernel whose FP32 result lands near a rounding midpoint
+    # rounds to the neighbouring BF16 number, which near the largest outputs can exceed err_mult times
+    # the reference's own largest rounding error (seen: 1.44e-2 against 1.39e-2 where |O| is in [2, 4))
+    over = diff > t.tol + bf16_ulp(t.o)
+    if over.any():
+        worst = float((diff - bf16_ulp(t.o)).max())
+        return False, err, (f"max|O - ref| = {err:.3e} > tolerance {t.tol:.3e} (beyond one BF16 ulp of the value "
+                            f"by up to {worst:.3e}, at {int(over.sum())} elements)")
     # per row, relative to the row's own magnitude: (B, rows, H)
     mag = t.o.abs().amax(-1).clamp_min(1e-30)
     rel = diff.amax(-1) / mag
