@@ -4,7 +4,8 @@ Scores are never compared across evaluations: two measured minutes apart differ 
 search finds (clocks move). What the lineage proves is the chain of its commits: each was timed side by side
 with its parent, the head before it, so each committed version carries a paired ratio over its parent
 (`paired_ratio` with its one-sided bounds), and multiplying them along an island gives its speed relative to
-v0 (`chain_ratio`; the bounds combine in quadrature on the log scale, each factor an independent measurement).
+v0 (`chain_ratio`; the distances to the bounds add in quadrature on the log scale, each factor an independent
+measurement).
 
 The best version of a lineage is its head: the latest version committed on it. With several islands (a
 migration times the leading head side by side with each other island's head, and copies it where it wins),
@@ -27,8 +28,9 @@ NOT_SIDE_BY_SIDE = ("the heads of {n} islands were not timed side by side with e
 
 def link(parent: tuple | None, row: dict) -> tuple | None:
     """(ratio, lo, hi) over v0 of a committed row, from its parent's: the seed is 1; a commit multiplies
-    its parent's by its paired ratio; a migrant recorded before migrations were timed (schema 5) is a
-    copy of its parent. None where a factor was not timed (harness=compile)."""
+    its parent's by its paired ratio, the distances to each bound adding in quadrature on the log scale; a
+    migrant recorded before migrations were timed (schema 5) is a copy of its parent. None where a factor
+    was not timed (harness=compile)."""
     if row["decision"] == Decision.SEED.value:
         return 1.0, 1.0, 1.0
     if parent is None:
@@ -36,17 +38,17 @@ def link(parent: tuple | None, row: dict) -> tuple | None:
     r, lo, hi = row["paired_ratio"], row["paired_lo"], row["paired_hi"]
     if r is None:
         return parent if row["decision"] == Decision.MIGRATED.value else None
-    w = math.hypot(_half(parent), _half((r, lo, hi)))
+    (pdown, pup), (down, up) = _widths(parent), _widths((r, lo, hi))
     log = math.log(parent[0]) + math.log(r)
-    return math.exp(log), math.exp(log - w), math.exp(log + w)
+    return math.exp(log), math.exp(log - math.hypot(pdown, down)), math.exp(log + math.hypot(pup, up))
 
 
-def _half(c: tuple) -> float:
-    """Half the width of an interval on the log scale (bounds symmetric there, as avo.paired makes them)."""
-    _, lo, hi = c
-    if lo is None or hi is None or lo <= 0 or not math.isfinite(hi):
-        return math.inf
-    return (math.log(hi) - math.log(lo)) / 2
+def _widths(c: tuple) -> tuple[float, float]:
+    """How far below and above the ratio its bounds lie, on the log scale (inf: unbounded)."""
+    r, lo, hi = c
+    down = math.log(r) - math.log(lo) if lo is not None and lo > 0 else math.inf
+    up = math.log(hi) - math.log(r) if hi is not None and math.isfinite(hi) else math.inf
+    return down, up
 
 
 def chains(rows: pl.DataFrame) -> pl.DataFrame:

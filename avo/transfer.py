@@ -56,7 +56,7 @@ def lessons_markdown(src_run: Path) -> tuple[str, str] | None:
         if r["paired_ratio"] is not None and parent is not None:
             proved = (f" x{r['paired_ratio']:.4f} [{r['paired_lo']:.4f}, {r['paired_hi']:.4f}] over "
                       f"v{parent['version']} side by side")
-        if r["chain_ratio"] is not None and r["version"]:
+        if r["chain_ratio"] is not None and r["version"] and not (parent and parent["version"] == 0):
             proved += f"; x{r['chain_ratio']:.4f} [{r['chain_lo']:.4f}, {r['chain_hi']:.4f}] over v0 chained"
         score = f"{r['score']:.1f} TFLOPS in its own evaluation" if r["score"] is not None else "not timed (unranked)"
         out.append(f"## {run_id} v{r['version']}: {(r['message'] or '(no message)').splitlines()[0][:120]}\n")

@@ -89,9 +89,9 @@ def test_run_summary_counts_the_taxonomy_and_the_best_version(sweep):
         "timeout": 1, "invalid": 1}
     assert sum(r[k] for k in OUTCOMES) == r["attempts"]
     assert (r["best_version"], r["best_score"], r["seed_score"]) == (2, 150.0, 100.0)
-    # x_v0: the chain of the two commits' paired ratios (1.2, 1.25), bounds combined on the log scale
-    w = math.log(1.01 / 0.99) / 2 * math.sqrt(2)
-    assert (r["x_v0"], r["x_v0_lo"], r["x_v0_hi"]) == pytest.approx((1.5, 1.5 * math.exp(-w), 1.5 * math.exp(w)))
+    # x_v0: the chain of the two commits' paired ratios (1.2, 1.25), each bound's distance adding on the log scale
+    down, up = math.sqrt(2) * math.log(1 / 0.99), math.sqrt(2) * math.log(1.01)
+    assert (r["x_v0"], r["x_v0_lo"], r["x_v0_hi"]) == pytest.approx((1.5, 1.5 * math.exp(-down), 1.5 * math.exp(up)))
     # the regression (160) is faster on average but was never committed, so it is not the best
     assert r["vs_cudnn"] == pytest.approx(150.0 / (200.0 * 300.0) ** 0.5)
     assert r["vs_fa2"] == pytest.approx(150.0 / (150.0 * 200.0) ** 0.5)
@@ -188,7 +188,7 @@ def test_markdown_report_has_figures_diff_messages_and_interventions(sweep, tmp_
     text = path.read_text()
     assert "+__global__ void k() { int x = 8; }" in text and "-__global__ void k() { int x = 0; }" in text
     # v2 over v1 side by side [bounds], their chain over v0 [bounds], its own score: no score-to-score "gain"
-    assert "| 2 |  | 3 | 1 | committed | 1.25 | 1.2375 | 1.2625 | 1.5 | 1.4789 | 1.5214 | 150.0 | 8 | 0.15 | 9600 |" \
+    assert "| 2 |  | 3 | 1 | committed | 1.25 | 1.2375 | 1.2625 | 1.5 | 1.4788 | 1.5213 | 150.0 | 8 | 0.15 | 9600 |" \
         " change 8 |" in text
     assert "try a smaller tile" in text and "3 consecutive failures" in text
     pngs = sorted((tmp_path / "out" / "plots").rglob("*.png"))
@@ -244,7 +244,7 @@ def test_cli_summary_of_one_run_and_of_replicated_cells(sweep, tmp_path):
     one_run = _summary(p.stdout)
     assert one_run[0] == "run 0 (gqa, group 4, mutation)" and all(len(ln) <= 80 for ln in one_run)
     assert " ".join(one_run[1:]).split() == (
-        "best v2: x1.5000 [1.4789, 1.5214] over v0 (chained side-by-side ratios); its own evaluation 150.0 TFLOPS, "
+        "best v2: x1.5000 [1.4788, 1.5213] over v0 (chained side-by-side ratios); its own evaluation 150.0 TFLOPS, "
         "0.61x cuDNN, 0.87x FA2 "
         "tried 9 attempts in 4 steps: 2 committed, 1 not faster, 1 regression, 1 invalid, 1 compile, 1 incorrect, "
         "1 crashed, 1 timeout cost 0.17 h of attempts; best after 0.15 h and 9,600 tokens; "
@@ -342,3 +342,65 @@ def test_cost_by_stage_gives_medians_per_outcome_and_the_wait_beyond_the_stages(
     assert t["full"]["bench_s"] == 4.0 and t["full"]["eval_s"] == 50.0
     assert t["full"]["other_s"] == 50.0 - (1.0 + 0.5 + 0.25 + 4.0)
     assert t["compile_error"]["eval_s"] == 50.0 and t["compile_error"]["compile_s"] == 1.5
+
+
+def _attempts(run_dir: Path, rows: list[tuple], minutes=None) -> None:
+    """A run of (step, attempt, status, decision) rows through the real writer, v0 first; minutes: (start, end)
+    per row after v0, else one minute each in a row."""
+    lineage.write_run_info(run_dir, {"run_id": run_dir.name, "overrides": []})
+    src = lineage.write_source(run_dir, "// k\n")
+    for i, (step, attempt, status, decision) in enumerate([(0, 0, "ok", "seed"), *rows]):
+        start, end = (minutes[i - 1] if minutes and i else (i, i + 1))
+        committed = decision in ("seed", "committed", "migrated")
+        lineage.append(run_dir, {"run_id": run_dir.name, "step": step, "attempt": attempt,
+                                 "candidate_id": f"{step:05d}.{attempt:02d}", "parent_id": None if i == 0 else "00000.00",
+                                 "version": i if committed else None, "committed": committed, "decision": decision,
+                                 "status": status, "source_sha": src, "started_at": T0 + timedelta(minutes=start),
+                                 "finished_at": T0 + timedelta(minutes=end)})
+
+
+def test_every_decision_and_status_has_its_column_and_the_columns_add_up(tmp_path):
+    """One attempt of every outcome the enums allow, and a migration's two kinds of row (no attempts)."""
+    from avo.types import FAILED_ONLY, MIGRATION, Decision, Status
+
+    rows = [(1 + i, 0, "ok", d.value) for i, d in enumerate(d for d in Decision if d not in MIGRATION | FAILED_ONLY)]
+    failed = [s for s in Status if s is not Status.OK]
+    rows += [(20 + i, 0, s.value, s.value if s.value in {d.value for d in FAILED_ONLY} else "failed")
+             for i, s in enumerate(failed)]
+    rows += [(40, 0, "ok", "migrated"), (40, 1, "ok", "kept")]
+    _attempts(tmp_path / "all", rows)
+    r = one(tables.runs_summary(load([tmp_path / "all"])), "all")
+    assert set(OUTCOMES) == {("adapted" if d is Decision.SEED else d.value) for d in Decision
+                             if d not in MIGRATION | FAILED_ONLY} | {s.value for s in failed}
+    assert {o: r[o] for o in OUTCOMES} == dict.fromkeys(OUTCOMES, 1)  # each its own column, once
+    assert r["attempts"] == len(rows) - 2 == sum(r[o] for o in OUTCOMES)
+    from avo.analysis import report
+
+    shown = report.run_table(tables.runs_summary(load([tmp_path / "all"])), []).columns
+    assert set(OUTCOMES) <= set(shown)
+
+
+def test_the_h200_runs_outcomes_add_up_to_its_29_attempts(tmp_path):
+    """docs/results/2026-12-01_h200_mha_paired_mutation/runs.csv: its outcome columns summed to 19 of 29
+    attempts, because the 10 dropped at the screen had no column."""
+    kinds = [("ok", "committed")] * 2 + [("ok", "not_faster")] * 9 + [("ok", "screened")] * 10 + \
+        [("compile_error", "failed")] * 7 + [("timeout", "failed")]
+    _attempts(tmp_path / "h200", [(1 + i, 0, s, d) for i, (s, d) in enumerate(kinds)])
+    r = one(tables.runs_summary(load([tmp_path / "h200"])), "h200")
+    assert r["attempts"] == 29 == sum(r[o] for o in OUTCOMES) and r["screened"] == 10
+
+
+def test_hours_are_the_union_of_overlapping_attempts_as_the_budget_counts_them(tmp_path):
+    """Three workers' attempts overlap: 30 attempt-minutes cover 12 minutes of wall time (sum: 0.5 h)."""
+    from avo.clock import busy_seconds
+    from avo.state import LineageState
+
+    spans = [(1, 11), (1, 11), (2, 12), (20, 21)]  # after v0 (0-1); a resumed session from minute 20
+    _attempts(tmp_path / "k3", [(1, 0, "ok", "not_faster"), (2, 0, "ok", "not_faster"), (3, 0, "ok", "committed"),
+                                (4, 0, "ok", "not_faster")], spans)
+    lin = load([tmp_path / "k3"])
+    r = one(tables.runs_summary(lin), "k3")
+    assert r["hours"] == pytest.approx(13 / 60) and r["best_hours"] == pytest.approx(12 / 60)
+    assert tables.attempts(lin).collect()["hours"].to_list() == pytest.approx([1 / 60, 11 / 60, 11 / 60, 12 / 60,
+                                                                               13 / 60])
+    assert LineageState(tmp_path / "k3").spent == busy_seconds(lineage.read_run(tmp_path / "k3")) == 13 * 60

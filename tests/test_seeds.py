@@ -67,10 +67,11 @@ def test_a_seed_that_cannot_run_the_problem_stops_the_launch_with_one_line(cfg_f
 
 
 def test_one_resolver_serves_search_bench_and_export():
-    from avo.bench import seed_source
+    from avo import bench
     from avo.export import _resolve
     from avo.seeds import resolve
 
     for spec in ("naive", str(KERNELS_DIR / "sm80" / "sm80.cu")):
-        assert seed_source(spec) == resolve(spec).source == _resolve(spec).source
+        timed = bench.seeds(bench.compose([f"seeds=[{spec}]", "harness=compile"]))
+        assert [s.source for s in timed.values()] == [resolve(spec).source] == [_resolve(spec).source]
     assert resolve("sm90").meta["min_arch"] == "sm_90a" and resolve("sm90").name == "sm90"

@@ -78,3 +78,24 @@ def test_every_feedback_section_is_used_with_its_placeholders():
         assert key in sections, f"{where}: feedback({key!r}) has no `## {key}` section in feedback.md"
         wanted = _placeholders(sections[key])
         assert keys is None or keys == wanted, f"{where}: feedback({key!r}) gets {sorted(keys)}, wants {sorted(wanted)}"
+
+
+def test_every_dependency_is_imported_by_the_package():
+    """A dependency nothing in avo/ imports is weight every install carries (tqdm was one; cuda-core is the
+    tests' only, so it is in the dev extra)."""
+    import tomllib
+
+    modules = {"hydra-core": "hydra", "cuda-bindings": "cuda.bindings", "cuda-pathfinder": "cuda.pathfinder",
+               "pyelftools": "elftools"}
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = [re.split(r"[<>=\[ ;]", d, maxsplit=1)[0] for d in deps]
+    imported = set()
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module)
+    unused = [n for n in names if not any(m == modules.get(n, n.replace("-", "_")) or
+                                          m.startswith(modules.get(n, n.replace("-", "_")) + ".") for m in imported)]
+    assert not unused, f"dependencies that nothing in avo/ imports: {unused}"

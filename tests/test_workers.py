@@ -210,3 +210,25 @@ def test_the_budget_clock_counts_each_second_once_after_a_resume(cfg_factory, tm
     assert s.state.spent == pytest.approx(busy_seconds(lineage.read_run(tmp_path)))
     assert s.state.spent < s.state.rows.select((pl.col("finished_at") - pl.col("started_at")).dt.total_seconds(
         fractional=True).sum()).item()
+
+
+def test_one_worker_is_the_smallest_case_of_the_one_loop(cfg_factory, tmp_path, monkeypatch):
+    """search.workers=1 runs avo.workers' loop in the calling thread: no second loop, no thread."""
+    started = []
+    start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self.name) or start(self))
+    summary = search(cfg_factory, tmp_path, ScoreHarness(), None, "search.max_steps=4")
+    assert summary.stopped == "reached search.max_steps=4" and not [n for n in started if n.startswith("avo-worker")]
+
+
+def test_the_core_and_migrations_use_only_the_lineage_states_public_api():
+    """Workers and islands once called Search's private methods and appended to its history."""
+    import re
+
+    from tests.conftest import ROOT
+
+    for name in ("workers.py", "islands.py"):
+        text = (ROOT / "avo" / name).read_text()
+        private = re.findall(r"\b(?:s|search|st|state|self\.search)\.(_\w+)", text)
+        assert not private, f"avo/{name} reaches into {private}"
+        assert ".versions.append(" not in text and ".rows = " not in text

@@ -62,7 +62,7 @@ def table(df: pl.DataFrame) -> pl.DataFrame:
     v0 = wide.filter(pl.col("version") == 0).select("bench", v0="score")
     return (wide.join(v0, on="bench", how="left")
             .with_columns(x_v0=(pl.col("score") / pl.col("v0")).round(4), score=pl.col("score").round(1))
-            .drop("v0").with_columns(pl.col(pl.Float64).round(1).exclude("x_v0")))
+            .drop("v0").with_columns(pl.col(pl.Float64).exclude("x_v0").round(1)))
 
 
 def plot(df: pl.DataFrame, path: Path) -> Path | None:
