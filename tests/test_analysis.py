@@ -353,7 +353,8 @@ def _attempts(run_dir: Path, rows: list[tuple], minutes=None) -> None:
         start, end = (minutes[i - 1] if minutes and i else (i, i + 1))
         committed = decision in ("seed", "committed", "migrated")
         lineage.append(run_dir, {"run_id": run_dir.name, "step": step, "attempt": attempt,
-                                 "candidate_id": f"{step:05d}.{attempt:02d}", "parent_id": None if i == 0 else "00000.00",
+                                 "candidate_id": f"{step:05d}.{attempt:02d}",
+                                 "parent_id": None if i == 0 else "00000.00",
                                  "version": i if committed else None, "committed": committed, "decision": decision,
                                  "status": status, "source_sha": src, "started_at": T0 + timedelta(minutes=start),
                                  "finished_at": T0 + timedelta(minutes=end)})

@@ -12,10 +12,10 @@ import pytest
 
 from avo import lineage
 from avo.clock import busy_seconds
-from avo.schema import to_frame
 from avo.contract import set_tunables
 from avo.operators import make_operators
 from avo.problem import problem_from_cfg
+from avo.schema import to_frame
 from avo.search import Search, _open_run, run_search
 from avo.types import Proposal
 from avo.workers import unfinished_steps
