@@ -22,12 +22,14 @@ def covered(rows: pl.DataFrame, at: pl.Series | None = None) -> list[float]:
               .with_columns(before=(pl.col("e") - pl.col("s")).cum_sum().shift(1, fill_value=0.0)))
     if at is None:
         return [float((merged["e"] - merged["s"]).sum() or 0.0)]
-    t = pl.DataFrame({"t": at}).select(_epoch("t"))["t"]
+    q = pl.DataFrame({"t": at}).select(_epoch("t"))
     if merged.is_empty():
-        return [None if x is None else 0.0 for x in t]
-    i = (merged["s"].search_sorted(t.fill_null(float("-inf")), side="right").cast(pl.Int64) - 1).to_list()
-    s, e, before = merged["s"].to_list(), merged["e"].to_list(), merged["before"].to_list()
-    return [None if x is None else 0.0 if j < 0 else before[j] + min(e[j], x) - s[j] for x, j in zip(t, i, strict=True)]
+        return q.select(pl.when(pl.col("t").is_not_null()).then(0.0).alias("x"))["x"].to_list()
+    # the last merged span starting at or before each time, and how much of the union lies before it
+    i = merged["s"].search_sorted(q["t"].fill_null(float("-inf")), side="right").cast(pl.Int64) - 1
+    got = merged[i.clip(lower_bound=0)].with_columns(t=q["t"], i=i)
+    return got.select(pl.when(pl.col("t").is_null()).then(None).when(pl.col("i") < 0).then(0.0).otherwise(
+        pl.col("before") + pl.min_horizontal("e", "t") - pl.col("s")).alias("x"))["x"].to_list()
 
 
 def busy_seconds(rows: pl.DataFrame) -> float:

@@ -99,3 +99,29 @@ def test_every_dependency_is_imported_by_the_package():
     unused = [n for n in names if not any(m == modules.get(n, n.replace("-", "_")) or
                                           m.startswith(modules.get(n, n.replace("-", "_")) + ".") for m in imported)]
     assert not unused, f"dependencies that nothing in avo/ imports: {unused}"
+
+
+# the two pages their owners write, from the README sections that moved there
+WRITTEN_ALONGSIDE = {"docs/harness.md", "docs/external-agent.md"}
+
+
+def test_the_readme_is_a_front_page_whose_commands_are_those_ci_and_set_up_run():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 120, "the README is a front page: the reference goes to docs/"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash scripts/test.sh" in ci and "```bash\nbash scripts/test.sh\n```" in text
+    assert "```bash\nbash scripts/setup.sh && python3 -m avo.launch harness=compile search=smoke\n```" in text
+    for stale in ("at least as fast", "at least as high", "experiment"):
+        assert stale not in text, stale
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            path = (page.parent / target).resolve()
+            if not path.exists() and str(path.relative_to(ROOT)) not in WRITTEN_ALONGSIDE:
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
