@@ -206,7 +206,7 @@ class Search:
             operator=operator or self.operators[0], problem=self.problem, directive=st.directive(island),
             started=started, propose_s=propose_s, source_sha=lineage.write_source(self.run_dir, proposal.source),
             worker=worker, island=island)
-        st.record(row)
+        st.commit(row) if row["committed"] else st.record(row)
         self.progress.attempt(row, st.head(island), st.elapsed())
         return row
 

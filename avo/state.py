@@ -101,26 +101,31 @@ class LineageState:
 
     # -- writing ---------------------------------------------------------------------------------
     def record(self, row: dict) -> dict:
-        """Write a row to the lineage and keep it in memory; a committed row becomes a version (see commit)."""
+        """Write a row that adds no version (a rejected, failed or invalid attempt, a kept head) and keep it."""
+        if row["committed"]:
+            raise ValueError(f"{row['candidate_id']} ({row['decision']}) adds a version: commit it")
+        return self._write(row)
+
+    def commit(self, row: dict) -> Version:
+        """Write a committed row; returns the new version, now its island's head, with its chain over v0."""
+        if not row["committed"]:
+            raise ValueError(f"{row['candidate_id']} ({row['decision']}) is no commit: record it")
+        parent = next((v for v in self.versions if v.candidate_id == row["parent_id"]), None)
+        chain = (parent.chain_ratio, parent.chain_lo, parent.chain_hi) if parent and parent.chain_ratio is not None \
+            else None
+        self._write(row)
+        self.versions.append(self._version(row, history.link(chain, row)))
+        return self.versions[-1]
+
+    def _write(self, row: dict) -> dict:
         lineage.append(self.run_dir, row)
         self.rows = extended(self.rows, [row])
         self.tried.add(row["source_sha"])
-        if row["committed"]:
-            parent = next((v for v in self.versions if v.candidate_id == row["parent_id"]), None)
-            chain = (parent.chain_ratio, parent.chain_lo, parent.chain_hi) if parent and parent.chain_ratio else None
-            self.versions.append(self._version(row, history.link(chain, row)))
         return row
 
     def adapt(self, row: dict) -> None:
         """Keep a transferred seed that failed here (its step-0 row) in view until a candidate becomes v0."""
         self.pending = self._version(row, None)
-
-    def commit(self, row: dict) -> Version:
-        """Record a committed row; returns the new version (now its island's head)."""
-        if not row["committed"]:
-            raise ValueError(f"{row['candidate_id']} ({row['decision']}) is no commit")
-        self.record(row)
-        return self.versions[-1]
 
     def intervene(self, record: dict) -> dict:
         """Write a supervisor intervention and keep it in memory."""
