@@ -63,13 +63,15 @@ def config_chains(c: pl.DataFrame) -> dict[str, dict[int, tuple]]:
 
 def _lines(ax, points: dict[int, tuple], island_of: dict[int, int], islands: int) -> None:
     """One island's chain per line: speed over v0 with its interval, v0 the common start."""
+    last = max(points)
     for i in range(islands):
         vs = sorted(v for v in points if v == 0 or island_of[v] == i)
         if len(vs) < 2 and i:
             continue
         y, lo, hi = ([points[v][k] for v in vs] for k in range(3))
         color = ISLANDS(i % 10)
-        ax.step(vs, y, where="post", color=color, lw=1.8, label=f"island {i}" if islands > 1 else None)
+        ax.step(vs + [last], y + y[-1:], where="post", color=color, lw=1.8,  # the head's level to the last version
+                label=f"island {i}" if islands > 1 else None)
         below, above = [a - b for a, b in zip(y, lo, strict=True)], [b - a for a, b in zip(y, hi, strict=True)]
         ax.errorbar(vs, y, yerr=[below, above], fmt="o", color=color, ms=3.5, capsize=2, lw=0.8)
 
