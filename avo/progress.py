@@ -68,7 +68,7 @@ class Progress:
         self.line(f"done: {s.stopped}")
         best = "no version committed yet" if s.best_version is None else (
             f"best v{s.best_version}" + (f" x{s.best_ratio:.4f} over v0 (chained paired ratios), its own "
-                                         f"evaluation {_fmt(s.best_score)} TFLOPS" if s.best_score is not None else ""))
+                                         f"evaluation {_fmt(s.best_score)} TFLOPS" if None not in (s.best_ratio, s.best_score) else ""))
         self.line(f"{s.attempts} attempts over {s.steps} steps, {s.commits} commits, {best}, "
                   f"elapsed {_clock(s.elapsed_s)}")
         self.line(f"outcomes: {taxonomy or 'none'}")
