@@ -66,9 +66,10 @@ class Progress:
         counts = dict(rows.filter((pl.col("step") > 0) & ORIGINAL).group_by(OUTCOME.alias("o")).len().iter_rows())
         taxonomy = ", ".join(f"{o} {counts[o]}" for o in OUTCOMES if o in counts)
         self.line(f"done: {s.stopped}")
-        best = "no version committed yet" if s.best_version is None else (
-            f"best v{s.best_version}" + (f" x{s.best_ratio:.4f} over v0 (chained paired ratios), its own "
-                                         f"evaluation {_fmt(s.best_score)} TFLOPS" if None not in (s.best_ratio, s.best_score) else ""))
+        best = "no version committed yet" if s.best_version is None else f"best v{s.best_version}"
+        if s.best_ratio is not None and s.best_score is not None:  # timed side by side
+            best += (f" x{s.best_ratio:.4f} over v0 (chained paired ratios), its own evaluation "
+                     f"{_fmt(s.best_score)} TFLOPS")
         self.line(f"{s.attempts} attempts over {s.steps} steps, {s.commits} commits, {best}, "
                   f"elapsed {_clock(s.elapsed_s)}")
         self.line(f"outcomes: {taxonomy or 'none'}")
