@@ -1,6 +1,7 @@
 """Tables, plots and a report from the lineage of runs or sweeps.
 
     python -m avo.analyze outputs/2026-01-01/12-00-00 [more run or sweep dirs] [--out DIR] [--format md|csv|html]
+                          [--bench <avo.bench output of committed versions> ...]
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--by", help="comma-separated override keys to group a sweep by (default: those that vary)")
     p.add_argument("--detail", type=int, default=12, help="runs given their own report section (best first)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--bench", type=Path, action="append", default=[],
+                   help="an avo.bench output (folder or bench.json) of committed versions timed side by side: "
+                        "their TFLOPS go into the report (repeatable)")
     return p.parse_args(argv)
 
 
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if islands:  # search.islands > 1: how each lineage fared
             print(report.markdown(crew.per_island(lin).filter(pl.col("run_id").is_in(islands))))
         out = args.out or Path(args.paths[0]) / "analysis"
-        report.write(lin, out, args.format, by, plot=not args.no_plots, detail=args.detail)
+        report.write(lin, out, args.format, by, plot=not args.no_plots, detail=args.detail, bench=args.bench)
     except (AnalysisError, OSError) as e:
         line = one_line(e, (AnalysisError,))
         if line is None:

@@ -36,10 +36,17 @@ def compose(overrides: list[str]):
         return hydra_compose("bench", overrides=overrides, return_hydra_config=False)
 
 
-def seed_source(spec: str) -> str:
+def seeds(cfg) -> dict:
+    """The seeds to time, by name: `seeds`, else `seed` (avo.seeds: a run directory gives its best)."""
     from avo.seeds import resolve
 
-    return resolve(spec).source
+    return {s.name: s for s in (resolve(spec) for spec in (list(cfg.seeds) or [str(cfg.seed)]))}
+
+
+def origins(seeds: dict) -> dict:
+    """Where each seed came from: a run's version (what avo.analyze --bench matches), or its spec."""
+    return {n: {"run_dir": str(Path(s.run_dir).resolve()), "version": s.version} if s.run_dir is not None else
+            {"spec": s.origin} for n, s in seeds.items()}
 
 
 def _follow(path: Path, done: threading.Event) -> None:
@@ -89,7 +96,7 @@ def write_outputs(out: Path, problem, results: dict[str, EvalResult], meta: dict
             scalars = {k: v for k, v in vars(c).items() if not isinstance(v, list)}  # one row: avo.types.ConfigResult
             rows.append({"seed": n, "status": r.status.value, "gpu": r.gpu, **scalars, "vs_cudnn": c.vs_cudnn,
                          "sm_clock_mhz": r.sm_clock_mhz, "power_w": r.power_w,
-                         **{k: v for k, v in meta.items() if k != "seeds"}})
+                         **{k: v for k, v in meta.items() if k not in ("seeds", "origins")}})
     if rows:
         pq.write_table(pa.Table.from_pylist(rows), out / "bench.parquet")
 
@@ -99,26 +106,27 @@ def run(cfg, out: Path) -> int:
     from avo.harness.job import write_sources
     from avo.harness.sandbox import run_worker
     from avo.problem import problem_from_cfg
-    from avo.seeds import resolve
 
     problem = problem_from_cfg(cfg.kernel)
-    seeds = {s.name: s for s in (resolve(spec) for spec in (list(cfg.seeds) or [str(cfg.seed)]))}
+    chosen = seeds(cfg)
     print(f"bench: {problem.name} ({problem.heads_q}/{problem.heads_kv} heads, d{problem.head_dim}), "
-          f"{len(problem.bench)} shapes, seeds {list(seeds)} -> {out}", flush=True)
-    for seed in seeds.values():
+          f"{len(problem.bench)} shapes, seeds {list(chosen)} -> {out}", flush=True)
+    for seed in chosen.values():
         seed.check(problem.head_dim, cfg.harness.arch)
+        if seed.note:
+            print(f"bench: {seed.note}", flush=True)
     harness = GpuHarness(cfg.harness, out / "jobs", spare=False)
     if cfg.profile:
-        return _profile(harness, problem, seeds, None if cfg.profile == "first" else cfg.profile)
-    job_dir = out / "jobs" / ("bench-" + hashlib.sha256(json.dumps(sorted(seeds)).encode()).hexdigest()[:12])
-    sources = write_sources(job_dir, {name: seed.source for name, seed in seeds.items()})
+        return _profile(harness, problem, chosen, None if cfg.profile == "first" else cfg.profile)
+    job_dir = out / "jobs" / ("bench-" + hashlib.sha256(json.dumps(sorted(chosen)).encode()).hexdigest()[:12])
+    sources = write_sources(job_dir, {name: seed.source for name, seed in chosen.items()})
     harness.job(problem, "bench", sources=sources).write(job_dir)
     print(f"bench: worker log at {job_dir / 'worker.log'}", flush=True)
     done = threading.Event()
     tail = threading.Thread(target=_follow, args=(job_dir / "worker.log", done), daemon=True)
     tail.start()
     try:
-        summary = run_worker(job_dir, cfg.harness.timeout_s * len(seeds), env=harness.env())
+        summary = run_worker(job_dir, cfg.harness.timeout_s * len(chosen), env=harness.env())
     finally:
         done.set()
         tail.join()
@@ -126,8 +134,8 @@ def run(cfg, out: Path) -> int:
         print(f"bench: the worker failed: {summary.status.value}: {summary.error}", file=sys.stderr)
         return 1
     results = {n: EvalResult.from_dict(d) for n, d in json.loads((job_dir / "bench.json").read_text()).items()}
-    meta = {"kernel": problem.name, "group": int(cfg.group), "arch": harness.arch, "seeds": list(seeds),
-            "timestamp": time.strftime("%Y-%m-%d_%H-%M-%S")}
+    meta = {"kernel": problem.name, "group": int(cfg.group), "arch": harness.arch, "seeds": list(chosen),
+            "origins": origins(chosen), "timestamp": time.strftime("%Y-%m-%d_%H-%M-%S")}
     write_outputs(out, problem, results, meta)
     print_table(problem, results)
     print(f"bench: wrote {out / 'bench.json'} and {out / 'bench.parquet'}")

@@ -1,4 +1,4 @@
-"""The commit rule: correct, and not beaten by the incumbent when both are timed side by side.
+"""The commit rule: correct, and faster than the incumbent (its island's head) when both are timed side by side.
 
 A candidate is never judged against a score measured earlier: every ranked evaluation times it
 interleaved with the incumbent (the best version now) on the same inputs and clocks, and
@@ -19,30 +19,30 @@ avo.paired turns the per-iteration pairs into a speed ratio with one-sided bound
 """
 from __future__ import annotations
 
-from avo.types import EvalResult, Version
+from avo.types import Decision, EvalResult, Version
 
 RULES = ("gain", "noninferior")
 
 
-def decide(result: EvalResult, rule: str = "gain", min_gain: float = 0.0, config_margin: float = 0.01) -> str:
-    """Return the decision for an evaluated candidate; only "committed" advances the lineage."""
+def decide(result: EvalResult, rule: str = "gain", min_gain: float = 0.0, config_margin: float = 0.01) -> Decision:
+    """Return the decision for an evaluated candidate; only COMMITTED advances the lineage."""
     if not result.ok:
-        return "failed"
+        return Decision.FAILED
     if not result.ranked or result.score is None:
-        return "unranked"
+        return Decision.UNRANKED
     if result.stage == "screen":
-        return "screened"
+        return Decision.SCREENED
     if result.paired_lo is None:
-        return "unpaired"
+        return Decision.UNPAIRED
     slower = [c for c in result.configs if c.ratio_hi is not None and c.ratio_hi < 1.0 - config_margin]
     if rule == "gain":
         if result.paired_lo <= 1.0 + min_gain:
-            return "not_faster"
-        return "regression" if slower else "committed"
+            return Decision.NOT_FASTER
+        return Decision.REGRESSION if slower else Decision.COMMITTED
     if rule == "noninferior":
         if result.paired_hi < 1.0 or (result.anchor_hi is not None and result.anchor_hi < 1.0):
-            return "not_faster"
-        return "regression" if slower else "committed"
+            return Decision.NOT_FASTER
+        return Decision.REGRESSION if slower else Decision.COMMITTED
     raise ValueError(f"search.commit.rule={rule!r}: use one of {', '.join(RULES)}")
 
 

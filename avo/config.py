@@ -39,7 +39,9 @@ class CommitConf:
 @dataclass
 class SearchConf:
     name: str = MISSING
-    max_steps: int = 100              # variation steps after the seed
+    # variation steps after the seed: 500 steps of up to 3 attempts is the AVO paper's week (500+ directions in
+    # 7 days), so max_hours, not max_steps, ends a week-long LLM search
+    max_steps: int = 500
     max_hours: float = 168.0          # wall-clock budget for this run (all restarts together)
     attempts_per_step: int = 3        # evaluated candidates per step before moving on
     workers: int = 1                  # operators working at once on the lineage (avo.workers); 1: one at a time
@@ -47,9 +49,9 @@ class SearchConf:
     # islands > 1: that many lineages in one run (avo.islands), each with workers / islands workers, so
     # the search keeps several lines of descent instead of one that can corner itself
     islands: int = 1
-    # every M-th step copies the best version of all islands into the islands behind it (0: never). 20 lets an
-    # island take its own direction for a few commits between migrations, and lifts an island stuck far
-    # behind 25 times in a default run (max_steps 500)
+    # every M-th step times the leading head beside the others and copies it where it wins (0: never). 20 lets
+    # an island take its own direction for a few commits between migrations, and lifts an island stuck far
+    # behind 25 times in a default run
     migrate_every: int = 20
     commit: CommitConf = field(default_factory=CommitConf)
     stagnation: StagnationConf = field(default_factory=StagnationConf)
@@ -351,6 +353,11 @@ def validate(cfg: DictConfig, check_seed: bool = True) -> None:
     if s.workers > 1 and cfg.agent.kind == "external":
         raise ConfigError(f"search.workers={s.workers}: agent={cfg.agent.name} is one outside agent on one "
                           "endpoint; use search.workers=1 with it")
+    from avo.agent import check
+    from avo.launcher import check as check_launcher
+
+    check(cfg.agent)
+    check_launcher(cfg)
     from avo.commit import RULES
 
     c = s.commit

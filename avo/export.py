@@ -1,6 +1,6 @@
 """Export a discovered kernel as a standalone PyTorch op package.
 
-    python -m avo.export <run dir>[:<version>] --out <dir>   # a committed version (the best by default)
+    python -m avo.export <run dir>[:<version>] --out <dir>   # a committed version (the best: avo.history)
     python -m avo.export sm90 --out <dir>                      # or a seed in kernels_cuda/, or a .cu file
 
 <dir> becomes an importable Python package named after its last component. It needs only torch
@@ -51,17 +51,18 @@ def _origin(seed) -> dict:
                 "groups": [1], "scores": []}
     import polars as pl
 
-    from avo import lineage
+    from avo import history, lineage
 
     info = lineage.read_run_info(seed.run_dir) or {}
-    rows = lineage.read_run(seed.run_dir).filter(pl.col("committed") & (pl.col("version") == seed.version))
-    row = rows.row(0, named=True)
+    row = history.chains(lineage.read_run(seed.run_dir)).filter(pl.col("version") == seed.version).row(0, named=True)
     scores = [{**c, "vs_cudnn": (c["tflops"] / c["cudnn_tflops"] if c["tflops"] and c["cudnn_tflops"] else None)}
               for c in row["configs"] or []]
     return {"spec": seed.origin, "run_dir": str(Path(seed.run_dir).resolve()), "run_id": row["run_id"],
             "version": row["version"], "candidate_id": row["candidate_id"], "message": row["message"],
             "kernel": row["kernel"], "heads_q": row["heads_q"], "heads_kv": row["heads_kv"],
             "harness": info.get("harness"), "gpu": row["gpu"], "score_tflops": row["score"],
+            # what the lineage proved: its speed over v0, timed side by side along its chain (avo.history)
+            "over_v0": [row[c] for c in history.CHAIN] if row["chain_ratio"] is not None else None,
             "ranked": row["ranked"], "committed_at": row["finished_at"].isoformat() if row["finished_at"] else None,
             # harness=compile checks no output: only a GPU run's version was verified for its variant
             "verified": bool(row["ranked"]) or info.get("harness") == "gpu", "head_dims": [row["head_dim"]],
@@ -122,7 +123,7 @@ def export(spec: str, out: str | os.PathLike, head_dims: list[int] | None = None
             "; pass --force to replace a previous export there" if (out / META_FILE).exists() else
             " (and holds no previous export, so --force will not touch it either)"))
     seed = _resolve(str(spec))
-    log(f"exporting {seed.origin}")
+    log(f"exporting {seed.origin}" + (f" ({seed.note})" if seed.note else ""))
     origin = _origin(seed)
     verified_dims, verified_groups = origin.pop("head_dims"), origin.pop("groups")
     head_dims = sorted(set(head_dims or verified_dims))

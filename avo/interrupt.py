@@ -16,9 +16,9 @@ import signal
 import threading
 from contextlib import contextmanager
 
-from avo.types import EvalResult, Status
+from avo.types import Decision, EvalResult, Status
 
-INTERRUPTED = "interrupted"  # the decision (and the status) of an attempt cut off by a stop
+INTERRUPTED = Decision.INTERRUPTED.value  # the decision (and the status) of an attempt cut off by a stop
 
 
 class Interrupted(BaseException):

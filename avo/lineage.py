@@ -1,4 +1,4 @@
-"""Append-only Parquet lineage: one row per attempt, sources content-addressed beside it.
+"""Append-only Parquet lineage: one row per attempt (avo.schema), sources content-addressed beside it.
 
 Layout of <run_dir>/lineage/:
   part-s{step:05d}-a{attempt:02d}.parquet   one attempt, written atomically
@@ -17,7 +17,6 @@ import io
 import json
 import os
 import re
-import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -29,51 +28,12 @@ import pyarrow.parquet as pq
 
 from avo.errors import LineageError
 from avo.fsutil import atomic_write_bytes, atomic_write_text
+from avo.schema import SCHEMA, SCHEMA_VERSION, SUPERVISOR_SCHEMA, to_frame
 
-SCHEMA_VERSION = 5  # 3: worker, island; 4: device; 5: the supervisor rows' island
 # rows written before a column or a per-config field existed read it as null
 OLDER_ROWS = pl.ScanCastOptions(missing_struct_fields="insert", extra_struct_fields="ignore")
-MAX_CHUNKS = 64  # an in-memory frame grown row by row is rechunked past this many chunks (extended)
-MIGRATED = "migrated"  # the decision of a copy of another island's best (avo.islands)
-COMMITS = ("committed", "seed", MIGRATED)  # decisions that add a version
-ORIGINAL = pl.col("decision").ne_missing(MIGRATED)  # an attempt or the seed: not a migrant's copy of a version
-STAGE_COLUMNS = ("compile_s", "verify_s", "screen_s", "bench_s")  # an evaluation's own clocks, stage by stage
 COMPACT_EVERY = 64
 MERGE_CHUNKS = 16
-
-CONFIG_STRUCT = pa.struct([("key", pa.string()), ("tflops", pa.float64()), ("ms", pa.float64()),
-                           ("ms_p10", pa.float64()), ("ms_p90", pa.float64()), ("cudnn_tflops", pa.float64()),
-                           ("fa2_tflops", pa.float64()), ("max_err", pa.float64()),
-                           ("samples", pa.list_(pa.float64())), ("incumbent_tflops", pa.float64()),
-                           ("incumbent_samples", pa.list_(pa.float64())), ("anchor_tflops", pa.float64()),
-                           ("anchor_samples", pa.list_(pa.float64())), ("ratio", pa.float64()),
-                           ("ratio_lo", pa.float64()), ("ratio_hi", pa.float64())])
-TS = pa.timestamp("us", tz="UTC")
-SCHEMA = pa.schema([
-    ("schema_version", pa.int32()), ("run_id", pa.string()), ("step", pa.int32()), ("attempt", pa.int32()),
-    ("candidate_id", pa.string()), ("parent_id", pa.string()), ("version", pa.int32()),
-    ("committed", pa.bool_()), ("decision", pa.string()), ("status", pa.string()), ("ranked", pa.bool_()),
-    ("score", pa.float64()), ("best_before", pa.float64()), ("configs", pa.list_(CONFIG_STRUCT)),
-    ("stage", pa.string()), ("screen_s", pa.float64()), ("paired_ratio", pa.float64()), ("paired_lo", pa.float64()),
-    ("paired_hi", pa.float64()), ("incumbent_score", pa.float64()), ("anchor_ratio", pa.float64()),
-    ("anchor_lo", pa.float64()), ("anchor_hi", pa.float64()),
-    ("source_sha", pa.string()), ("operator", pa.string()), ("model", pa.string()), ("message", pa.string()),
-    ("error", pa.string()), ("propose_s", pa.float64()), ("compile_s", pa.float64()), ("verify_s", pa.float64()),
-    ("bench_s", pa.float64()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
-    ("llm_calls", pa.int64()), ("registers", pa.int32()), ("spill_bytes", pa.int32()),
-    ("stack_bytes", pa.int32()), ("smem_bytes", pa.int32()), ("threads", pa.int32()), ("gpu", pa.string()),
-    ("sm_clock_mhz", pa.float64()), ("power_w", pa.float64()), ("kernel", pa.string()), ("heads_q", pa.int32()),
-    ("heads_kv", pa.int32()), ("head_dim", pa.int32()), ("group", pa.int32()), ("directive", pa.string()),
-    ("started_at", TS), ("finished_at", TS), ("host", pa.string()), ("extra", pa.string()),
-    ("worker", pa.int32()), ("island", pa.int32()),  # which of search.workers proposed it, on which island
-    ("device", pa.int32()),  # the CUDA device it was evaluated on (harness.devices); null without a GPU
-])
-WIDE_COLUMNS = ("configs", "message", "error", "extra")  # lists and free text: read only where needed
-SUPERVISOR_SCHEMA = pa.schema([("run_id", pa.string()), ("step", pa.int32()), ("reason", pa.string()),
-                               ("directive", pa.string()), ("operator", pa.string()), ("at", TS),
-                               ("model", pa.string()), ("prompt_tokens", pa.int64()),
-                               ("completion_tokens", pa.int64()), ("llm_calls", pa.int64()),
-                               ("latency_s", pa.float64()), ("island", pa.int32())])
 
 
 def lineage_dir(run_dir: str | Path) -> Path:
@@ -105,48 +65,6 @@ def _to_parquet(rows: list[dict], schema: pa.Schema) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
-
-
-def attempt_row(*, run_id: str, step: int, attempt: int, parent, version: int | None, decision: str, result,
-                proposal, operator, problem, directive: str | None, started, propose_s: float, source_sha: str,
-                worker: int = 0, island: int = 0) -> dict:
-    """The one place an attempt becomes a row of SCHEMA: from the search's objects (parent: the
-    Version varied, result: EvalResult, proposal: Proposal, operator: name and model, problem: Problem)."""
-    return {
-        "run_id": run_id, "step": step, "attempt": attempt, "candidate_id": f"{step:05d}.{attempt:02d}",
-        "parent_id": parent.candidate_id if parent else None, "version": version,
-        "committed": decision in COMMITS, "decision": decision, "status": result.status.value,
-        "ranked": result.ranked, "score": result.score, "best_before": parent.score if parent else None,
-        "stage": result.stage, "screen_s": result.screen_s, "paired_ratio": result.paired_ratio,
-        "paired_lo": result.paired_lo, "paired_hi": result.paired_hi, "incumbent_score": result.incumbent_score,
-        "anchor_ratio": result.anchor_ratio, "anchor_lo": result.anchor_lo, "anchor_hi": result.anchor_hi,
-        "configs": [vars(c) for c in result.configs], "source_sha": source_sha, "operator": operator.name,
-        "model": proposal.model or operator.model, "message": proposal.message, "error": result.error,
-        "propose_s": propose_s, "compile_s": result.compile_s, "verify_s": result.verify_s,
-        "bench_s": result.bench_s, "prompt_tokens": proposal.prompt_tokens,
-        "completion_tokens": proposal.completion_tokens, "llm_calls": proposal.llm_calls,
-        "registers": result.registers, "spill_bytes": result.spill_bytes, "stack_bytes": result.stack_bytes,
-        "smem_bytes": result.smem_bytes, "threads": result.threads, "gpu": result.gpu,
-        "sm_clock_mhz": result.sm_clock_mhz, "power_w": result.power_w, "kernel": problem.name,
-        "heads_q": problem.heads_q, "heads_kv": problem.heads_kv, "head_dim": problem.head_dim,
-        "group": problem.group, "directive": directive, "started_at": started,
-        "finished_at": datetime.now(timezone.utc), "host": socket.gethostname(),
-        "extra": json.dumps({"log_tail": result.log[-2000:], **proposal.meta}, default=str),
-        "worker": worker, "island": island, "device": result.device,
-    }
-
-
-def to_frame(rows: list[dict], schema: pa.Schema = SCHEMA) -> pl.DataFrame:
-    """Rows as a DataFrame with exactly the given schema (the attempts' by default: what read_run returns)."""
-    return pl.from_arrow(pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema))
-
-
-def extended(frame: pl.DataFrame, rows: list[dict], schema: pa.Schema = SCHEMA) -> pl.DataFrame:
-    """`frame` with `rows` appended: how the search keeps its rows in memory. Each append adds a chunk
-    to every column, and appends and reads slow down with their number (21 ms an append at 4000 rows,
-    growing without bound, against 0.2 ms): past MAX_CHUNKS the frame is made contiguous again."""
-    out = pl.concat([frame, to_frame(rows, schema)])
-    return out.rechunk() if out.n_chunks() > MAX_CHUNKS else out
 
 
 def append(run_dir: str | Path, row: dict) -> Path:

@@ -5,7 +5,8 @@ import sys
 
 import polars as pl
 
-from avo.lineage import ORIGINAL
+from avo.schema import ORIGINAL, OUTCOME
+from avo.types import OUTCOMES
 
 
 def launcher_log(msg: str) -> None:
@@ -27,22 +28,27 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-class Progress:
-    workers = 1  # more than one (search.workers): each line names the worker
-    islands = 1  # more than one (search.islands): and its island
+def _x(v) -> str:
+    """A version and what the lineage proved about it: `v3 x1.0123` (its chained paired ratio over v0)."""
+    if v is None:
+        return "-"
+    return f"v{v.version}" + (f" x{v.chain_ratio:.4f}" if v.chain_ratio is not None else "")
 
-    def __init__(self, run_id: str, ranked: bool, stream=None):
+
+class Progress:
+    def __init__(self, run_id: str, ranked: bool, stream=None, workers: int = 1, islands: int = 1):
         self.run_id, self.ranked = run_id, ranked
         self.stream = stream or sys.stdout
+        self.workers, self.islands = workers, islands  # more than one: each line names the worker / island
 
     def line(self, text: str) -> None:
         print(f"[avo {self.run_id}] {text}", file=self.stream, flush=True)
 
     def resumed(self, rows: pl.DataFrame, best) -> None:
-        self.line(f"resuming: {len(rows)} attempts on record, best is v{best.version} "
-                  f"(score {_fmt(best.score)}), last step {int(rows['step'].max())}")
+        self.line(f"resuming: {len(rows)} rows on record, best {_x(best)} over v0, last step {int(rows['step'].max())}")
 
-    def attempt(self, row: dict, best: float | None, elapsed: float) -> None:
+    def attempt(self, row: dict, head, elapsed: float) -> None:
+        """One row, and its island's head after it (the best: chained paired ratios over v0, never a score)."""
         unit = " TFLOPS" if row["ranked"] else ""
         msg = (row["message"] or "").splitlines()[0][:60] if row["message"] else ""
         err = f" | {row['error'].splitlines()[0][:100]}" if row["error"] and row["status"] != "ok" else ""
@@ -53,20 +59,24 @@ class Progress:
         who = f"w{row['worker']} " if self.workers > 1 and row.get("worker") is not None else ""
         who = f"i{row['island']} {who}" if self.islands > 1 and row.get("island") is not None else who
         self.line(f"{who}step {row['step']:>4}.{row['attempt']} | {row['status']:<13} | {row['decision']:<10} | "
-                  f"score {_fmt(row['score'])}{unit}{paired} | best {_fmt(best)} | {_clock(elapsed)} | {msg}{err}")
+                  f"score {_fmt(row['score'])}{unit}{paired} | best {_x(head)} | {_clock(elapsed)} | {msg}{err}")
 
-    def summary(self, s, rows: pl.DataFrame, ranked: bool, bests=()) -> None:
-        """bests: each island's best version, when there are several islands."""
-        counts = rows.filter(ORIGINAL).group_by("status").len().sort("status")
-        taxonomy = ", ".join(f"{r['status']} {r['len']}" for r in counts.iter_rows(named=True))
+    def summary(self, s, rows: pl.DataFrame, ranked: bool, heads=(), note: str = "") -> None:
+        """heads: each island's head, when there are several islands; note: why their order is an estimate."""
+        counts = dict(rows.filter((pl.col("step") > 0) & ORIGINAL).group_by(OUTCOME.alias("o")).len().iter_rows())
+        taxonomy = ", ".join(f"{o} {counts[o]}" for o in OUTCOMES if o in counts)
         self.line(f"done: {s.stopped}")
         best = "no version committed yet" if s.best_version is None else f"best v{s.best_version}"
-        self.line(f"{s.attempts} attempts over {s.steps} steps, {s.commits} commits, "
-                  f"{best} score {_fmt(s.best_score)}, elapsed {_clock(s.elapsed_s)}")
-        self.line(f"outcomes: {taxonomy}")
-        if bests:
-            self.line("islands' bests: " + ", ".join(f"island {i} v{v.version} {_fmt(v.score)}"
-                                                     for i, v in enumerate(bests)))
+        if s.best_ratio is not None and s.best_score is not None:  # timed side by side
+            best += (f" x{s.best_ratio:.4f} over v0 (chained paired ratios), its own evaluation "
+                     f"{_fmt(s.best_score)} TFLOPS")
+        self.line(f"{s.attempts} attempts over {s.steps} steps, {s.commits} commits, {best}, "
+                  f"elapsed {_clock(s.elapsed_s)}")
+        self.line(f"outcomes: {taxonomy or 'none'}")
+        if heads:
+            self.line("islands' heads: " + ", ".join(f"island {i} {_x(v)}" for i, v in enumerate(heads)))
+        if note:
+            self.line(note)
         if not ranked:
             self.line("this harness ranks nothing (no timing): candidates were compiled and recorded, "
                       "none could be committed; use harness=gpu on a GPU node to search for speed")

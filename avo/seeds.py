@@ -20,6 +20,7 @@ class Seed:
     run_dir: Path | None = None   # set when transferred from another run
     version: int | None = None
     meta: dict = field(default_factory=dict)  # the seed's YAML (kernels_cuda/ seeds only)
+    note: str = ""       # what to tell a person about how it was chosen (several islands: avo.history)
 
     @property
     def name(self) -> str:
@@ -76,23 +77,24 @@ def resolve(spec: str) -> Seed:
 
 
 def from_run(run_dir: Path, version: int | None) -> Seed:
-    import polars as pl  # only run-directory seeds need the lineage reader
+    """A committed version of a run; without a version, the run's best (avo.history: its head)."""
+    from avo import history, lineage
 
-    from avo import lineage
-
-    committed = lineage.read_run(run_dir).filter(pl.col("committed")).sort("version")
+    rows = lineage.read_run(run_dir)
+    committed = history.chains(rows)
     if committed.is_empty():
         raise SeedError(f"seed={run_dir}: the run has no committed version")
+    note = ""
     if version is None:
-        # the best by score, an original rather than a migrant's copy of it (search.islands)
-        ranked = committed.filter(pl.col("score").is_not_null() & lineage.ORIGINAL)
-        pick = ranked.sort("score", "version") if not ranked.is_empty() else committed
-        row = pick.tail(1).row(0, named=True)
+        row = committed.filter(committed["best"]).row(0, named=True)
+        islands = committed["islands"][0]
+        if committed["head"].sum() > 1:
+            note = f"seed={run_dir}: v{row['version']}; " + history.NOT_SIDE_BY_SIDE.format(n=islands)
     else:
-        rows = committed.filter(pl.col("version") == version)
-        if rows.is_empty():
+        match = committed.filter(committed["version"] == version)
+        if match.is_empty():
             raise SeedError(f"seed={run_dir}:{version}: no such version (committed: "
                             f"{committed['version'].to_list()})")
-        row = rows.row(0, named=True)
+        row = match.row(0, named=True)
     return Seed(lineage.read_source(run_dir, row["source_sha"]), f"{run_dir}:v{row['version']}",
-                run_dir=run_dir, version=row["version"])
+                run_dir=run_dir, version=row["version"], note=note)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from avo.lineage import ORIGINAL
+from avo.schema import ORIGINAL
 
 
 def detect(rows: pl.DataFrame, stag, since_step: int = 0) -> str | None:

@@ -16,6 +16,8 @@ from pathlib import Path
 import polars as pl
 
 from avo import lineage
+from avo.history import chains
+from avo.schema import ORIGINAL
 
 KNOWLEDGE_FILES = ("agent/notes.md",)
 
@@ -34,27 +36,32 @@ def carry_knowledge(src_run: Path, dst_run: Path) -> list[Path]:
 
 
 def lessons_markdown(src_run: Path) -> tuple[str, str] | None:
-    """(source run id, markdown): one section per committed version, with its message and scores."""
-    rows = lineage.read_run(src_run).filter(pl.col("committed") & lineage.ORIGINAL)
-    rows = rows.sort("version")  # (a migrant repeats a version of another island: search.islands)
-    if rows.is_empty():
+    """(source run id, markdown): one section per committed version, with its message and what the lineage
+    proved about it (its paired ratio over its parent, timed side by side, and their chain over v0)."""
+    rows = chains(lineage.read_run(src_run)).filter(ORIGINAL)
+    if rows.is_empty():  # (a migrant repeats a version of another island: search.islands)
         return None
     info = lineage.read_run_info(src_run) or {}
     run_id = info.get("run_id") or rows["run_id"][0]
     first = rows.row(0, named=True)
     out = [f"# Lessons from run {run_id}\n",
            f"Committed versions of {first['kernel']} (Hq={first['heads_q']}, Hkv={first['heads_kv']}, "
-           f"d={first['head_dim']}) in {Path(src_run).resolve()}, oldest first. Each kept a correct kernel "
-           "and matched or beat the best before it; the messages say what changed.\n"]
-    prev = None
+           f"d={first['head_dim']}) in {Path(src_run).resolve()}, oldest first. Each kept a correct kernel and "
+           "passed the commit rule timed side by side with the version before it; the messages say what changed. "
+           "Scores are each version's own evaluation: compare versions by their ratios, not their scores.\n"]
+    by_id = {r["candidate_id"]: r for r in rows.iter_rows(named=True)}
     for r in rows.iter_rows(named=True):
-        gain = ""
-        if r["score"] is not None and prev is not None and prev["score"]:
-            gain = f" ({100 * (r['score'] / prev['score'] - 1):+.2f}% over v{prev['version']})"
-        score = f"{r['score']:.1f} TFLOPS{gain}" if r["score"] is not None else "not timed (unranked)"
+        parent = by_id.get(r["parent_id"])
+        proved = ""
+        if r["paired_ratio"] is not None and parent is not None:
+            proved = (f" x{r['paired_ratio']:.4f} [{r['paired_lo']:.4f}, {r['paired_hi']:.4f}] over "
+                      f"v{parent['version']} side by side")
+        if r["chain_ratio"] is not None and r["version"] and not (parent and parent["version"] == 0):
+            proved += f"; x{r['chain_ratio']:.4f} [{r['chain_lo']:.4f}, {r['chain_hi']:.4f}] over v0 chained"
+        score = f"{r['score']:.1f} TFLOPS in its own evaluation" if r["score"] is not None else "not timed (unranked)"
         out.append(f"## {run_id} v{r['version']}: {(r['message'] or '(no message)').splitlines()[0][:120]}\n")
-        out.append(f"Score: {score}. Registers {r['registers']}, spills {r['spill_bytes']} bytes, "
-                   f"shared memory {r['smem_bytes']} bytes, {r['threads']} threads.")
+        out.append(f"Speed:{proved or ' -'}. Score: {score}. Registers {r['registers']}, spills {r['spill_bytes']} "
+                   f"bytes, shared memory {r['smem_bytes']} bytes, {r['threads']} threads.")
         configs = [c for c in r["configs"] or [] if c.get("tflops")]
         if configs:
             out.append("Per config: " + ", ".join(
@@ -63,7 +70,6 @@ def lessons_markdown(src_run: Path) -> tuple[str, str] | None:
         if r["message"] and "\n" in r["message"].strip():
             out.append("\n" + r["message"].strip())
         out.append("")
-        prev = r
     return run_id, "\n".join(out)
 
 

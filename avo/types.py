@@ -21,6 +21,35 @@ class Status(str, Enum):
     INTERRUPTED = "interrupted"      # the search was stopped (a signal, a requeue) before a verdict (avo.interrupt)
 
 
+class Decision(str, Enum):
+    """What the search made of a row (the lineage's `decision`); its Status says how the evaluation went."""
+    SEED = "seed"                    # x0: the seed, or the first correct candidate after a transferred seed failed
+    COMMITTED = "committed"          # passed the commit rule against the island's head: the next version
+    MIGRATED = "migrated"            # a migration: another island's head, significantly faster than this one's
+    KEPT = "kept"                    # a migration's paired round that left this island's head in place
+    NOT_FASTER = "not_faster"        # not significantly faster than the head (noninferior: significantly slower)
+    REGRESSION = "regression"        # a config significantly slower by more than search.commit.config_margin
+    SCREENED = "screened"            # stopped at the screen: clearly slower on the cheapest shapes
+    UNPAIRED = "unpaired"            # ranked, but not timed side by side with the head
+    STALE = "stale"                  # beat a head that another worker replaced before the decision, not the new one
+    UNRANKED = "unranked"            # passed, but the harness times nothing (harness=compile)
+    FAILED = "failed"                # the evaluation did not pass: its status says how
+    INVALID = "invalid"              # the operator produced no candidate
+    INTERRUPTED = "interrupted"      # cut short by SIGTERM/SIGINT before a decision
+
+
+COMMITS = frozenset({Decision.SEED, Decision.COMMITTED, Decision.MIGRATED})  # decisions that add a version
+MIGRATION = frozenset({Decision.MIGRATED, Decision.KEPT})  # a migration step's rows: no operator's attempts
+FAILED_ONLY = frozenset({Decision.FAILED, Decision.INVALID, Decision.INTERRUPTED})  # recorded with a failed status
+# What an attempt came to: its decision when its evaluation passed, else its status. One name each, so every
+# attempt (step > 0, not a migration's row) counts under exactly one of these (avo.schema.OUTCOME computes it).
+# An attempt decided `seed` became v0 after a transferred seed failed: its outcome is ADAPTED (a run's `seed`
+# is the seed it was started from).
+ADAPTED = "adapted"
+OUTCOMES = tuple([ADAPTED if d is Decision.SEED else d.value for d in Decision if d not in MIGRATION | FAILED_ONLY]
+                 + [s.value for s in Status if s is not Status.OK])
+
+
 @dataclass(frozen=True)
 class Shape:
     """One attention problem: (B, S, H, D) tensors, BF16."""
@@ -163,6 +192,14 @@ class Version:
     stage_s: dict[str, float] = field(default_factory=dict)  # its own verify/screen/bench seconds
     gain: bool = True              # committed as a significant gain (or the seed): a drift anchor
     island: int = 0                # the lineage it belongs to (search.islands; v0 belongs to all)
+    # what the lineage proved about its speed, side by side: against the version it replaced (its parent) and,
+    # those ratios chained along its island (avo.history), against v0; None where nothing was timed
+    ratio: float | None = None
+    ratio_lo: float | None = None
+    ratio_hi: float | None = None
+    chain_ratio: float | None = None
+    chain_lo: float | None = None
+    chain_hi: float | None = None
 
     def reference(self, role: str) -> Reference:
         return Reference(role, self.version, self.source, self.stage_s)
@@ -170,7 +207,7 @@ class Version:
 
 @dataclass
 class Attempt:
-    """An evaluated candidate that was not committed (shown to the operator)."""
+    """An evaluated candidate as the operator is shown it."""
     candidate_id: str
     source: str
     status: Status
@@ -178,6 +215,7 @@ class Attempt:
     score: float | None
     error: str
     message: str = ""
+    version: int | None = None     # set when it was committed
 
 
 @dataclass
@@ -194,6 +232,8 @@ class StepContext:
     tried: set[str]                # source hashes already evaluated in this run
     directive: str | None = None   # the supervisor's latest redirection
     deadline: float | None = None  # time.monotonic() by which the search must stop (search.max_hours)
+    recent: list[Attempt] = field(default_factory=list)  # its island's latest attempts (any step), oldest first
+    directions: list[str] = field(default_factory=list)  # the supervisor's earlier directives to its island
 
 
 @dataclass

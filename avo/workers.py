@@ -1,40 +1,41 @@
-"""Several operators at once on one lineage (search.workers = K > 1), as threads of one search job.
+"""The search loop: K operators at once on one lineage (search.workers), K = 1 its smallest case.
 
 An LLM step takes minutes and its evaluation seconds, so one operator leaves the GPU idle; K
 operators keep it busy, and one vLLM server batches their conversations for little more than
-the cost of one.
+the cost of one. One worker runs the same loop in the calling thread.
 
 - Steps come from one counter, and a worker runs the attempts of its step, so candidate ids stay
   `{step:05d}.{attempt:02d}` and unique. On resume, steps left unfinished are handed out first.
-- A worker starts each attempt from the best version at that moment, with its own operator
+- A worker starts each attempt from its island's head at that moment, with its own operator
   (conversation, transcript, working copy) and random stream; notes are shared (avo.agent.memory
   appends under a file lock), the lineage's lessons are read from the history it sees.
 - The harness is shared: compilation and checks overlap, and the GPU workers hold the device lock
   (avo.harness.devlock) exclusively around every timed stage, so no timing overlaps another kernel.
 - Decisions and records happen one at a time under `Workers.lock`. A candidate is judged against
-  the best version at the moment of its decision: when another worker committed after this
+  its island's head at the moment of its decision: when another worker committed after this
   candidate's parent was taken, a candidate that beat that older parent is timed again against the
-  current best while the lock is held (so the best cannot move under it); it commits only if it
+  current head while the lock is held (so the head cannot move under it); it commits only if it
   wins that comparison, and is recorded as `stale` otherwise. With search.recheck_stale=false, or
   a harness that times nothing, it is recorded as `stale` without a second timing. Two commits can
-  therefore never share a parent, and every commit's parent is the best at its decision.
-- With search.islands = N > 1 all of this holds per island (avo.islands): "the best" is the best of
-  the worker's island, and the counter's migration steps run under the same lock. The supervisor
-  reviews each island on its own (one island's commits must not hide another's stall), and its
-  directions go to that island's workers only.
+  therefore never share a parent, and every commit's parent is the head at its decision.
+- With search.islands = N > 1 all of this holds per island (avo.islands): worker w works on island
+  w mod N, and the counter's migration steps run under the same lock. The supervisor reviews each
+  island on its own (one island's commits must not hide another's stall), and its directions go to
+  that island's workers only.
 """
 from __future__ import annotations
 
 import random
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import polars as pl
 
-from avo import lineage
+from avo import interrupt, lineage
 from avo.islands import island_of, migrate, migrates
-from avo.types import Attempt, EvalResult, Proposal, ProposalError, Status, StepContext, Version
+from avo.schema import STAGE_COLUMNS
+from avo.types import COMMITS, Decision, EvalResult, Proposal, ProposalError, Status, Version
 
 
 def unfinished_steps(rows: pl.DataFrame, per_step: int) -> list[tuple[int, int]]:
@@ -44,29 +45,16 @@ def unfinished_steps(rows: pl.DataFrame, per_step: int) -> list[tuple[int, int]]
     return sorted((s, a + 1) for s, c, a in done.iter_rows() if not c and a + 1 < per_step)
 
 
-def busy_seconds(rows: pl.DataFrame) -> float:
-    """Wall time covered by attempts (the union of their spans): the budget's clock when they overlap."""
-    spans = rows.select("started_at", "finished_at").drop_nulls().sort("started_at").iter_rows()
-    total, start, end = 0.0, None, None
-    for a, b in spans:
-        if end is None or a > end:
-            total += (end - start).total_seconds() if end is not None else 0.0
-            start, end = a, b
-        else:
-            end = max(end, b)
-    return total + ((end - start).total_seconds() if end is not None else 0.0)
-
-
 class Workers:
-    def __init__(self, search, operators: list):
-        self.search, self.ops = search, operators
+    def __init__(self, search):
+        self.search, self.ops = search, search.operators
         self.lock = threading.RLock()        # decisions, records, the step counter
         self.sup_lock = threading.Lock()     # one supervisor review at a time (they share its records)
         self.stop: str | None = None         # set: no worker starts another attempt
         self.finished: str | None = None     # set: no worker takes another step
         self.error: BaseException | None = None
         self.inflight: set[str] = set()      # sources proposed but not yet recorded
-        rows, s = search.rows, search.s
+        rows, s = search.state.rows, search.s
         self.islands = s.islands
         self.reviewing = [threading.Lock() for _ in range(self.islands)]  # held while an island is reviewed
         island = pl.col("island").fill_null(0)
@@ -76,22 +64,20 @@ class Workers:
         # a migration step last on record may have been cut short: it runs again for the islands it missed
         self.next_step = last if migrates(last, s) else last + 1
         self.rngs = [search.rng] + [random.Random(f"{search.cfg.rng}:{len(rows)}:w{w}")
-                                    for w in range(1, len(operators))]
-        # attempts overlap: the budget's clock is the union of their spans, not their sum (this session's
-        # seed, if any, is already counted by search.t0)
-        began = datetime.now(timezone.utc) - timedelta(seconds=time.monotonic() - search.t0)
-        search.spent = busy_seconds(rows.filter(pl.col("started_at") < began))
-        search.progress.workers, search.progress.islands = len(operators), self.islands
+                                    for w in range(1, len(self.ops))]
 
     # -- the threads ---------------------------------------------------------------------------
     def run(self) -> str:
-        threads = [threading.Thread(target=self._worker, args=(w,), name=f"avo-worker-{w}", daemon=True)
-                   for w in range(len(self.ops))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            while t.is_alive():
-                t.join(0.5)  # short joins: Ctrl-C and the job's signals reach the main thread
+        if len(self.ops) == 1:
+            self._worker(0)
+        else:
+            threads = [threading.Thread(target=self._worker, args=(w,), name=f"avo-worker-{w}", daemon=True)
+                       for w in range(len(self.ops))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.5)  # short joins: Ctrl-C and the job's signals reach the main thread
         if self.error is not None:
             raise self.error
         return self.stop or self.finished or "every worker stopped"
@@ -112,9 +98,7 @@ class Workers:
     def _take_step(self, w: int) -> tuple[int, int] | None:
         s = self.search
         with self.lock:
-            why = self._out_of_time()
-            if why:
-                self.stop = self.stop or why
+            if self._out_of_time():
                 return None
             mine = self.open_steps[island_of(w, self.islands)]
             if mine:
@@ -128,23 +112,15 @@ class Workers:
                     return self.next_step - 1, 0
                 migrate(s, self.next_step - 1, w)
 
-    def _out_of_time(self) -> str | None:
-        s = self.search
-        limit = s.s.max_hours * 3600
-        if s.elapsed() >= limit:
-            return f"reached search.max_hours={s.s.max_hours}"
-        if s.elapsed() + s.expected_eval_s() >= limit:
-            return (f"reached search.max_hours={s.s.max_hours}: no time left for another evaluation "
-                    f"(about {s.expected_eval_s():.0f} s)")
-        return None
+    def _out_of_time(self) -> bool:
+        why = self.search.out_of_time()
+        if why:
+            self.stop = self.stop or why
+        return why is not None
 
     def _step(self, w: int, step: int, first: int) -> None:
         for attempt in range(first, self.search.s.attempts_per_step):
-            if self.stop is not None:
-                return
-            why = self._out_of_time()
-            if why:
-                self.stop = self.stop or why
+            if self.stop is not None or self._out_of_time():
                 return
             if self._attempt(w, step, attempt)["committed"]:
                 break
@@ -152,7 +128,7 @@ class Workers:
         if self.reviewing[island].acquire(blocking=False):  # a review of this island now covers this step too
             try:
                 with self.sup_lock:
-                    why = self.search._supervise(step, self.ops[w], self.rngs[w], island)
+                    why = self.search.supervise(step, island, self.ops[w], self.rngs[w])
             finally:
                 self.reviewing[island].release()
             if why:
@@ -162,57 +138,58 @@ class Workers:
     def _attempt(self, w: int, step: int, attempt: int) -> dict:
         s, island = self.search, island_of(w, self.islands)
         with self.lock:  # the state this attempt starts from
-            history = s.chain(island)
-            parent = history[-1] if history else s.pending
-            seen = pl.col("step") == step
-            if not history:  # the failed transferred seed stays in view until v0 exists
-                seen = seen | (pl.col("candidate_id") == parent.candidate_id)
-            failures = [Attempt(r["candidate_id"], lineage.read_source(s.run_dir, r["source_sha"]),
-                                Status(r["status"]), r["decision"], r["score"], r["error"] or "", r["message"] or "")
-                        for r in s.rows.filter(seen).iter_rows(named=True)]
-            ctx = StepContext(step, attempt, parent, history, failures, s.problem, s._bench(parent), s.run_dir,
-                              self.rngs[w], set(s.tried) | self.inflight, s.directive(island), s.deadline())
+            chain = s.state.chain(island)
+            parent = s.state.start(island)
+            ctx = s.context(step, attempt, island, self.rngs[w], self.inflight)
         started = datetime.now(timezone.utc)
         t = time.monotonic()
         try:
             proposal = self.ops[w].propose(ctx)
         except ProposalError as e:
             with self.lock:
-                return s._record(step, attempt, e.proposal or Proposal("", message=""),
-                                 EvalResult(Status.INVALID, error=str(e)), "invalid", parent, started,
-                                 time.monotonic() - t, worker=w, island=island)
+                return s.record(step, attempt, e.proposal or Proposal("", message=""),
+                                EvalResult(Status.INVALID, error=str(e)), Decision.INVALID, parent, started,
+                                time.monotonic() - t, self.ops[w], w, island)
+        except interrupt.STOPS as e:  # the attempt in flight is on record before the search stops
+            with self.lock:
+                s.record(step, attempt, Proposal(""), interrupt.result(e), Decision.INTERRUPTED, parent, started,
+                         time.monotonic() - t, self.ops[w], w, island)
+            raise
         propose_s = time.monotonic() - t
         sha = lineage.sha256(proposal.source)
         with self.lock:
             self.inflight.add(sha)
         try:
-            result = self.search.evaluate(proposal.source, history, parent)
+            try:
+                result = s.evaluate(proposal.source, chain, parent)
+            except interrupt.STOPS as e:
+                with self.lock:
+                    s.record(step, attempt, proposal, interrupt.result(e), Decision.INTERRUPTED, parent, started,
+                             propose_s, self.ops[w], w, island)
+                raise
             with self.lock:
-                return self._decide(w, step, attempt, proposal, result, history, parent, started, propose_s)
+                return self._decide(w, step, attempt, proposal, result, chain, parent, started, propose_s)
         finally:
             with self.lock:
                 self.inflight.discard(sha)
 
-    def _decide(self, w, step, attempt, proposal: Proposal, result: EvalResult, history: list[Version],
+    def _decide(self, w, step, attempt, proposal: Proposal, result: EvalResult, chain: list[Version],
                 parent: Version, started, propose_s: float) -> dict:
-        """Judge against the best of the worker's island now and record; the caller holds self.lock."""
+        """Judge against the head of the worker's island now and record; the caller holds self.lock."""
         s, island = self.search, island_of(w, self.islands)
-        decision = self.search.verdict(result, history)
-        now = s.chain(island)
-        if len(now) != len(history) and decision in lineage.COMMITS:  # it beat its parent; the best moved on since
-            best = now[-1]
+        decision = s.verdict(result, chain)
+        head = s.state.head(island)
+        moved = (head and head.candidate_id) != (chain[-1].candidate_id if chain else None)
+        if moved and decision in COMMITS:  # it beat its parent (or would be v0); the head moved on since
             proposal.meta.update(stale_from=parent.candidate_id, stale_ratio=result.paired_ratio,
                                  stale_lo=result.paired_lo,
-                                 stale_eval_s=round(sum(getattr(result, c) for c in lineage.STAGE_COLUMNS), 3))
-            parent, decision = best, "stale"
+                                 stale_eval_s=round(sum(getattr(result, c) for c in STAGE_COLUMNS), 3))
+            parent, decision = head, Decision.STALE
             if s.harness.ranks and s.s.recheck_stale:
-                again = self.search.evaluate(proposal.source, now, best)
+                now = s.state.chain(island)
+                result = s.evaluate(proposal.source, now, head)
                 proposal.meta["rechecked"] = True
-                result = again
-                if self.search.verdict(again, now) == "committed":
-                    decision = "committed"
-        row = s._record(step, attempt, proposal, result, decision, parent, started, propose_s, worker=w,
-                        island=island)
-        if decision in lineage.COMMITS:
-            s.history.append(s._version(row))
-        return row
+                if s.verdict(result, now) == Decision.COMMITTED:
+                    decision = Decision.COMMITTED
+        return s.record(step, attempt, proposal, result, decision, parent, started, propose_s, self.ops[w], w,
+                        island)

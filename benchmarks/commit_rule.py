@@ -22,11 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from avo.bench import compose, seed_source  # noqa: E402
+from avo.bench import compose  # noqa: E402
 from avo.commit import decide  # noqa: E402
 from avo.fsutil import atomic_write_json  # noqa: E402
 from avo.harness.job import write_sources  # noqa: E402
 from avo.paired import annotate, geomean_ratio  # noqa: E402
+from avo.seeds import resolve  # noqa: E402
 from avo.types import ConfigResult, EvalResult, Status  # noqa: E402
 
 SLOW_AT = "softmax_step<false>(s, m, l, corr, scale_log2);"
@@ -52,7 +53,7 @@ def main(argv: list[str]) -> int:
     problem = problem_from_cfg(cfg.kernel)
     trials, slows = int(opts.get("trials", 20)), [int(x) for x in opts.get("slow", "12,40").split(",") if x]
     out = Path(opts.get("out", f"outputs/bench/commit_rule_{time.strftime('%Y-%m-%d_%H-%M-%S')}"))
-    base = seed_source(opts.get("seed", "sm90"))
+    base = resolve(opts.get("seed", "sm90")).source
     harness = GpuHarness(cfg.harness, out / "jobs", spare=False)
     job_dir = out / "jobs" / "trials"
     sources = {"base": base, "copy": base + "\n// a copy\n", **{f"slow{n}": slowed(base, n) for n in slows}}

@@ -20,7 +20,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from avo import lineage
+from avo import lineage, schema
 from avo.analysis import load, tables
 
 OUTCOMES = np.array(["committed", "not_faster", "regression", "compile_error", "incorrect", "crashed", "timeout",
@@ -55,7 +55,7 @@ def synthetic_run(run_dir: Path, i: int, n: int, chunk: int, rng: np.random.Gene
                  "cudnn_tflops": 500.0 + 50 * j, "fa2_tflops": 350.0 + 30 * j, "max_err": 2e-3}
                 for j, k in enumerate(KEYS)] if not np.isnan(s) else [] for s in score]
     df = pl.DataFrame({
-        "schema_version": np.full(n, lineage.SCHEMA_VERSION, np.int32), "run_id": [run_id] * n, "step": step,
+        "schema_version": np.full(n, schema.SCHEMA_VERSION, np.int32), "run_id": [run_id] * n, "step": step,
         "attempt": np.zeros(n, np.int32), "candidate_id": [f"{s:05d}.00" for s in step],
         "version": np.where(committed, np.cumsum(committed) - 1, -1).astype(np.int32),
         "committed": committed, "decision": decision, "status": status, "ranked": np.ones(n, bool),
@@ -67,7 +67,7 @@ def synthetic_run(run_dir: Path, i: int, n: int, chunk: int, rng: np.random.Gene
     }).with_columns(pl.col("score").fill_nan(None), pl.when(pl.col("version") >= 0).then("version").alias("version"),
                     pl.col("started_at", "finished_at").cast(pl.Datetime("us", "UTC")),
                     pl.Series("configs", configs))
-    table = pa.Table.from_pylist(df.to_dicts(), schema=lineage.SCHEMA)
+    table = pa.Table.from_pylist(df.to_dicts(), schema=schema.SCHEMA)
     out = lineage.lineage_dir(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     for a in range(0, n, chunk):

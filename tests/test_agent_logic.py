@@ -204,8 +204,10 @@ def test_knowledge_search_ranks_the_right_section():
 
 
 def test_knowledge_includes_the_lineage_lessons():
-    history = [Version(0, "a", "", 100.0, [], "seed"), Version(1, "b", "", 110.0, [], "pipeline K/V with 3 stages")]
-    assert "+10.00% over v0" in lessons(history)
+    history = [Version(0, "a", "", 100.0, [], "seed"),
+               Version(1, "b", "", 99.0, [], "pipeline K/V with 3 stages", ratio=1.01, ratio_lo=1.004, ratio_hi=1.016)]
+    # v1's own score is below v0's (another evaluation, other clocks); what its commit proved is the paired ratio
+    assert "x1.0100 [1.0040, 1.0160] over v0 timed side by side" in lessons(history) and "%" not in lessons(history)
     kb = KnowledgeBase(history=history)
     hit = kb.search("stages pipeline lessons")[0][1]
     assert hit.doc == "lineage" and "v1" in hit.title
@@ -296,3 +298,39 @@ def test_bad_agent_values_are_one_line_errors():
         OmegaConf.update(cfg, key, value)
         with pytest.raises(ConfigError, match=msg):
             check(cfg)
+
+
+def test_the_supervisor_and_the_external_verdict_read_their_island_from_the_step_context(tmp_path, monkeypatch):
+    """With islands, a run's files hold every island's attempts and directions; an operator is given its own
+    island's in its StepContext, and reads nothing of the lineage from disk."""
+    from types import SimpleNamespace
+
+    from avo import lineage
+    from avo.agent.external import ExternalOperator
+    from avo.agent.memory import Notes
+    from avo.agent.supervisor import Supervisor
+    from avo.lineage import sha256
+
+    def no_disk(*a, **kw):
+        raise AssertionError("an operator read the lineage from disk")
+
+    monkeypatch.setattr(lineage, "read_run", no_disk)
+    monkeypatch.setattr(lineage, "scan_supervisor", no_disk)
+    c = ctx(tmp_path)
+    mine = "AVO_LAUNCH(32,0,1,0,0,0);\nvoid avo_attention() { int x = 3; }\n"
+    c.recent = [Attempt("00004.01", mine, Status.OK, "not_faster", 101.5, "", "wider K tile", None),
+                Attempt("00005.00", "x", Status.COMPILE_ERROR, "failed", None, "error: no such name\nmore", "tile")]
+    c.directions = ["Supervisor (rules) after: no commit in 8 steps. Pick one:\n1. Pipeline K and V loads deeper\n"
+                    "2. Skip the mask on fully visible tiles"]
+    sup = Supervisor(SimpleNamespace(llm_supervisor=False), tmp_path, None, Notes(tmp_path))
+    assert sup.previous(c) == ["Pipeline K and V loads deeper", "Skip the mask on fully visible tiles"]
+    _, attempts = sup.trajectory(c)
+    assert attempts.splitlines() == ["step 4.1: not_faster/ok 101.5 - wider K tile",
+                                     "step 5.0: failed/compile_error - tile | error: no such name"]
+    r = sup.review(c, "no commit in 8 steps")
+    assert "Pipeline K and V loads deeper" not in r.directive  # a direction given before is not given again
+    op = object.__new__(ExternalOperator)
+    op._last_sha = sha256(mine)
+    assert op.verdict(c) == "Verdict on your submission 00004.01: not_faster (status ok, 101.5 TFLOPS).\n\n"
+    op._last_sha = sha256("a submission of another island")
+    assert op.verdict(c) == ""

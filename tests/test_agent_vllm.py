@@ -123,7 +123,7 @@ def test_small_search_with_the_real_model(tmp_path):
     cfg = config(tmp_path, "search=smoke", "search.max_steps=2", "search.attempts_per_step=1",
                  "search.stagnation.no_commit_steps=1", "agent.budget.max_turns=3")
     summary = run_search(cfg)
-    assert summary.steps == 2 and summary.attempts == 3  # the seed and two proposals
+    assert summary.steps == 2 and summary.attempts == 2  # two proposals (the seed is no attempt)
     rows = lineage.read_run(tmp_path).filter(pl.col("step") > 0)
     assert rows["model"].to_list() == ["smollm2-135m-instruct"] * 2 and (rows["llm_calls"] > 0).all()
     assert (rows["prompt_tokens"] > 0).all() and set(rows["decision"]) <= {"invalid", "unranked", "failed"}

@@ -1,6 +1,7 @@
 """Analysis tables, plots, report and CLI on lineages written with avo.lineage's own writer."""
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from avo import lineage
 from avo.analysis import AnalysisError, load, tables
+from avo.types import OUTCOMES
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -35,7 +37,7 @@ def write_run(run_dir: Path, run_id: str, overrides: list[str], scale: float = 1
     lineage.write_run_info(run_dir, {"run_id": run_id, "kernel": "gqa", "group": 4, "agent": "mutation",
                                      "operator": "mutation", "model": "", "seed": "naive",
                                      "overrides": overrides, "started_at": T0.isoformat()})
-    version, parent = 0, None
+    version, parent, parent_score = 0, None, None
     for i, (step, attempt, status, decision, score) in enumerate(history):
         committed = decision in ("seed", "committed")
         score = score * scale if score else None
@@ -44,7 +46,10 @@ def write_run(run_dir: Path, run_id: str, overrides: list[str], scale: float = 1
         configs = [{"key": k, "tflops": score * (0.9 + 0.2 * j) if score else None, "ms": 1.0, "ms_p10": 0.9,
                     "ms_p90": 1.1, "cudnn_tflops": 200.0 + 100 * j, "fa2_tflops": 150.0 + 50 * j, "max_err": 1e-3}
                    for j, k in enumerate(KEYS)] if score else []
+        # timed side by side with its parent: the ratio of the two scores, bounds 1 % either side
+        ratio = score / parent_score if score and parent_score else None
         lineage.append(run_dir, {
+            "paired_ratio": ratio, "paired_lo": ratio and ratio * 0.99, "paired_hi": ratio and ratio * 1.01,
             "run_id": run_id, "step": step, "attempt": attempt, "candidate_id": cid, "parent_id": parent,
             "version": (version if decision == "seed" else version + 1) if committed else None,
             "committed": committed, "decision": decision, "status": status, "ranked": True, "score": score,
@@ -56,7 +61,7 @@ def write_run(run_dir: Path, run_id: str, overrides: list[str], scale: float = 1
             **(fields or {}).get(cid, {})})
         if committed:
             version = version if decision == "seed" else version + 1
-            parent = cid
+            parent, parent_score = cid, score
     lineage.append_supervisor(run_dir, {"run_id": run_id, "step": 2, "reason": "3 consecutive failures",
                                         "directive": "try a smaller tile", "operator": "mutation"})
 
@@ -79,11 +84,14 @@ def test_run_summary_counts_the_taxonomy_and_the_best_version(sweep):
     r = one(runs, "r0")
     assert (r["steps"], r["attempts"], r["commits"]) == (4, 9, 2)
     assert r["acceptance"] == pytest.approx(2 / 9)
-    assert {k: r[k] for k in tables.OUTCOMES[1:]} == {
-        "not_faster": 1, "regression": 1, "unranked": 0, "compile_error": 1, "incorrect": 1, "crashed": 1,
-        "timeout": 1, "invalid": 1, "error": 0}
+    assert {k: r[k] for k in OUTCOMES if r[k]} == {
+        "committed": 2, "not_faster": 1, "regression": 1, "compile_error": 1, "incorrect": 1, "crashed": 1,
+        "timeout": 1, "invalid": 1}
+    assert sum(r[k] for k in OUTCOMES) == r["attempts"]
     assert (r["best_version"], r["best_score"], r["seed_score"]) == (2, 150.0, 100.0)
-    assert r["speedup"] == pytest.approx(1.5)
+    # x_v0: the chain of the two commits' paired ratios (1.2, 1.25), each bound's distance adding on the log scale
+    down, up = math.sqrt(2) * math.log(1 / 0.99), math.sqrt(2) * math.log(1.01)
+    assert (r["x_v0"], r["x_v0_lo"], r["x_v0_hi"]) == pytest.approx((1.5, 1.5 * math.exp(-down), 1.5 * math.exp(up)))
     # the regression (160) is faster on average but was never committed, so it is not the best
     assert r["vs_cudnn"] == pytest.approx(150.0 / (200.0 * 300.0) ** 0.5)
     assert r["vs_fa2"] == pytest.approx(150.0 / (150.0 * 200.0) ** 0.5)
@@ -99,7 +107,8 @@ def test_commits_carry_the_attempts_hours_and_tokens_spent_to_reach_them(sweep):
     assert c["n"].to_list() == [0, 3, 8]
     assert c["hours"].to_list() == pytest.approx([1 / 60, 4 / 60, 9 / 60])
     assert c["cum_tokens"].to_list() == [0, 3 * 1200, 8 * 1200]
-    assert c["gain"].to_list()[1:] == pytest.approx([0.2, 0.25]) and c["gain"][0] is None
+    assert c["x_parent"].to_list()[1:] == pytest.approx([1.2, 1.25]) and c["x_parent"][0] is None
+    assert c["x_v0"].to_list() == pytest.approx([1.0, 1.2, 1.5]) and c["best"].to_list() == [False, False, True]
     assert c["message"].to_list() == ["change 0", "change 3", "change 8"]
 
 
@@ -117,6 +126,7 @@ def test_sweep_groups_by_the_overrides_that_vary(sweep):
     s = tables.sweep_summary(lin)
     assert s["group"].to_list() == ["4", "8"] and s["runs"].to_list() == [1, 1]
     assert s["best_mean"].to_list() == [150.0, 300.0] and s["acceptance"].to_list() == pytest.approx([2 / 9] * 2)
+    assert s["x_v0_mean"].to_list() == pytest.approx([1.5, 1.5])
     both = tables.sweep_summary(lin, ["agent"])
     assert both["runs"].to_list() == [2] and both["compile_error"].to_list() == [2]
     assert both["best_mean"].to_list() == [225.0]
@@ -177,8 +187,9 @@ def test_markdown_report_has_figures_diff_messages_and_interventions(sweep, tmp_
     path = report.write(load(sweep), tmp_path / "out", "md", log=lambda m: None)
     text = path.read_text()
     assert "+__global__ void k() { int x = 8; }" in text and "-__global__ void k() { int x = 0; }" in text
-    # the synthetic lineage has no paired columns: x_parent, lo, hi and parent_same_run stay empty
-    assert "| 2 | 3 | 1 | 150.0 | 25.0 |  |  |  |  | 8 | 0.15 | 9600 | change 8 |" in text
+    # v2 over v1 side by side [bounds], their chain over v0 [bounds], its own score: no score-to-score "gain"
+    assert "| 2 |  | 3 | 1 | committed | 1.25 | 1.2375 | 1.2625 | 1.5 | 1.4788 | 1.5213 | 150.0 | 8 | 0.15 | 9600 |" \
+        " change 8 |" in text
     assert "try a smaller tile" in text and "3 consecutive failures" in text
     pngs = sorted((tmp_path / "out" / "plots").rglob("*.png"))
     assert len(pngs) == 9  # four per run and the sweep comparison
@@ -216,11 +227,13 @@ def test_cli_prints_a_summary_that_fits_the_terminal_and_leaves_wide_tables_to_f
     assert p.returncode == 0, p.stderr
     summary = _summary(p.stdout)
     assert all(len(ln) <= columns for ln in summary), summary
-    assert summary[0].split() == ["run", "best", "ver", "x", "seed", "x", "cuDNN", "x", "FA2", "commits", "failed",
-                                  "h", "to", "best"]
-    assert summary[1].split() == ["group=8", "300.0", "v2", "1.50", "1.22", "1.73", "2/9", "5", "0.15"]  # best first
-    assert summary[2].split() == ["group=4", "150.0", "v2", "1.50", "0.61", "0.87", "2/9", "5", "0.15"]
-    assert len(summary) == 3  # one cell per run: no cell table
+    assert summary[0].split() == ["run", "best", "x", "v0", "its", "TFLOPS", "x", "cuDNN", "x", "FA2", "commits",
+                                  "failed", "h", "to", "best"]
+    assert summary[1].split() == ["group=4", "v2", "1.5000", "150.0", "0.61", "0.87", "2/9", "5", "0.15"]
+    assert summary[2].split() == ["group=8", "v2", "1.5000", "300.0", "1.22", "1.73", "2/9", "5", "0.15"]
+    # one cell per run: no cell table; scores of two runs are said not to compare
+    assert summary[3].startswith("note: best_score of different runs comes from different evaluations")
+    assert not any(ln.startswith("cell") for ln in summary)
     wide = pl.read_csv(tmp_path / "out" / "runs.csv")
     assert {"compile_error", "incorrect", "tokens", "best_tokens", "interventions"} <= set(wide.columns)
 
@@ -230,18 +243,21 @@ def test_cli_summary_of_one_run_and_of_replicated_cells(sweep, tmp_path):
     assert p.returncode == 0, p.stderr
     one_run = _summary(p.stdout)
     assert one_run[0] == "run 0 (gqa, group 4, mutation)" and all(len(ln) <= 80 for ln in one_run)
-    assert one_run[1] == "  best   v2: 150.0 TFLOPS, 1.50x the seed, 0.61x cuDNN, 0.87x FA2"
-    assert " ".join(one_run[2:]).split() == (
-        "tried 9 attempts in 4 steps: 2 committed, 2 slower, 5 failed (1 compile, 1 incorrect, 1 crashed, "
-        "1 timeout, 1 invalid) cost 0.17 h of attempts; best after 0.15 h and 9,600 tokens; "
+    assert " ".join(one_run[1:]).split() == (
+        "best v2: x1.5000 [1.4788, 1.5213] over v0 (chained side-by-side ratios); its own evaluation 150.0 TFLOPS, "
+        "0.61x cuDNN, 0.87x FA2 "
+        "tried 9 attempts in 4 steps: 2 committed, 1 not faster, 1 regression, 1 invalid, 1 compile, 1 incorrect, "
+        "1 crashed, 1 timeout cost 0.17 h of attempts; best after 0.15 h and 9,600 tokens; "
         "supervisor redirects: 1").split()
-    write_run(sweep / "2", "r2", ["agent=mutation", "group=8", "run_dir=/z", "rng=2"], 4.0)  # a second group=8 run
+    doubled = [(0, 0, "ok", "seed", 100.0), (1, 0, "ok", "committed", 200.0)]  # a second group=8 run, x2 over its v0
+    write_run(sweep / "2", "r2", ["agent=mutation", "group=8", "run_dir=/z", "rng=2"], 4.0, history=doubled)
     cells = _summary(_analyze(sweep, "--out", tmp_path / "cells").stdout)
     cut = cells.index("")
-    assert [ln.split()[0] for ln in cells[1:cut]] == ["group=8", "group=8", "group=4"]
-    assert cells[cut + 1].split()[:6] == ["cell", "runs", "best", "+-std", "max", "x"]
-    assert cells[cut + 2].split()[:5] == ["group=4", "1", "150.0", "-", "150.0"]
-    assert cells[cut + 3].split()[:5] == ["group=8", "2", "450.0", "212.1", "600.0"]
+    assert [ln.split()[:3] for ln in cells[1:cut]] == [["group=8", "v1", "2.0000"], ["group=4", "v2", "1.5000"],
+                                                       ["group=8", "v2", "1.5000"]]  # the largest gain first
+    assert cells[cut + 1].split()[:6] == ["cell", "runs", "x", "v0", "+-std", "max"]
+    assert cells[cut + 2].split()[:5] == ["group=4", "1", "1.5000", "-", "1.5000"]
+    assert cells[cut + 3].split()[:5] == ["group=8", "2", "1.7500", "0.3536", "2.0000"]
 
 
 def test_cli_rejects_an_unknown_group_key(sweep):
@@ -256,7 +272,7 @@ def test_analysis_of_a_real_search_run(cfg_factory, tmp_path):
 
     summary = run_search(cfg_factory("harness=compile", "seed=naive", "search=smoke", run_dir=tmp_path / "run"))
     r = tables.runs_summary(load(tmp_path)).row(0, named=True)
-    assert r["run_id"] == summary.run_id and r["attempts"] == summary.attempts - 1
+    assert r["run_id"] == summary.run_id and r["attempts"] == summary.attempts
     assert r["commits"] == summary.commits and r["kernel"] == "mha"
     assert r["unranked"] + r["invalid"] == r["attempts"] - r["commits"]
 
@@ -282,7 +298,7 @@ def test_runs_with_nothing_to_plot_still_get_tables_and_a_report(tmp_path):
     runs = tables.runs_summary(lin)
     fs, so, un = one(runs, "fs"), one(runs, "so"), one(runs, "un")
     assert (fs["attempts"], fs["acceptance"], fs["best_version"], fs["best_score"]) == (0, None, None, None)
-    assert (so["attempts"], so["best_version"], so["best_score"], so["speedup"]) == (0, 0, 100.0, 1.0)
+    assert (so["attempts"], so["best_version"], so["best_score"], so["x_v0"]) == (0, 0, 100.0, 1.0)
     # harness=compile: nothing is timed, so the best is the latest committed version
     assert (un["attempts"], un["commits"], un["unranked"], un["best_version"]) == (2, 1, 1, 1)
     text = report.write(lin, tmp_path / "out", "md", log=lambda m: None).read_text()
@@ -291,7 +307,7 @@ def test_runs_with_nothing_to_plot_still_get_tables_and_a_report(tmp_path):
     # the seed alone is one point: no trajectory or progress axis is drawn for it, only its per-config bars
     assert sorted(p.relative_to(plots).as_posix() for p in plots.rglob("*.png")) == [
         "so/configs.png", "sweep.png", "un/outcomes.png"]
-    assert "Only v0 has a score so far: no trajectory to draw." in text
+    assert "Only v0 has been timed side by side so far: no trajectory to draw." in text
 
 
 def test_a_file_whose_data_pages_are_damaged_is_skipped_after_the_footer_check(sweep):
@@ -326,3 +342,66 @@ def test_cost_by_stage_gives_medians_per_outcome_and_the_wait_beyond_the_stages(
     assert t["full"]["bench_s"] == 4.0 and t["full"]["eval_s"] == 50.0
     assert t["full"]["other_s"] == 50.0 - (1.0 + 0.5 + 0.25 + 4.0)
     assert t["compile_error"]["eval_s"] == 50.0 and t["compile_error"]["compile_s"] == 1.5
+
+
+def _attempts(run_dir: Path, rows: list[tuple], minutes=None) -> None:
+    """A run of (step, attempt, status, decision) rows through the real writer, v0 first; minutes: (start, end)
+    per row after v0, else one minute each in a row."""
+    lineage.write_run_info(run_dir, {"run_id": run_dir.name, "overrides": []})
+    src = lineage.write_source(run_dir, "// k\n")
+    for i, (step, attempt, status, decision) in enumerate([(0, 0, "ok", "seed"), *rows]):
+        start, end = (minutes[i - 1] if minutes and i else (i, i + 1))
+        committed = decision in ("seed", "committed", "migrated")
+        lineage.append(run_dir, {"run_id": run_dir.name, "step": step, "attempt": attempt,
+                                 "candidate_id": f"{step:05d}.{attempt:02d}",
+                                 "parent_id": None if i == 0 else "00000.00",
+                                 "version": i if committed else None, "committed": committed, "decision": decision,
+                                 "status": status, "source_sha": src, "started_at": T0 + timedelta(minutes=start),
+                                 "finished_at": T0 + timedelta(minutes=end)})
+
+
+def test_every_decision_and_status_has_its_column_and_the_columns_add_up(tmp_path):
+    """One attempt of every outcome the enums allow, and a migration's two kinds of row (no attempts)."""
+    from avo.types import FAILED_ONLY, MIGRATION, Decision, Status
+
+    rows = [(1 + i, 0, "ok", d.value) for i, d in enumerate(d for d in Decision if d not in MIGRATION | FAILED_ONLY)]
+    failed = [s for s in Status if s is not Status.OK]
+    rows += [(20 + i, 0, s.value, s.value if s.value in {d.value for d in FAILED_ONLY} else "failed")
+             for i, s in enumerate(failed)]
+    rows += [(40, 0, "ok", "migrated"), (40, 1, "ok", "kept")]
+    _attempts(tmp_path / "all", rows)
+    r = one(tables.runs_summary(load([tmp_path / "all"])), "all")
+    assert set(OUTCOMES) == {("adapted" if d is Decision.SEED else d.value) for d in Decision
+                             if d not in MIGRATION | FAILED_ONLY} | {s.value for s in failed}
+    assert {o: r[o] for o in OUTCOMES} == dict.fromkeys(OUTCOMES, 1)  # each its own column, once
+    assert r["attempts"] == len(rows) - 2 == sum(r[o] for o in OUTCOMES)
+    from avo.analysis import report
+
+    shown = report.run_table(tables.runs_summary(load([tmp_path / "all"])), []).columns
+    assert set(OUTCOMES) <= set(shown)
+
+
+def test_the_h200_runs_outcomes_add_up_to_its_29_attempts(tmp_path):
+    """docs/results/2026-12-01_h200_mha_paired_mutation/runs.csv: its outcome columns summed to 19 of 29
+    attempts, because the 10 dropped at the screen had no column."""
+    kinds = [("ok", "committed")] * 2 + [("ok", "not_faster")] * 9 + [("ok", "screened")] * 10 + \
+        [("compile_error", "failed")] * 7 + [("timeout", "failed")]
+    _attempts(tmp_path / "h200", [(1 + i, 0, s, d) for i, (s, d) in enumerate(kinds)])
+    r = one(tables.runs_summary(load([tmp_path / "h200"])), "h200")
+    assert r["attempts"] == 29 == sum(r[o] for o in OUTCOMES) and r["screened"] == 10
+
+
+def test_hours_are_the_union_of_overlapping_attempts_as_the_budget_counts_them(tmp_path):
+    """Three workers' attempts overlap: 30 attempt-minutes cover 12 minutes of wall time (sum: 0.5 h)."""
+    from avo.clock import busy_seconds
+    from avo.state import LineageState
+
+    spans = [(1, 11), (1, 11), (2, 12), (20, 21)]  # after v0 (0-1); a resumed session from minute 20
+    _attempts(tmp_path / "k3", [(1, 0, "ok", "not_faster"), (2, 0, "ok", "not_faster"), (3, 0, "ok", "committed"),
+                                (4, 0, "ok", "not_faster")], spans)
+    lin = load([tmp_path / "k3"])
+    r = one(tables.runs_summary(lin), "k3")
+    assert r["hours"] == pytest.approx(13 / 60) and r["best_hours"] == pytest.approx(12 / 60)
+    assert tables.attempts(lin).collect()["hours"].to_list() == pytest.approx([1 / 60, 11 / 60, 11 / 60, 12 / 60,
+                                                                               13 / 60])
+    assert LineageState(tmp_path / "k3").spent == busy_seconds(lineage.read_run(tmp_path / "k3")) == 13 * 60

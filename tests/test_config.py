@@ -125,3 +125,79 @@ def test_spares_follow_the_search_workers_per_gpu(cfg_factory):
     assert spares_for(8, [0, 1]) == 5 and spares_for(3, [0, 1]) == 3
     assert cfg_factory("harness=gpu", "search.workers=4").harness.spares == 5
     assert cfg_factory("harness=gpu", "search.workers=4", "harness.spares=1").harness.spares == 1
+
+
+SCHEMAS = {("search", "search"): "SearchConf", ("agent", "mutation"): "MutationAgentConf",
+           ("agent", "llm"): "LlmAgentConf", ("agent", "external"): "ExternalAgentConf",
+           ("kernel", "kernel"): "KernelConf", ("harness", "harness"): "HarnessConf",
+           ("launcher", "launcher"): "LauncherConf", ("launcher", "slurm"): "SlurmLauncherConf"}
+
+
+def _leaves(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_each_yaml_option_carries_deltas_only(group, option):
+    """A value equal to its schema's default says nothing, and drifts from it (max_steps was 500 here, 100 there)."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from avo import config
+
+    spec = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
+    schema = next(d for d in spec["defaults"] if isinstance(d, dict))[f"/schema/{group}@_here_"]
+    default = OmegaConf.to_container(OmegaConf.structured(getattr(config, SCHEMAS[group, schema])))
+    restated = [k for k, v in _leaves({k: v for k, v in spec.items() if k != "defaults"})
+                if OmegaConf.select(OmegaConf.create(default), k, default="<none>") == v]
+    assert not restated, f"conf/{group}/{option}.yaml restates its schema's defaults: {restated}"
+    top = yaml.safe_load((CONF / "config.yaml").read_text())
+    assert not {k for k in top if k not in ("defaults", "hydra")}, "conf/config.yaml restates avo.config.Config"
+
+
+def test_code_reads_config_fields_without_restating_their_defaults():
+    """cfg.get("spares", 1) read 1 where the schema says 2: a schema field is read as an attribute."""
+    import ast
+    from dataclasses import fields
+
+    from avo import config
+
+    names = {f.name for c in vars(config).values() if isinstance(c, type) and hasattr(c, "__dataclass_fields__")
+             for f in fields(c)}
+    found = []
+    for path in sorted((ROOT / "avo").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                    and len(node.args) == 2 and isinstance(node.args[0], ast.Constant) and node.args[0].value in names
+                    and "cfg" in ast.unparse(node.func.value).lower()):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, found
+
+
+def test_default_search_is_a_week_and_max_steps_is_the_schemas():
+    cfg = make_cfg()
+    assert (cfg.search.max_steps, cfg.search.max_hours, cfg.search.attempts_per_step) == (500, 168.0, 3)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["agent=smollm", "agent.budget.max_turns=0"], "agent.budget.max_turns=0 must be positive"),
+    (["agent=external", "agent.budget.idle_seconds=0"], "agent.budget.idle_seconds=0.0 must be positive"),
+    (["agent=external", "agent.tools=[edit,shell]"], "agent.tools: unknown ['shell']"),
+    (["agent=qwen", "agent.sampling.tool_choice=always"], "agent.sampling.tool_choice='always'"),
+    (["agent.max_changes=0"], "agent.max_changes and agent.max_tries must be >= 1"),
+    (["launcher.job=server"], "launcher.job=server starts vLLM for an LLM agent's model: agent=mutation"),
+    (["agent=openai", "launcher.job=server"], "with agent.server.mode=external"),
+])
+def test_agent_and_launcher_settings_stop_the_launch_before_anything_is_written(tmp_path, overrides, needle):
+    """Checked by validate, so neither run.json nor a Slurm job exists when the setting is wrong (the external
+    agent's budget was checked only when its operator was built, after run.json; on Slurm, in the job)."""
+    with pytest.raises(ConfigError) as e:
+        validate(make_cfg("harness=compile", *overrides))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    r = _launch("harness=compile", *overrides, "launcher=slurm", f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "run.json").exists() and not (tmp_path / "run" / "slurm").exists()

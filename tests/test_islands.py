@@ -2,6 +2,8 @@
 
 Scoring doubles rank without a GPU (pure logic); the kill/resume runs the real mutation operator and the real
 NVRTC harness."""
+import json
+import re
 import sys
 import threading
 import time
@@ -77,17 +79,15 @@ def chain(df: pl.DataFrame, island: int) -> pl.DataFrame:
 
 
 def assert_islands(df: pl.DataFrame, n: int) -> None:
-    """Unique ids and versions; each island a chain whose commits vary its previous version (a migrant copies
-    another island's version); every attempt's parent is a version of its own island."""
+    """Unique ids and versions; each island a chain whose every commit (a migrant too) was judged against its
+    previous version; every attempt's parent is a version of its own island."""
     assert df["candidate_id"].is_unique().all()
     commits = df.filter(pl.col("committed")).sort("version")
     assert commits["version"].to_list() == list(range(len(commits)))
     for i in range(n):
         c = chain(df, i)
-        own = c.filter(pl.col("decision") != "migrated")["parent_id"].to_list()[1:]
-        assert own == [p for p, d in zip(c["candidate_id"].to_list()[:-1], c["decision"].to_list()[1:],
-                                         strict=True) if d != "migrated"], f"island {i} is not one chain"
-        tried = df.filter((pl.col("island") == i) & (pl.col("step") > 0) & (pl.col("decision") != "migrated"))
+        assert c["parent_id"].to_list()[1:] == c["candidate_id"].to_list()[:-1], f"island {i} is not one chain"
+        tried = df.filter((pl.col("island") == i) & (pl.col("step") > 0))
         assert set(tried["parent_id"]) <= set(c["candidate_id"]), f"island {i} varied another island's version"
 
 
@@ -96,7 +96,7 @@ def test_one_island_is_the_single_lineage(cfg_factory, tmp_path, capsys):
                      "search.migrate_every=2")  # islands=1: migrate_every changes nothing
     df = lineage.read_run(tmp_path)
     assert set(df["island"]) == {0} and "migrated" not in set(df["decision"])
-    assert summary.commits == (df["decision"] == "committed").sum() and summary.attempts == len(df)
+    assert summary.commits == (df["decision"] == "committed").sum() and summary.attempts == len(df) - 1
     out = capsys.readouterr().out
     assert " w1 step" in out and " i0 " not in out and "islands' bests" not in out
 
@@ -112,7 +112,8 @@ def test_two_islands_keep_separate_lineages_and_bests(cfg_factory, tmp_path, cap
     assert chain(df, 0)["score"].to_list()[-1] == 158.0 and chain(df, 1)["version"].to_list() == [0]
     assert "migrated" not in set(df["decision"]) and summary.best_score == 158.0
     out = capsys.readouterr().out
-    assert " i1 w1 step" in out and "island 0 v3 158.0, island 1 v0 134.0" in out
+    assert " i1 w1 step" in out and re.search(r"island 0 v3 x1\.179\d, island 1 v0 x1\.0000", out)
+    assert "were not timed side by side with each other" in out  # two heads: the run's best is an estimate
 
 
 def test_the_best_migrates_every_m_steps_and_the_next_candidates_are_paired_with_it(cfg_factory, tmp_path):
@@ -125,9 +126,12 @@ def test_the_best_migrates_every_m_steps_and_the_next_candidates_are_paired_with
     assert (moved["attempt"] == 1).all() and moved["committed"].all() and moved["operator"].to_list()[0] == "migration"
     seen = 0
     for m in moved.iter_rows(named=True):
-        src = df.filter(pl.col("candidate_id") == m["parent_id"]).row(0, named=True)
+        src = df.filter(pl.col("candidate_id") == json.loads(m["extra"])["migrated_from"]).row(0, named=True)
         assert src["island"] == 0 and src["committed"] and src["source_sha"] == m["source_sha"]
-        assert m["score"] == src["score"] > m["best_before"]
+        # timed side by side with the head it replaces (its parent), and significantly faster
+        assert m["parent_id"] == chain(df, 1).filter(pl.col("version") < m["version"])["candidate_id"][-1]
+        assert m["paired_lo"] > 1.0 and m["score"] == src["score"] > m["best_before"]
+        assert m["incumbent_score"] == pytest.approx(m["best_before"])
         # steps handed out after the migration start from the migrant and are timed side by side with it
         later = df.filter((pl.col("island") == 1) & (pl.col("step") > m["step"]) & (pl.col("step") < m["step"] + 4)
                           & (pl.col("decision") != "migrated"))
@@ -143,41 +147,68 @@ def _open(cfg_factory, run_dir, ops, *overrides):
     """A search opened on run_dir (its lineage read back) without running it."""
     cfg = cfg_factory("harness=compile", f"seed={SEED}", f"search.workers={len(ops)}", *overrides, run_dir=run_dir)
     problem = problem_from_cfg(cfg.kernel)
-    return Search(cfg, run_dir, _open_run(cfg, run_dir, problem)["run_id"], problem, ScoreHarness(), ops[0], ops[1:])
+    return Search(cfg, run_dir, _open_run(cfg, run_dir, problem)["run_id"], problem, ScoreHarness(), ops)
 
 
 def commit(s, island: int, step: int, source: str) -> None:
-    """One attempt of an island, timed against its best and judged as the workers do."""
-    best = s.chain(island)[-1]
-    r = s.evaluate(source, s.chain(island), best)
-    row = s._record(step, 0, Proposal(source), r, s.verdict(r, s.chain(island)), best, None, 0.0, island=island,
-                    worker=island)
+    """One attempt of an island, timed against its head and judged as the workers do."""
+    chain = s.state.chain(island)
+    r = s.evaluate(source, chain, chain[-1])
+    row = s.record(step, 0, Proposal(source), r, s.verdict(r, chain), chain[-1], None, 0.0, worker=island,
+                   island=island)
     assert row["committed"]
-    s.history.append(s._version(row))
 
 
-def test_a_migration_picks_the_best_of_all_islands_and_runs_once_per_island(cfg_factory, tmp_path):
+def test_a_migration_times_the_leading_head_beside_each_other_and_runs_once_per_island(cfg_factory, tmp_path):
     three = ("search.islands=3", "search.migrate_every=4")
     s = _open(cfg_factory, tmp_path, [Climber(), Climber(), Climber()], *three)
-    s._seed()
+    s.seed()
     commit(s, 1, 1, CLIMB[0])  # island 1 at 150
     commit(s, 2, 2, CLIMB[1])  # island 2 leads at 155, island 0 is at v0 (134)
+    calls = s.harness.calls
     rows = islands.migrate(s, 4, worker=1)
-    assert [(r["island"], r["attempt"], r["version"], r["parent_id"]) for r in rows] == [
-        (0, 0, 3, "00002.00"), (1, 1, 4, "00002.00")]
+    assert s.harness.calls == calls + 2  # the leader timed beside each other island's head
+    assert [(r["island"], r["attempt"], r["version"], r["parent_id"], r["decision"]) for r in rows] == [
+        (0, 0, 3, "00000.00", "migrated"), (1, 1, 4, "00001.00", "migrated")]
+    assert [json.loads(r["extra"])["migrated_from"] for r in rows] == ["00002.00"] * 2
     assert [r["best_before"] for r in rows] == [134.0, 150.0] and {r["score"] for r in rows} == {155.0}
-    assert [s.chain(i)[-1].candidate_id for i in range(3)] == ["00004.00", "00004.01", "00002.00"]
-    assert s.chain(1)[-1].gain and s.chain(1)[-1].source == CLIMB[1]  # the island's new incumbent and anchor
+    assert [r["paired_ratio"] for r in rows] == pytest.approx([155 / 134, 155 / 150], rel=1e-3)
+    assert [s.state.head(i).candidate_id for i in range(3)] == ["00004.00", "00004.01", "00002.00"]
+    head = s.state.head(1)
+    assert head.gain and head.source == CLIMB[1]  # the island's new incumbent and anchor
+    # each island's chain over v0 is made of its own side-by-side ratios: through the migrant for island 1
+    assert head.chain_ratio == pytest.approx(150 / 134 * 155 / 150, rel=1e-3)
     commit(s, 2, 3, CLIMB[2])  # a step handed out before the migration ends after it: island 2 leads again
     assert islands.migrate(s, 4, worker=0) == []  # step 4 ran: the islands it served are not served twice
     # a migration cut short by a kill: the step last on record runs again, for the island it missed
     (tmp_path / "lineage" / "part-s00004-a01.parquet").unlink()
     again = _open(cfg_factory, tmp_path, [Climber(), Climber(), Climber()], *three)
-    assert [v.candidate_id for v in again.chain(0)] == ["00000.00", "00004.00"] and len(again.chain(1)) == 2
-    w = Workers(again, [again.operator, *again.crew])
+    assert [v.candidate_id for v in again.state.chain(0)] == ["00000.00", "00004.00"]
+    assert len(again.state.chain(1)) == 2
+    w = Workers(again)
     assert w.next_step == 4
     assert [r["candidate_id"] for r in islands.migrate(again, 4, worker=1)] == ["00004.01"]
     assert lineage.read_run(tmp_path)["candidate_id"].is_unique().all()
+
+
+class Even(ScoreHarness):
+    """Times every kernel alike: no head beats another side by side. Test double only."""
+
+    @staticmethod
+    def score(source):
+        return 134.0
+
+
+def test_a_head_that_the_leader_does_not_beat_side_by_side_is_kept(cfg_factory, tmp_path):
+    """Stored scores say the leader is faster; timed beside the island's head it is not: nothing migrates."""
+    s = _open(cfg_factory, tmp_path, [Climber(), Climber()], "search.islands=2", "search.migrate_every=4")
+    s.seed()
+    commit(s, 1, 1, CLIMB[0])  # island 1 leads (150)
+    s.harness = Even()
+    rows = islands.migrate(s, 4, worker=0)
+    assert [(r["island"], r["decision"], r["committed"], r["version"]) for r in rows] == [(0, "kept", False, None)]
+    assert s.state.head(0).version == 0 and rows[0]["paired_ratio"] == pytest.approx(1.0, abs=1e-3)
+    assert islands.migrate(s, 4, worker=0) == []  # recorded: a resumed step does not time it again
 
 
 def test_resume_brings_back_islands_bests_and_the_step_counter(cfg_factory, tmp_path):
@@ -186,8 +217,8 @@ def test_resume_brings_back_islands_bests_and_the_step_counter(cfg_factory, tmp_
     before = lineage.read_run(tmp_path)
     bests = [chain(before, i)["candidate_id"].to_list()[-1] for i in range(2)]
     s = _open(cfg_factory, tmp_path, pair(), "search.islands=2", "search.migrate_every=4")
-    assert [s.chain(i)[-1].candidate_id for i in range(2)] == bests
-    assert Workers(s, [s.operator, *s.crew]).next_step == int(before["step"].max()) + 1
+    assert [s.state.head(i).candidate_id for i in range(2)] == bests
+    assert Workers(s).next_step == int(before["step"].max()) + 1
     islands_run(cfg_factory, tmp_path, pair(), "search.islands=2", "search.migrate_every=4",
                 "search.max_steps=10")
     after = lineage.read_run(tmp_path)
@@ -226,11 +257,12 @@ def test_analysis_shows_attempts_and_commits_per_island(cfg_factory, tmp_path, c
     lin = load([tmp_path / "run"])
     per = crew.per_island(lin)
     migrants = int((df["decision"] == "migrated").sum())
+    rounds = int(df["decision"].is_in(["migrated", "kept"]).sum())  # a migration's rows: no attempts
     assert per["island"].to_list() == [0, 1] and per["migrants_in"].to_list() == [0, migrants]
-    assert per["attempts"].sum() == len(df) - 1 - migrants and per["commits"].to_list()[1] == 0
-    assert per["best_score"].to_list()[0] == 158.0
+    assert per["attempts"].sum() == len(df) - 1 - rounds and per["commits"].to_list()[1] == 0
+    assert per["head_score"].to_list()[0] == 158.0 and per["x_v0"].to_list()[0] == pytest.approx(158 / 134, rel=1e-3)
     run = tables.runs_summary(lin).row(0, named=True)
-    assert (run["attempts"], run["commits"]) == (len(df) - 1 - migrants, 3)
+    assert (run["attempts"], run["commits"]) == (len(df) - 1 - rounds, 3)
     assert run["best_version"] == chain(df, 0)["version"][-1]  # the original, not its copy in island 1
     assert crew.commits_over_time(lin)["island"].to_list() == [0] * 4  # v0 and island 0's three commits
     assert main([str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
@@ -303,11 +335,13 @@ def test_the_supervisor_reviews_each_island_on_its_own_and_directs_only_it(cfg_f
     assert per["interventions"].to_list() == [int((sup["island"] == i).sum()) for i in (0, 1)]
 
 
-def test_resume_brings_back_each_island_s_latest_directions(cfg_factory, tmp_path):
+def test_resume_brings_back_each_island_s_latest_directions(tmp_path):
+    from avo.state import LineageState
+
     for island, step, text in ((1, 3, "island 1: first"), (0, 4, "island 0: only"), (1, 6, "island 1: latest")):
         lineage.append_supervisor(tmp_path, {"run_id": "r", "step": step, "reason": "stall", "directive": text,
                                              "operator": "directed", "island": island})
         time.sleep(0.002)
-    s = object.__new__(Search)
-    s.sup = lineage.scan_supervisor([tmp_path]).collect()
-    assert s._last_directives() == {1: "island 1: latest", 0: "island 0: only"}
+    st = LineageState(tmp_path)
+    assert (st.directive(1), st.directive(0), st.directive(2)) == ("island 1: latest", "island 0: only", None)
+    assert st.directions(1) == ["island 1: first", "island 1: latest"]  # what its supervisor reads, nothing else

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from avo import lineage
+from avo import lineage, schema
 from tests.conftest import ROOT
 
 
@@ -142,15 +142,15 @@ def test_rows_written_before_the_paired_columns_still_read(tmp_path):
 
     new = {"stage", "screen_s", "paired_ratio", "paired_lo", "paired_hi", "incumbent_score", "anchor_ratio",
            "anchor_lo", "anchor_hi"}
-    old_cfg = pa.struct([f for f in lineage.CONFIG_STRUCT if f.name in
+    old_cfg = pa.struct([f for f in schema.CONFIG_STRUCT if f.name in
                          ("key", "tflops", "ms", "ms_p10", "ms_p90", "cudnn_tflops", "fa2_tflops", "max_err")])
-    schema = pa.schema([pa.field("configs", pa.list_(old_cfg)) if f.name == "configs" else f
-                        for f in lineage.SCHEMA if f.name not in new])
-    row = {f.name: None for f in schema}
+    before = pa.schema([pa.field("configs", pa.list_(old_cfg)) if f.name == "configs" else f
+                        for f in schema.SCHEMA if f.name not in new])
+    row = {f.name: None for f in before}
     row.update(run_id="r", step=0, attempt=0, candidate_id="00000.00", committed=True, decision="seed", status="ok",
                configs=[{"key": "a", "tflops": 1.0}], schema_version=1)
     (tmp_path / "lineage").mkdir()
-    pq.write_table(pa.Table.from_pylist([row], schema=schema), tmp_path / "lineage" / "part-s00000-a00.parquet")
+    pq.write_table(pa.Table.from_pylist([row], schema=before), tmp_path / "lineage" / "part-s00000-a00.parquet")
     df = lineage.read_run(tmp_path)
     assert df["configs"][0][0]["tflops"] == 1.0 and df["configs"][0][0]["samples"] is None
     assert df["paired_lo"].to_list() == [None] and lineage.scan([tmp_path]).collect().height == 1
@@ -178,13 +178,13 @@ def test_one_row_builder_fills_exactly_the_schema(tmp_path):
     from avo.types import ConfigResult, EvalResult, Problem, Proposal, Shape, Status, Version
 
     shape = Shape(1, 8, 8, 2, 2, 64, False)
-    row = lineage.attempt_row(
+    row = schema.attempt_row(
         run_id="r", step=3, attempt=1, parent=Version(2, "00002.00", "", 5.0, []), version=3, decision="committed",
         result=EvalResult(Status.OK, ranked=True, score=6.0, configs=[ConfigResult("k", 6.0)], paired_ratio=1.2),
         proposal=Proposal("src", "msg"), operator=SimpleNamespace(name="mutation", model=""),
         problem=Problem("mha", 2, 2, 64, (shape,), (shape,)), directive=None, started=None, propose_s=0.1,
         source_sha="abc")
-    assert set(row) | {"schema_version"} == set(lineage.SCHEMA.names)
+    assert set(row) | {"schema_version"} == set(schema.SCHEMA.names)
     assert (row["candidate_id"], row["parent_id"], row["committed"], row["best_before"]) == ("00003.01", "00002.00",
                                                                                            True, 5.0)
     lineage.append(tmp_path, {**row, "started_at": row["finished_at"]})
@@ -194,13 +194,13 @@ def test_one_row_builder_fills_exactly_the_schema(tmp_path):
 def test_rows_kept_in_memory_stay_in_few_chunks_and_whole():
     """The search appends a row at a time for weeks; unbounded chunks made each append and read
     slower (21 ms an append at 4000 rows and growing)."""
-    frame = lineage.to_frame([])
-    n = 3 * lineage.MAX_CHUNKS + 5
+    frame = schema.to_frame([])
+    n = 3 * schema.MAX_CHUNKS + 5
     for i in range(n):
-        frame = lineage.extended(frame, [{"run_id": "r", "step": i, "attempt": 0, "candidate_id": f"{i:05d}.00",
+        frame = schema.extended(frame, [{"run_id": "r", "step": i, "attempt": 0, "candidate_id": f"{i:05d}.00",
                                           "configs": [{"key": "k", "tflops": float(i)}]}])
-        assert frame.n_chunks() <= lineage.MAX_CHUNKS
-    assert frame["step"].to_list() == list(range(n)) and frame.schema == lineage.to_frame([]).schema
+        assert frame.n_chunks() <= schema.MAX_CHUNKS
+    assert frame["step"].to_list() == list(range(n)) and frame.schema == schema.to_frame([]).schema
     assert frame["configs"].list.get(0).struct.field("tflops").to_list() == [float(i) for i in range(n)]
 
 
@@ -239,3 +239,74 @@ def test_a_full_disk_stops_the_search_with_one_line_and_the_same_command_resumes
     assert again.returncode == 0, again.stderr[-2000:]
     df = lineage.read_run(run)
     assert df["step"].to_list() == [0, 1, 2, 3, 4] and df["candidate_id"].is_unique().all()
+
+
+def _filled(cls, **given):
+    """An instance of a result dataclass with every field set to a value that is not its default."""
+    import types
+    import typing
+    from dataclasses import fields
+    from enum import Enum
+
+    from avo.types import ConfigResult
+
+    values = {}
+    for i, f in enumerate(fields(cls)):
+        hint = typing.get_type_hints(cls)[f.name]
+        base = next(a for a in typing.get_args(hint) if a is not type(None)) if isinstance(hint, types.UnionType) \
+            else hint
+        if f.name in given:
+            values[f.name] = given[f.name]
+        elif typing.get_origin(base) is list:
+            values[f.name] = [_filled(ConfigResult)] if typing.get_args(base)[0] is ConfigResult else [1.5 + i, 2.5]
+        elif isinstance(base, type) and issubclass(base, Enum):
+            values[f.name] = list(base)[0]
+        else:
+            values[f.name] = {bool: True, int: 7 + i, float: 1.25 + i, str: f"v{i}"}[base]
+    return cls(**values)
+
+
+def test_every_result_field_is_a_column_written_and_read_back(tmp_path):
+    """A field added to EvalResult, ConfigResult or Proposal reaches the lineage without a change to avo.schema
+    (or is named in NOT_STORED with where it goes): the row is derived from the dataclasses."""
+    from dataclasses import fields
+    from types import SimpleNamespace
+
+    from avo.types import ConfigResult, EvalResult, Problem, Proposal, Redirect, Shape
+
+    for cls, names in ((EvalResult, schema.SCHEMA.names), (Proposal, schema.SCHEMA.names),
+                       (ConfigResult, schema.CONFIG_STRUCT.names), (Redirect, schema.SUPERVISOR_SCHEMA.names)):
+        missing = [f.name for f in fields(cls) if f.name not in names and f"{cls.__name__}.{f.name}" not in
+                   schema.NOT_STORED]
+        assert not missing, f"{cls.__name__} fields with no column: {missing}"
+    result, proposal = _filled(EvalResult), _filled(Proposal, meta={"k": 1})
+    shape = Shape(1, 8, 8, 2, 2, 64, False)
+    row = schema.attempt_row(run_id="r", step=1, attempt=0, parent=None, version=None, decision="not_faster",
+                             result=result, proposal=proposal, operator=SimpleNamespace(name="op", model=""),
+                             problem=Problem("mha", 2, 2, 64, (shape,), (shape,)), directive="d",
+                             started=datetime.now(timezone.utc), propose_s=0.5, source_sha="abc")
+    lineage.append(tmp_path, row)
+    back = lineage.read_run(tmp_path).row(0, named=True)
+    for f in fields(EvalResult):
+        if f.name in schema.RESULT:
+            want = getattr(result, f.name)
+            want = want.value if f.name == "status" else [vars(c) for c in want] if f.name == "configs" else want
+            assert back[f.name] == want, f.name
+    assert {k: back[k] for k in schema.PROPOSED} == {k: getattr(proposal, k) for k in schema.PROPOSED}
+    import json
+
+    extra = json.loads(back["extra"])
+    assert extra["k"] == 1 and extra["log_tail"] == result.log  # where NOT_STORED says they go
+
+
+def test_every_column_is_documented_and_docs_lineage_md_holds_the_generated_tables():
+    from avo.types import Decision
+
+    assert set(schema.SCHEMA.names) <= set(schema.DOCS)
+    assert set(schema.SUPERVISOR_SCHEMA.names) <= set(schema.DOCS) | set(schema.SUPERVISOR_DOCS)
+    assert all(f"`{d.value}`" in schema.DOCS["decision"] for d in Decision)
+    text = (ROOT / "docs" / "lineage.md").read_text()
+    for table in (schema.markdown(), schema.markdown(schema.SUPERVISOR_SCHEMA, schema.SUPERVISOR_DOCS)):
+        assert table in text, "docs/lineage.md is out of date: paste `python -m avo.schema` into it"
+    documented = {ln.split("|")[1].strip() for ln in text.splitlines() if ln.startswith("| ") and ln.count("|") == 4}
+    assert documented - {"column"} == set(schema.SCHEMA.names) | set(schema.SUPERVISOR_SCHEMA.names)

@@ -59,7 +59,8 @@ def test_a_seed_that_cannot_run_the_problem_stops_the_launch_with_one_line(cfg_f
     from avo.config import validate
     from avo.errors import SeedError
 
-    with pytest.raises(SeedError, match=r"seed=sm90 supports head dims \[128\], not 64; seeds that do: naive, sm80, sm90_hdim"):
+    with pytest.raises(SeedError, match=r"seed=sm90 supports head dims \[128\], not 64; "
+                                        r"seeds that do: naive, sm80, sm90_hdim"):
         validate(cfg_factory("seed=sm90", "kernel.head_dim=64", "harness=compile"))
     with pytest.raises(SeedError, match="needs sm_90a or newer, this target is sm_80"):
         validate(cfg_factory("seed=sm90", "harness=compile", "harness.arch=sm_80"))
@@ -67,10 +68,11 @@ def test_a_seed_that_cannot_run_the_problem_stops_the_launch_with_one_line(cfg_f
 
 
 def test_one_resolver_serves_search_bench_and_export():
-    from avo.bench import seed_source
+    from avo import bench
     from avo.export import _resolve
     from avo.seeds import resolve
 
     for spec in ("naive", str(KERNELS_DIR / "sm80" / "sm80.cu")):
-        assert seed_source(spec) == resolve(spec).source == _resolve(spec).source
+        timed = bench.seeds(bench.compose([f"seeds=[{spec}]", "harness=compile"]))
+        assert [s.source for s in timed.values()] == [resolve(spec).source] == [_resolve(spec).source]
     assert resolve("sm90").meta["min_arch"] == "sm_90a" and resolve("sm90").name == "sm90"

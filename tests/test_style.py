@@ -78,3 +78,50 @@ def test_every_feedback_section_is_used_with_its_placeholders():
         assert key in sections, f"{where}: feedback({key!r}) has no `## {key}` section in feedback.md"
         wanted = _placeholders(sections[key])
         assert keys is None or keys == wanted, f"{where}: feedback({key!r}) gets {sorted(keys)}, wants {sorted(wanted)}"
+
+
+def test_every_dependency_is_imported_by_the_package():
+    """A dependency nothing in avo/ imports is weight every install carries (tqdm was one; cuda-core is the
+    tests' only, so it is in the dev extra)."""
+    import tomllib
+
+    modules = {"hydra-core": "hydra", "cuda-bindings": "cuda.bindings", "cuda-pathfinder": "cuda.pathfinder",
+               "pyelftools": "elftools"}
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = [re.split(r"[<>=\[ ;]", d, maxsplit=1)[0] for d in deps]
+    imported = set()
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module)
+    unused = [n for n in names if not any(m == modules.get(n, n.replace("-", "_")) or
+                                          m.startswith(modules.get(n, n.replace("-", "_")) + ".") for m in imported)]
+    assert not unused, f"dependencies that nothing in avo/ imports: {unused}"
+
+
+# the two pages their owners write, from the README sections that moved there
+WRITTEN_ALONGSIDE = {"docs/harness.md", "docs/external-agent.md"}
+
+
+def test_the_readme_is_a_front_page_whose_commands_are_those_ci_and_set_up_run():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 120, "the README is a front page: the reference goes to docs/"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash scripts/test.sh" in ci and "```bash\nbash scripts/test.sh\n```" in text
+    assert "```bash\nbash scripts/setup.sh && python3 -m avo.launch harness=compile search=smoke\n```" in text
+    for stale in ("at least as fast", "at least as high", "experiment"):
+        assert stale not in text, stale
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            path = (page.parent / target).resolve()
+            if not path.exists() and str(path.relative_to(ROOT)) not in WRITTEN_ALONGSIDE:
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken

@@ -125,8 +125,9 @@ def test_the_first_correct_candidate_becomes_v0(mha_run, tmp_path, monkeypatch, 
 def test_lessons_list_every_committed_version_with_its_gain(mha_run, tmp_path):
     v0 = lineage.read_run(mha_run).filter(pl.col("version") == 0).row(0, named=True)
     now = datetime.now(timezone.utc)
-    rows = [{**v0, "ranked": True, "score": 100.0},
-            {**v0, "step": 5, "candidate_id": "00005.00", "version": 1, "decision": "committed", "score": 110.0,
+    rows = [{**v0, "ranked": True, "score": 100.0},  # v1's own score is below v0's: another evaluation
+            {**v0, "step": 5, "candidate_id": "00005.00", "version": 1, "decision": "committed", "score": 99.0,
+             "parent_id": v0["candidate_id"], "paired_ratio": 1.01, "paired_lo": 1.004, "paired_hi": 1.016,
              "message": "pipeline K and V loads\nTwo stages, 64-row tiles.", "started_at": now, "finished_at": now,
              "configs": [{"key": "causal_b1_s32768_h16-16_d128", "tflops": 110.0, "ms": 1.0, "ms_p10": 1.0,
                           "ms_p90": 1.0, "cudnn_tflops": 400.0, "fa2_tflops": 200.0, "max_err": 0.0}]}]
@@ -135,5 +136,7 @@ def test_lessons_list_every_committed_version_with_its_gain(mha_run, tmp_path):
         lineage.append(out, r)
     run_id, text = lessons_markdown(out)
     assert run_id == v0["run_id"]
-    assert "## " + run_id + " v1: pipeline K and V loads" in text and "110.0 TFLOPS (+10.00% over v0)" in text
+    assert "## " + run_id + " v1: pipeline K and V loads" in text
+    assert "Speed: x1.0100 [1.0040, 1.0160] over v0 side by side" in text and "%" not in text
+    assert "Score: 99.0 TFLOPS in its own evaluation" in text
     assert "causal_b1_s32768_h16-16_d128 110.0 (cuDNN 400.0)" in text and "Two stages, 64-row tiles." in text

@@ -11,12 +11,14 @@ import polars as pl
 import pytest
 
 from avo import lineage
+from avo.clock import busy_seconds
 from avo.contract import set_tunables
 from avo.operators import make_operators
 from avo.problem import problem_from_cfg
+from avo.schema import to_frame
 from avo.search import Search, _open_run, run_search
 from avo.types import Proposal
-from avo.workers import busy_seconds, unfinished_steps
+from avo.workers import unfinished_steps
 from tests.conftest import DATA, kill_and_resume
 from tests.test_search import SEED, ScoreHarness
 
@@ -77,7 +79,7 @@ def search(cfg_factory, run_dir, harness, operators, *overrides):
     info = _open_run(cfg, run_dir, problem)
     if operators is None:
         operators = make_operators(cfg.agent, run_dir, problem, int(cfg.search.workers))
-    return Search(cfg, run_dir, info["run_id"], problem, harness, operators[0], operators[1:]).run()
+    return Search(cfg, run_dir, info["run_id"], problem, harness, operators).run()
 
 
 def assert_one_lineage(df: pl.DataFrame) -> None:
@@ -96,7 +98,7 @@ def test_four_workers_keep_one_lineage_and_judge_against_the_current_best(cfg_fa
                      "search.attempts_per_step=2")
     df = lineage.read_run(tmp_path)
     assert_one_lineage(df)
-    assert summary.commits >= 2 and summary.attempts == len(df)
+    assert summary.commits >= 2 and summary.attempts == len(df) - 1
     assert set(df.filter(pl.col("step") > 0)["worker"]) == {0, 1, 2, 3}
     assert sorted(df.filter(pl.col("step") > 0)["step"].unique()) == list(range(1, 25))
     # steps are one worker's each, and its attempts are contiguous
@@ -144,7 +146,7 @@ def test_one_worker_is_the_single_loop(cfg_factory, tmp_path, capsys):
     summary = search(cfg_factory, tmp_path, ScoreHarness(), None, "search.max_steps=5")
     df = lineage.read_run(tmp_path)
     assert df["worker"].to_list() == [0] * len(df) and df["island"].to_list() == [0] * len(df)
-    assert " w0 " not in capsys.readouterr().out and summary.attempts == len(df)
+    assert " w0 " not in capsys.readouterr().out and summary.attempts == len(df) - 1
 
 
 def test_overlapping_attempts_count_once_against_the_budget(cfg_factory, tmp_path):
@@ -159,7 +161,7 @@ def test_unfinished_steps_are_the_ones_a_kill_cut_short():
     rows = [dict(step=s, attempt=a, candidate_id=f"{s:05d}.{a:02d}", committed=c) for s, a, c in
             [(0, 0, True), (1, 0, False), (1, 1, True), (2, 0, False), (3, 0, False), (3, 1, False),
              (3, 2, False), (4, 0, False), (4, 1, False)]]
-    assert unfinished_steps(lineage.to_frame(rows), 3) == [(2, 1), (4, 2)]
+    assert unfinished_steps(to_frame(rows), 3) == [(2, 1), (4, 2)]
 
 
 def test_four_workers_on_the_nvrtc_harness(cfg_factory, tmp_path, capsys):
@@ -167,7 +169,7 @@ def test_four_workers_on_the_nvrtc_harness(cfg_factory, tmp_path, capsys):
                       "search.attempts_per_step=2", run_dir=tmp_path)
     summary = run_search(cfg)
     df = lineage.read_run(tmp_path)
-    assert summary.attempts == len(df) == 1 + 16 and df["candidate_id"].is_unique().all()
+    assert summary.attempts + 1 == len(df) == 1 + 16 and df["candidate_id"].is_unique().all()
     assert set(df["decision"][1:]) <= {"unranked", "invalid"} and len(set(df["worker"][1:])) > 1
     assert df.filter(pl.col("step") > 0)["registers"].min() > 0
     out = capsys.readouterr().out
@@ -203,8 +205,30 @@ def test_the_budget_clock_counts_each_second_once_after_a_resume(cfg_factory, tm
     cfg = cfg_factory("harness=compile", f"seed={SEED}", "search.workers=3", run_dir=tmp_path)
     problem = problem_from_cfg(cfg.kernel)
     ops = make_operators(cfg.agent, tmp_path, problem, 3)
-    s = Search(cfg, tmp_path, _open_run(cfg, tmp_path, problem)["run_id"], problem, RacingHarness(), ops[0], ops[1:])
-    Workers(s, ops)
-    assert s.spent == pytest.approx(busy_seconds(lineage.read_run(tmp_path)))
-    assert s.spent < s.rows.select((pl.col("finished_at") - pl.col("started_at")).dt.total_seconds(
+    s = Search(cfg, tmp_path, _open_run(cfg, tmp_path, problem)["run_id"], problem, RacingHarness(), ops)
+    Workers(s)
+    assert s.state.spent == pytest.approx(busy_seconds(lineage.read_run(tmp_path)))
+    assert s.state.spent < s.state.rows.select((pl.col("finished_at") - pl.col("started_at")).dt.total_seconds(
         fractional=True).sum()).item()
+
+
+def test_one_worker_is_the_smallest_case_of_the_one_loop(cfg_factory, tmp_path, monkeypatch):
+    """search.workers=1 runs avo.workers' loop in the calling thread: no second loop, no thread."""
+    started = []
+    start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self.name) or start(self))
+    summary = search(cfg_factory, tmp_path, ScoreHarness(), None, "search.max_steps=4")
+    assert summary.stopped == "reached search.max_steps=4" and not [n for n in started if n.startswith("avo-worker")]
+
+
+def test_the_core_and_migrations_use_only_the_lineage_states_public_api():
+    """Workers and islands once called Search's private methods and appended to its history."""
+    import re
+
+    from tests.conftest import ROOT
+
+    for name in ("workers.py", "islands.py"):
+        text = (ROOT / "avo" / name).read_text()
+        private = re.findall(r"\b(?:s|search|st|state|self\.search)\.(_\w+)", text)
+        assert not private, f"avo/{name} reaches into {private}"
+        assert ".versions.append(" not in text and ".rows = " not in text

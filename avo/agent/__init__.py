@@ -13,7 +13,6 @@ def make_llm_operator(agent_cfg, run_dir: Path, problem: Problem):
     from avo.agent.operator import LlmOperator
     from avo.agent.server import ServerError, make_server
 
-    check(agent_cfg)
     s = agent_cfg.server
     api_key = ""
     if s.api_key_env:
@@ -33,20 +32,39 @@ def make_llm_operator(agent_cfg, run_dir: Path, problem: Problem):
         raise
 
 
-def check(cfg) -> None:
-    """Cross-field rules of an llm agent config; one line per problem, raised as ConfigError."""
-    from avo.config import ConfigError
+def check(a) -> None:
+    """Cross-field rules of the agent group, whatever its kind (avo.config.validate runs them before a launch
+    writes or submits anything); one line per problem, raised as ConfigError."""
+    from avo.errors import ConfigError
 
-    b, s = cfg.budget, cfg.sampling
-    for name in ("max_turns", "max_tokens", "max_seconds", "request_timeout_s", "tool_output_chars"):
+    if a.kind not in ("mutation", "llm", "external"):
+        raise ConfigError(f"agent.kind={a.kind!r}: use mutation, llm or external")
+    if a.kind == "mutation":
+        if a.max_changes < 1 or a.max_tries < 1:
+            raise ConfigError("agent.max_changes and agent.max_tries must be >= 1")
+        return
+    from avo.agent.tools import NAMES
+
+    unknown = sorted(set(a.tools) - set(NAMES))
+    if unknown:
+        raise ConfigError(f"agent.tools: unknown {unknown}; the tools are {', '.join(NAMES)}")
+    b = a.budget
+    positive = ("max_seconds", "max_tool_calls", "idle_seconds", "tool_output_chars") if a.kind == "external" else (
+        "max_turns", "max_tokens", "max_seconds", "request_timeout_s", "tool_output_chars")
+    for name in positive:
         if b[name] <= 0:
             raise ConfigError(f"agent.budget.{name}={b[name]} must be positive")
-    if b.retries < 0 or cfg.server.max_restarts < 0:
+    if a.kind == "external":
+        return
+    s, srv = a.sampling, a.server
+    if srv.mode not in ("managed", "external"):
+        raise ConfigError(f"agent.server.mode={srv.mode!r}: use managed or external")
+    if b.retries < 0 or srv.max_restarts < 0:
         raise ConfigError("agent.budget.retries and agent.server.max_restarts must be >= 0")
     if s.tool_choice not in ("auto", "required"):
         raise ConfigError(f"agent.sampling.tool_choice={s.tool_choice!r}: use auto or required")
     if s.max_tokens <= 0 or not 0 <= s.temperature <= 2 or not 0 < s.top_p <= 1:
         raise ConfigError("agent.sampling: max_tokens > 0, temperature in [0, 2], top_p in (0, 1]")
-    if cfg.server.mode == "managed" and cfg.server.tensor_parallel_size > max(1, len(cfg.server.gpus)):
-        raise ConfigError(f"agent.server.tensor_parallel_size={cfg.server.tensor_parallel_size} needs as many "
-                          f"agent.server.gpus (got {list(cfg.server.gpus)})")
+    if srv.mode == "managed" and srv.tensor_parallel_size > max(1, len(srv.gpus)):
+        raise ConfigError(f"agent.server.tensor_parallel_size={srv.tensor_parallel_size} needs as many "
+                          f"agent.server.gpus (got {list(srv.gpus)})")

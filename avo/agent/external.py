@@ -12,9 +12,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import polars as pl
-
-from avo import interrupt, lineage
+from avo import interrupt
 from avo.agent.desk import OpenStep, StepDesk, offered_schemas
 from avo.agent.knowledge import KnowledgeBase
 from avo.agent.mcp_server import HttpEndpoint, instructions
@@ -23,7 +21,6 @@ from avo.agent.operator import step_prompt
 from avo.agent.supervisor import Supervisor
 from avo.agent.tools import Workbench
 from avo.agent.transcript import Transcript, transcript_path
-from avo.config import ConfigError
 from avo.lineage import sha256
 from avo.types import Proposal, ProposalError, Redirect, StepContext
 
@@ -33,10 +30,6 @@ class ExternalOperator:
 
     def __init__(self, cfg, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        b = cfg.budget
-        for key in ("max_seconds", "max_tool_calls", "idle_seconds", "tool_output_chars"):
-            if b[key] <= 0:
-                raise ConfigError(f"agent.budget.{key}={b[key]} must be positive")
         self.model = cfg.model
         self.schemas = offered_schemas(list(cfg.tools))
         self.offered = tuple(s["function"]["name"] for s in self.schemas if s["function"]["name"] != "next_step")
@@ -56,7 +49,7 @@ class ExternalOperator:
         b = self.cfg.budget
         bench = Workbench(ctx, self.notes, KnowledgeBase(list(self.cfg.knowledge_dirs), ctx.history),
                           b.tool_output_chars, self.offered)
-        context = self.verdict() + step_prompt(
+        context = self.verdict(ctx) + step_prompt(
             ctx, self.notes.recent(), f"{b.max_tool_calls} tool calls, {b.max_seconds:.0f} s, at most "
                                       f"{b.idle_seconds:.0f} s between calls", self.cfg.source_in_prompt)
         with Transcript(path) as tr:
@@ -101,16 +94,16 @@ class ExternalOperator:
                    client=s.client, model=model)
         return proposal
 
-    def verdict(self) -> str:
-        """What the harness said about the previous submission (read back from the lineage)."""
+    def verdict(self, ctx: StepContext) -> str:
+        """What the harness said about the previous submission (its island's recent attempts, in the context)."""
         if self._last_sha is None:
             return ""
-        rows = lineage.read_run(self.run_dir).filter(pl.col("source_sha") == self._last_sha)
-        if rows.is_empty():
+        mine = [a for a in ctx.recent if sha256(a.source) == self._last_sha]
+        if not mine:
             return ""
-        r = rows.tail(1).row(0, named=True)
-        score = f", {r['score']:.1f} TFLOPS" if r["score"] is not None else ""
-        version = f" as v{r['version']}" if r["committed"] else ""
-        error = f"\n{r['error'].strip()[:1500]}" if r["error"] else ""
-        return (f"Verdict on your submission {r['candidate_id']}: {r['decision']}{version} "
-                f"(status {r['status']}{score}).{error}\n\n")
+        a = mine[-1]
+        score = f", {a.score:.1f} TFLOPS" if a.score is not None else ""
+        version = f" as v{a.version}" if a.version is not None else ""
+        error = f"\n{a.error.strip()[:1500]}" if a.error else ""
+        return (f"Verdict on your submission {a.candidate_id}: {a.decision}{version} "
+                f"(status {a.status.value}{score}).{error}\n\n")

@@ -77,8 +77,10 @@ def lessons(history: list[Version]) -> str:
         return ""
     parts = ["# Lessons of this run's lineage\n"]
     for prev, v in zip(history, history[1:], strict=False):
-        gain = (f"{v.score:.1f} TFLOPS ({100 * (v.score / prev.score - 1):+.2f}% over v{prev.version})"
-                if v.score and prev.score else "unranked")
+        # what its commit proved, timed side by side with the version before it (scores of two evaluations
+        # are not comparable)
+        gain = (f"x{v.ratio:.4f} [{v.ratio_lo:.4f}, {v.ratio_hi:.4f}] over v{prev.version} timed side by side"
+                if v.ratio is not None else "not timed side by side")
         parts.append(f"## v{v.version}: {v.message or '(no message)'}\nCommitted as v{v.version}, {gain}. "
                      f"Change: {v.message or 'not described'}.\n")
     return "\n".join(parts)

@@ -10,9 +10,6 @@ import json
 import re
 from pathlib import Path
 
-import polars as pl
-
-from avo import lineage
 from avo.agent import render
 from avo.agent.client import LlmError
 from avo.agent.memory import Notes
@@ -66,34 +63,40 @@ def clean(items: list[str], previous: list[str], n: int) -> list[str]:
     return out[:n]
 
 
+def _proved(v) -> str:
+    if v.ratio is not None:
+        return f"x{v.ratio:.4f} over its parent side by side ({v.score:.1f} TFLOPS in its own evaluation)"
+    return f"{v.score:.1f} TFLOPS" if v.score is not None else "unranked"
+
+
+def _attempt_line(a) -> str:
+    score = f" {a.score:.1f}" if a.score is not None else ""
+    error = " | " + a.error.splitlines()[0][:200] if a.error else ""
+    step, _, attempt = a.candidate_id.partition(".")
+    return f"step {int(step)}.{int(attempt)}: {a.decision}/{a.status.value}{score} - {a.message[:150]}{error}"
+
+
 class Supervisor:
     def __init__(self, cfg, run_dir: Path, client, notes: Notes, n_directions: int = 3):
         self.cfg, self.run_dir, self.client, self.notes = cfg, Path(run_dir), client, notes
         self.n = n_directions
 
-    def previous(self) -> list[str]:
-        sup = lineage.scan_supervisor([self.run_dir]).collect()
+    @staticmethod
+    def previous(ctx: StepContext) -> list[str]:
+        """The directions this island was given before (its StepContext's directives, one per line)."""
         out = []
-        for d in sup.sort("at")["directive"].to_list() if len(sup) else []:
-            out += [ln.split(". ", 1)[1] for ln in (d or "").splitlines() if re.match(r"^\d+\. ", ln)]
+        for d in ctx.directions:
+            out += [ln.split(". ", 1)[1] for ln in d.splitlines() if re.match(r"^\d+\. ", ln)]
         return out
 
-    def trajectory(self, ctx: StepContext, last: int = 20) -> tuple[str, str]:
-        versions = "\n".join(f"v{v.version}: {f'{v.score:.1f}' if v.score is not None else 'unranked'} - "
-                             f"{(v.message or '')[:200]}" for v in ctx.history[-15:])
-        rows = lineage.read_run(self.run_dir).filter(pl.col("step") > 0).tail(last)
-        attempts = "\n".join(self._attempt_line(r) for r in rows.iter_rows(named=True))
-        return versions, attempts or "(none)"
-
     @staticmethod
-    def _attempt_line(r: dict) -> str:
-        score = f" {r['score']:.1f}" if r["score"] is not None else ""
-        error = " | " + r["error"].splitlines()[0][:200] if r["error"] else ""
-        message = (r["message"] or "")[:150]
-        return f"step {r['step']}.{r['attempt']}: {r['decision']}/{r['status']}{score} - {message}{error}"
+    def trajectory(ctx: StepContext) -> tuple[str, str]:
+        """The island's versions (what each proved, side by side) and its latest attempts, as the prompt shows them."""
+        versions = "\n".join(f"v{v.version}: {_proved(v)} - {(v.message or '')[:200]}" for v in ctx.history[-15:])
+        return versions, "\n".join(_attempt_line(a) for a in ctx.recent) or "(none)"
 
     def review(self, ctx: StepContext, reason: str) -> Redirect:
-        previous = self.previous()
+        previous = self.previous(ctx)
         action, directions, source = "redirect", [], "rules"
         cost = Redirect("")
         if self.cfg.llm_supervisor:

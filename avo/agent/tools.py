@@ -281,11 +281,20 @@ def apply_tool_edit(source: str, name: str, args: dict) -> str:
     return new if new.endswith("\n") else new + "\n"
 
 
+def _proved(v) -> str:
+    """What the lineage proved about a version (avo.history); a score alone compares with nothing measured apart."""
+    own = f"{v.score:.1f} TFLOPS in its own evaluation" if v.score is not None else "unranked"
+    if v.chain_ratio is None or not v.version:
+        return own
+    parent = f"x{v.ratio:.4f} over its parent, " if v.ratio is not None else ""
+    return f"{parent}x{v.chain_ratio:.4f} over v0, timed side by side ({own})"
+
+
 def lineage_text(ctx: StepContext, last: int = 12) -> str:
-    rows = [f"v{v.version}: {f'{v.score:.1f} TFLOPS' if v.score is not None else 'unranked'} - "
+    rows = [f"v{v.version}: {_proved(v)} - "
             f"{(v.message or '').splitlines()[0][:160] if v.message else ''}" for v in ctx.history[-last:]]
     head = f"(showing the last {last} of {len(ctx.history)} versions)\n" if len(ctx.history) > last else ""
-    text = "Committed versions (oldest first):\n" + head + "\n".join(rows)
+    text = ("Committed versions (oldest first; the last, the head, is the best):\n" + head + "\n".join(rows))
     if ctx.failures:
         text += "\n\nThis step's earlier attempts (not committed):\n" + "\n".join(
             f"attempt{i}: {a.status.value}/{a.decision}"

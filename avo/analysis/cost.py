@@ -12,7 +12,7 @@ from __future__ import annotations
 import polars as pl
 
 from avo.analysis.reader import Lineage
-from avo.lineage import ORIGINAL, STAGE_COLUMNS
+from avo.schema import ORIGINAL, STAGE_COLUMNS
 
 
 def by_stage(lin: Lineage) -> pl.DataFrame:

@@ -13,6 +13,7 @@ import polars as pl
 import pyarrow as pa
 
 from avo import lineage
+from avo.schema import SCHEMA, SUPERVISOR_SCHEMA
 
 IGNORED_OVERRIDES = ("run_dir", "resume", "hydra.", "launcher")  # say where a run lives, not what it tests
 REPLICATE_KEYS = ("rng",)  # repeat a cell of a sweep; never a default grouping key
@@ -145,12 +146,12 @@ def load(paths, warn=None) -> Lineage:
              "rows are merged by candidate_id")
         table = table.unique("run_id", keep="first", maintain_order=True)
         overlap = True
-    supervisor = lineage.open_files(sup_files, lineage.SUPERVISOR_SCHEMA, note)
+    supervisor = lineage.open_files(sup_files, SUPERVISOR_SCHEMA, note)
     return Lineage(_attempts(files, table, overlap, note), supervisor, table, keys, warnings, files, overlap, note)
 
 
 def _attempts(files: list[Path], runs: pl.DataFrame, dedupe: bool, note) -> pl.LazyFrame:
-    attempts = lineage.open_files(files, lineage.SCHEMA, note)
+    attempts = lineage.open_files(files, SCHEMA, note)
     if dedupe:
         attempts = attempts.unique(subset=["run_id", "candidate_id"], keep="first")
     return attempts.join(runs.lazy().select("run_id", "run_dir"), on="run_id", how="left")

@@ -10,43 +10,46 @@ from pathlib import Path
 import polars as pl
 
 from avo import lineage
-from avo.analysis import cost, plots, tables
+from avo.analysis import cost, plots, rebench, tables
 from avo.analysis import workers as crew
 from avo.analysis.reader import Lineage
 from avo.fsutil import atomic_write_text
+from avo.history import NOT_SIDE_BY_SIDE
+from avo.types import OUTCOMES
 
 MAX_DIFF_LINES = 600
 
 
 def run_table(runs: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
-    """The per-run summary as a reader wants it: rounded, taxonomy in columns, short names."""
+    """The per-run summary as a reader wants it: rounded, one column per outcome, short names."""
     r = runs
     return r.select(
         pl.col("name").alias("run"), *[pl.col(k) for k in keys if k in r.columns],
-        "steps", "attempts", "commits", (pl.col("acceptance") * 100).round(1).alias("accept_%"),
-        pl.col("compile_error").alias("compile"), "incorrect", "crashed", "timeout", "invalid", "error",
-        (pl.col("not_faster") + pl.col("regression") + pl.col("unranked")).alias("not_faster"),
-        pl.col("best_version").alias("best_v"), pl.col("best_score").round(1).alias("best_tflops"),
-        pl.col("speedup").round(2).alias("x_seed"), pl.col("vs_cudnn").round(3), pl.col("vs_fa2").round(3),
+        "steps", "attempts", *OUTCOMES, (pl.col("acceptance") * 100).round(1).alias("accept_%"),
+        pl.col("best_version").alias("best_v"), pl.col("x_v0").round(4), pl.col("x_v0_lo").round(4).alias("lo"),
+        pl.col("x_v0_hi").round(4).alias("hi"), pl.col("best_score").round(1).alias("its_tflops"),
+        pl.col("vs_cudnn").round(3), pl.col("vs_fa2").round(3),
         pl.col("hours").round(2), pl.col("best_hours").round(2).alias("h_to_best"),
         pl.col("best_tokens").alias("tokens_to_best"), pl.col("interventions").alias("redirects"))
 
 
 def sweep_table(sweep: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     return sweep.select(
-        *by, "runs", "attempts", "commits", (pl.col("acceptance") * 100).round(1).alias("accept_%"),
-        pl.col("compile_error").alias("compile"), "incorrect", "crashed", "timeout", "invalid",
-        pl.col("best_mean").round(1), pl.col("best_std").round(1), pl.col("best_max").round(1),
-        pl.col("speedup_mean").round(2).alias("x_seed"), pl.col("vs_cudnn_mean").round(3).alias("vs_cudnn"),
-        pl.col("vs_fa2_mean").round(3).alias("vs_fa2"), pl.col("best_hours_median").round(2).alias("h_to_best"))
+        *by, "runs", "attempts", *OUTCOMES, (pl.col("acceptance") * 100).round(1).alias("accept_%"),
+        pl.col("x_v0_mean").round(4), pl.col("x_v0_std").round(4), pl.col("x_v0_max").round(4),
+        pl.col("best_mean").round(1), pl.col("best_max").round(1),
+        pl.col("vs_cudnn_mean").round(3).alias("vs_cudnn"), pl.col("vs_fa2_mean").round(3).alias("vs_fa2"),
+        pl.col("best_hours_median").round(2).alias("h_to_best"))
 
 
 def commit_table(c: pl.DataFrame) -> pl.DataFrame:
-    # gain_%: against the previous version's own score; x_parent [lo, hi]: timed side by side with it
-    return c.select("version", "step", "attempt", pl.col("score").round(2),
-                    (pl.col("gain") * 100).round(1).alias("gain_%"), pl.col("paired_ratio").round(4).alias("x_parent"),
-                    pl.col("paired_lo").round(4).alias("lo"), pl.col("paired_hi").round(4).alias("hi"),
-                    pl.col("incumbent_score").round(1).alias("parent_same_run"), pl.col("n").alias("attempts"),
+    # x_parent [lo, hi]: timed side by side with its parent; x_v0: those chained (avo.history); score: its own
+    # evaluation, not comparable with another version's
+    return c.select("version", "island", "step", "attempt", "decision",
+                    pl.col("x_parent").round(4), pl.col("x_parent_lo").round(4).alias("lo"),
+                    pl.col("x_parent_hi").round(4).alias("hi"), pl.col("x_v0").round(4),
+                    pl.col("x_v0_lo").round(4).alias("v0_lo"), pl.col("x_v0_hi").round(4).alias("v0_hi"),
+                    pl.col("score").round(1).alias("own_tflops"), pl.col("n").alias("attempts"),
                     pl.col("hours").round(3), pl.col("cum_tokens").alias("tokens"),
                     pl.col("message").str.replace_all(r"\s+", " ").str.slice(0, 160))
 
@@ -93,6 +96,13 @@ def best_diff(lin: Lineage, run_id: str) -> str:
     return "".join(diff) or "(identical sources)"
 
 
+def _proved(r: dict) -> str:
+    if r["x_v0"] is None:
+        return f" (its own evaluation: {r['best_score']:.1f} TFLOPS)" if r["best_score"] is not None else ""
+    return (f": x{r['x_v0']:.4f} [{r['x_v0_lo']:.4f}, {r['x_v0_hi']:.4f}] over v0 by its chain of side-by-side "
+            f"ratios; {r['best_score']:.1f} TFLOPS in its own evaluation")
+
+
 class _Doc:
     """Accumulates sections; images become files (Markdown) or data URIs (HTML)."""
 
@@ -132,14 +142,15 @@ class _Doc:
 
 
 def detail_runs(runs: pl.DataFrame, limit: int) -> list[str]:
-    """The runs given a section of their own: all when few, else the best by score."""
-    ordered = runs.sort("best_score", descending=True, nulls_last=True)
+    """The runs given a section of their own: all when few, else those whose best gained most over their v0."""
+    ordered = runs.sort(["x_v0", "name"], descending=[True, False], nulls_last=True)
     return ordered["run_id"].head(limit).to_list()
 
 
 def write(lin: Lineage, out: Path, fmt: str = "md", by: list[str] | None = None, plot: bool = True,
-          detail: int = 12, log=print) -> Path:
-    """Write tables (CSV always), figures and report.{md,html} into `out`; returns the report path."""
+          detail: int = 12, log=print, bench: list[Path] = ()) -> Path:
+    """Write tables (CSV always), figures and report.{md,html} into `out`; returns the report path.
+    bench: avo.bench runs of committed versions (avo.analysis.rebench), read in as their own section."""
     out.mkdir(parents=True, exist_ok=True)
     runs = tables.runs_summary(lin)
     by = by or lin.sweep_keys
@@ -152,6 +163,9 @@ def write(lin: Lineage, out: Path, fmt: str = "md", by: list[str] | None = None,
         out / "workers.csv")
     crew.per_island(lin).write_csv(out / "islands.csv")
     commits.drop("configs").write_csv(out / "commits.csv")
+    timed = rebench.load(list(bench), runs) if bench else None
+    if timed is not None:
+        timed.write_csv(out / "rebench.csv")
     best.write_csv(out / "best_configs.csv")
     if sweep is not None:
         sweep.write_csv(out / "sweep.csv")
@@ -164,6 +178,11 @@ def write(lin: Lineage, out: Path, fmt: str = "md", by: list[str] | None = None,
     for w in lin.warnings:
         doc.p(f"Warning: {w}")
     doc.h(2, "Runs")
+    doc.p("x_v0 [lo, hi]: the best version's speed over its run's v0, the chain of paired ratios its commits were "
+          "timed with (avo.history); its_tflops: the best's own evaluation, with cuDNN and FA2 timed in it. The "
+          "outcome columns add up to `attempts`.")
+    if len(runs) > 1:
+        doc.p(f"Note: {tables.ACROSS_RUNS}.")
     doc.table(run_table(runs, by or []))
     busy = crew.gpu_busy(lin)
     several = busy.filter(pl.col("workers") > 1)["run_id"].to_list()  # search.workers > 1
@@ -190,15 +209,16 @@ def write(lin: Lineage, out: Path, fmt: str = "md", by: list[str] | None = None,
             doc.image(plots.sweep(lin, out / "plots" / "sweep.png", by or None, runs))
     chosen = detail_runs(runs, detail)
     if len(chosen) < len(runs):
-        doc.p(f"Sections below: the {len(chosen)} runs with the highest best score (--detail).")
+        doc.p(f"Sections below: the {len(chosen)} runs whose best gained most over their v0 (--detail).")
     sup = lin.supervisor.collect()
     for i, run_id in enumerate(chosen, 1):
         r = runs.filter(pl.col("run_id") == run_id).row(0, named=True)
         log(f"[{i}/{len(chosen)}] report section for {r['name']} ({run_id})")
         doc.h(2, f"Run {r['name']} ({run_id})")
         doc.p(f"{r['run_dir']}: kernel {r['kernel']}, group {r['group']}, agent {r['agent']}, "
-              f"{r['attempts']} attempts, {r['commits']} commits, best v{r['best_version']} "
-              f"at {r['best_score'] or float('nan'):.1f} TFLOPS.")
+              f"{r['attempts']} attempts, {r['commits']} commits, best v{r['best_version']}{_proved(r)}.")
+        if (r["heads"] or 1) > 1:
+            doc.p(f"Note: {NOT_SIDE_BY_SIDE.format(n=r['islands'])}.")
         if plot:
             d = out / "plots" / re.sub(r"[^\w.-]", "_", run_id)
             drawn = {name: draw(lin, run_id, d / f"{name}.png") for name, draw in (
@@ -206,12 +226,17 @@ def write(lin: Lineage, out: Path, fmt: str = "md", by: list[str] | None = None,
                 ("outcomes", plots.outcomes))}
             if run_id in several:
                 drawn["commits_by_worker"] = crew.plot_commits(lin, run_id, d / "commits_by_worker.png")
+            if timed is not None:
+                drawn["rebench"] = rebench.plot(timed.filter(pl.col("run_id") == run_id), d / "rebench.png")
             if drawn["trajectory"] is None and r["best_score"] is not None:
-                doc.p(f"Only v{r['best_version']} has a score so far: no trajectory to draw.")
+                doc.p(f"Only v{r['best_version']} has been timed side by side so far: no trajectory to draw.")
             for path in drawn.values():
                 doc.image(path)
-        doc.h(3, "Best version against cuDNN and FA2")
+        doc.h(3, "Best version against cuDNN and FA2 (in its own evaluation)")
         doc.table(config_table(best.filter(pl.col("run_id") == run_id)))
+        if timed is not None and len(timed.filter(pl.col("run_id") == run_id)):
+            doc.h(3, "Versions timed side by side (avo.bench)")
+            doc.table(rebench.table(timed.filter(pl.col("run_id") == run_id)))
         doc.h(3, "Committed versions")
         doc.table(commit_table(commits.filter(pl.col("run_id") == run_id)))
         s = sup.filter(pl.col("run_id") == run_id).sort("at")

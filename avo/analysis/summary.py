@@ -8,9 +8,9 @@ import textwrap
 
 import polars as pl
 
-from avo.analysis.tables import FAILURES
-
-SLOWER = ("not_faster", "regression")
+from avo.analysis.tables import ACROSS_RUNS, FAILURES
+from avo.history import NOT_SIDE_BY_SIDE
+from avo.types import OUTCOMES
 
 
 def _num(v, fmt: str, suffix: str = "") -> str:
@@ -51,48 +51,49 @@ def _failed(r: dict) -> int:
 
 
 def one_run(r: dict, width: int = 80) -> list[str]:
-    """A run in four lines: which run, its best, what the attempts gave, what it cost."""
+    """A run in four lines: which run, its best and what the lineage proved, what the attempts gave, the cost."""
     what = ", ".join(str(x) for x in (r.get("kernel"), f"group {r['group']}" if r.get("group") else None,
                                       r.get("agent")) if x)
     lines = [f"run {r['name']}" + (f" ({what})" if what else "")]
-    if r["best_score"] is not None:
-        lines.append(f"  best   v{r['best_version']}: {r['best_score']:.1f} TFLOPS, {_num(r['speedup'], '.2f', 'x')} "
-                     f"the seed, {_num(r['vs_cudnn'], '.2f', 'x')} cuDNN, {_num(r['vs_fa2'], '.2f', 'x')} FA2")
+    if r["x_v0"] is not None:
+        lines.append(f"  best   v{r['best_version']}: x{r['x_v0']:.4f} [{r['x_v0_lo']:.4f}, {r['x_v0_hi']:.4f}] "
+                     f"over v0 (chained side-by-side ratios); its own evaluation {_num(r['best_score'], '.1f')} "
+                     f"TFLOPS, {_num(r['vs_cudnn'], '.2f', 'x')} cuDNN, {_num(r['vs_fa2'], '.2f', 'x')} FA2")
     elif r["best_version"] is not None:
-        lines.append(f"  best   v{r['best_version']} (unranked: this harness times nothing)")
+        lines.append(f"  best   v{r['best_version']} (not timed side by side: this harness times nothing)")
     else:
         lines.append("  best   none: the seed did not pass")
-    kinds = ", ".join(f"{r[k]} {k.replace('_error', '').replace('_', ' ')}" for k in FAILURES if r[k])
-    counts = [(r["commits"], "committed"), (sum(r[k] or 0 for k in SLOWER), "slower"), (r["unranked"], "unranked"),
-              (_failed(r), f"failed ({kinds})")]
-    lines.append(f"  tried  {r['attempts']} attempts in {r['steps']} steps: "
-                 + ", ".join(f"{n} {what}" for i, (n, what) in enumerate(counts) if n or i == 0))
+    counts = [f"{r[o]} {o.replace('_error', '').replace('_', ' ')}" for o in OUTCOMES if r[o] or o == "committed"]
+    lines.append(f"  tried  {r['attempts']} attempts in {r['steps']} steps: " + ", ".join(counts))
     hours, best_hours = _num(r["hours"], ".2f", " h"), _num(r["best_hours"], ".2f", " h")
     lines.append(f"  cost   {hours} of attempts; best after {best_hours} and {r['best_tokens'] or 0:,} tokens; "
                  f"supervisor redirects: {r['interventions']}")
+    if (r.get("heads") or 1) > 1:
+        lines.append(f"  note   {NOT_SIDE_BY_SIDE.format(n=r['islands'])}")
     return [w for ln in lines for w in textwrap.wrap(ln, width, subsequent_indent=" " * 9)]
 
 
 def runs(runs_df: pl.DataFrame, keys: list[str], width: int = 80, limit: int = 10) -> list[str]:
-    """One line per run, best first: the best and its ratios, commits out of attempts, hours to the best."""
-    ordered = runs_df.sort("best_score", descending=True, nulls_last=True)
-    rows = [[_label(r, keys), _num(r["best_score"], ".1f"), _ver(r["best_version"]), _num(r["speedup"], ".2f"),
+    """One line per run, largest gain over its own v0 first: the best, commits out of attempts, hours to the best."""
+    ordered = runs_df.sort(["x_v0", "name"], descending=[True, False], nulls_last=True)
+    rows = [[_label(r, keys), _ver(r["best_version"]), _num(r["x_v0"], ".4f"), _num(r["best_score"], ".1f"),
              _num(r["vs_cudnn"], ".2f"), _num(r["vs_fa2"], ".2f"), f"{r['commits']}/{r['attempts']}",
              str(_failed(r)), _num(r["best_hours"], ".2f")]
             for r in ordered.head(limit).iter_rows(named=True)]
-    out = _table(["run", "best", "ver", "x seed", "x cuDNN", "x FA2", "commits", "failed", "h to best"], rows, width)
+    out = _table(["run", "best", "x v0", "its TFLOPS", "x cuDNN", "x FA2", "commits", "failed", "h to best"], rows,
+                 width)
     if len(ordered) > limit:
         out.append(f"... and {len(ordered) - limit} more runs (every run, every column: runs.csv)")
     return out
 
 
 def cells(sweep: pl.DataFrame, keys: list[str], width: int = 80) -> list[str]:
-    """Sweep cells with replicates: how the best score spreads over the runs of each cell."""
-    rows = [[",".join(f"{k}={r[k]}" for k in keys), str(r["runs"]), _num(r["best_mean"], ".1f"),
-             _num(r["best_std"], ".1f"), _num(r["best_max"], ".1f"), _num(r["speedup_mean"], ".2f"),
-             _num(r["vs_cudnn_mean"], ".2f"), f"{r['commits']}/{r['attempts']}"]
+    """Sweep cells with replicates: how the best's gain over v0 spreads over the runs of each cell."""
+    rows = [[",".join(f"{k}={r[k]}" for k in keys), str(r["runs"]), _num(r["x_v0_mean"], ".4f"),
+             _num(r["x_v0_std"], ".4f"), _num(r["x_v0_max"], ".4f"), _num(r["vs_cudnn_mean"], ".2f"),
+             f"{r['commits']}/{r['attempts']}"]
             for r in sweep.iter_rows(named=True)]
-    return _table(["cell", "runs", "best", "+-std", "max", "x seed", "x cuDNN", "commits"], rows, width)
+    return _table(["cell", "runs", "x v0", "+-std", "max", "x cuDNN", "commits"], rows, width)
 
 
 def text(runs_df: pl.DataFrame, keys: list[str], sweep: pl.DataFrame | None = None, width: int = 80) -> str:
@@ -103,4 +104,6 @@ def text(runs_df: pl.DataFrame, keys: list[str], sweep: pl.DataFrame | None = No
         lines += ["", *cells(sweep, keys, width)]
     if runs_df["best_score"].drop_nulls().is_empty():
         lines.append("(no scores: these runs were not timed, e.g. harness=compile)")
+    else:
+        lines += textwrap.wrap(f"note: {ACROSS_RUNS}", width)
     return "\n".join(lines)

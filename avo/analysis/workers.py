@@ -6,8 +6,8 @@ over the search's steps: the seed's evaluation, which runs before any operator, 
 rates (benchmarks/workers_throughput.py reports these same numbers).
 The GPU's busy fraction is read from the recorded stage times: `timed` (screen and benchmark, which
 hold the device lock alone) is exact to the lock; `busy` adds the correctness checks, which may
-share the GPU with each other, so it can overstate a little when checks overlap. A migrant (a copy of
-another island's best, avo.islands) is counted apart: it is neither an attempt nor a commit.
+share the GPU with each other, so it can overstate a little when checks overlap. A migration's rows
+(avo.islands) are counted apart: they are neither attempts nor commits.
 """
 from __future__ import annotations
 
@@ -15,17 +15,20 @@ from pathlib import Path
 
 import polars as pl
 
+from avo import history
 from avo.analysis.reader import Lineage
-from avo.lineage import MIGRATED, STAGE_COLUMNS
-from avo.workers import busy_seconds
+from avo.clock import busy_seconds, covered
+from avo.schema import ORIGINAL, STAGE_COLUMNS
+from avo.types import Decision
 
 COLUMNS = ("run_id", "step", "worker", "island", "committed", "decision", "status", "version", "score", "started_at",
-           "finished_at", "propose_s", *STAGE_COLUMNS, "prompt_tokens", "completion_tokens")
+           "finished_at", "propose_s", *STAGE_COLUMNS, "prompt_tokens", "completion_tokens", "candidate_id",
+           "parent_id", "paired_ratio", "paired_lo", "paired_hi", "source_sha")
 
 
 def _rows(lin: Lineage) -> pl.DataFrame:
     return lin.attempts.select(*COLUMNS).collect().with_columns(pl.col("worker", "island").fill_null(0),
-                                                                migrant=pl.col("decision").eq_missing(MIGRATED))
+                                                                migrant=~ORIGINAL)
 
 
 def _wall(rows: pl.DataFrame) -> pl.DataFrame:
@@ -63,39 +66,41 @@ def per_worker(lin: Lineage) -> pl.DataFrame:
 
 
 def per_island(lin: Lineage) -> pl.DataFrame:
-    """Per run and island: workers, attempts, commits, migrants received, supervisor interventions, and
-    its best version now."""
+    """Per run and island: workers, attempts, commits, migrants received, supervisor interventions, and its
+    head (its best: the latest version committed on it) with its chain of paired ratios over v0."""
     all_rows = _rows(lin)
     rows = all_rows.filter(pl.col("step") > 0)
-    committed = all_rows.filter(pl.col("committed")).sort("version")
-    # an island's lineage is v0 (every island's ancestor) and the versions committed into it: its best is the last
-    best = committed.filter(pl.col("version") > 0).group_by("run_id", "island").agg(
-        best_version=pl.col("version").last(), best_score=pl.col("score").last())
-    seed = committed.filter(pl.col("version") == 0).select("run_id", v0="version", v0_score="score")
+    c = history.chains(all_rows).select("run_id", "version", pl.col("island").fill_null(0).alias("of"), "score",
+                                        x_v0="chain_ratio")
+    # an island's lineage is v0 (every island's ancestor) and the versions committed into it: its head is the last
+    heads = (rows.select("run_id", "island").unique().join(c, on="run_id")
+             .filter((pl.col("of") == pl.col("island")) | (pl.col("version") == 0)).sort("version")
+             .group_by("run_id", "island").agg(head_version=pl.col("version").last(), head_score=pl.col("score").last(),
+                                               x_v0=pl.col("x_v0").last()))
     tried = ~pl.col("migrant")
     sup = (lin.supervisor.group_by("run_id", pl.col("island").fill_null(0).cast(pl.Int32))
            .agg(interventions=pl.len()).collect())
     return (rows.group_by("run_id", "island").agg(
         workers=pl.col("worker").filter(tried).n_unique(), attempts=tried.sum(),
-        commits=(pl.col("committed") & tried).sum(), migrants_in=pl.col("migrant").sum())
-        .join(best, on=["run_id", "island"], how="left").join(seed, on="run_id", how="left")
-        .join(sup, on=["run_id", "island"], how="left")
-        .with_columns(pl.col("interventions").fill_null(0), best_version=pl.coalesce("best_version", "v0"),
-                      best_score=pl.coalesce("best_score", "v0_score").round(2))
-        .drop("v0", "v0_score").sort("run_id", "island"))
+        commits=(pl.col("committed") & tried).sum(), migrants_in=(pl.col("decision") == Decision.MIGRATED).sum())
+        .join(heads, on=["run_id", "island"], how="left").join(sup, on=["run_id", "island"], how="left")
+        .with_columns(pl.col("interventions").fill_null(0), pl.col("head_score", "x_v0").round(4))
+        .sort("run_id", "island"))
 
 
 def commits_over_time(lin: Lineage) -> pl.DataFrame:
-    """Every commit (migrants left out) with the minutes since its run began, and the worker and island that made it."""
-    rows = _rows(lin)
-    t0 = rows.group_by("run_id").agg(t0=pl.col("started_at").min())
-    return (rows.filter(pl.col("committed") & ~pl.col("migrant")).join(t0, on="run_id")
-            .with_columns(minutes=(pl.col("finished_at") - pl.col("t0")).dt.total_seconds(fractional=True) / 60)
-            .select("run_id", "island", "worker", "version", "score", "minutes").sort("run_id", "minutes"))
+    """Every commit (a migration's rows left out) with the run's clock at it (avo.clock: minutes of attempts),
+    and the worker and island that made it."""
+    out = []
+    for _, d in _rows(lin).group_by("run_id", maintain_order=True):
+        c = d.filter(pl.col("committed") & ~pl.col("migrant"))
+        out.append(c.with_columns(minutes=pl.Series(covered(d, c["finished_at"]), dtype=pl.Float64) / 60))
+    cols = ("run_id", "island", "worker", "version", "score", "minutes")
+    return pl.concat(out).select(*cols).sort("run_id", "minutes") if out else pl.DataFrame(schema=dict.fromkeys(cols))
 
 
 def plot_commits(lin: Lineage, run_id: str, path: Path) -> Path | None:
-    """Commits so far against minutes, one line per worker (and island)."""
+    """Commits so far against the run's clock, one line per worker (and island)."""
     from avo.analysis.plots import _save, plt
 
     c = commits_over_time(lin).filter((pl.col("run_id") == run_id) & (pl.col("version") > 0))
@@ -104,7 +109,7 @@ def plot_commits(lin: Lineage, run_id: str, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for (island, worker), d in c.group_by("island", "worker", maintain_order=True):
         ax.step(d["minutes"], range(1, len(d) + 1), where="post", label=f"island {island} worker {worker}")
-    ax.set_xlabel("minutes since the run began")
+    ax.set_xlabel("minutes of attempts (the run's clock)")
     ax.set_ylabel("commits")
     ax.legend(fontsize=7)
     return _save(fig, path)

@@ -120,7 +120,7 @@ class GpuHarness(SandboxHarness):
         self.pool = DevicePool(devices)
         self.gpu_name = devices[0].name
         self.arch = arch_name(*cc.pop()) if cfg.arch == "auto" else cfg.arch
-        self.n_spares = int(cfg.get("spares", 1)) if spare else 0
+        self.n_spares = int(cfg.spares) if spare else 0
         self.warm_dir, self._warm_problem = self.work_dir / "warm", None  # what spares warm up for: the latest problem
         self._spares_lock = threading.Lock()  # search.workers evaluate from several threads
         with self._spares_lock:

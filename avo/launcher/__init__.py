@@ -10,10 +10,26 @@ from avo.launcher.job import LaunchError, RunDirBusy
 __all__ = ["launch", "LaunchError", "RunDirBusy"]
 
 
+def check(cfg) -> None:
+    """The launcher group's rules (avo.config.validate runs them before anything is written or submitted)."""
+    L = cfg.launcher
+    if L.name not in ("local", "slurm"):
+        raise LaunchError(f"launcher={L.name!r}: use local or slurm")
+    if L.job not in ("search", "server"):
+        raise LaunchError(f"launcher.job={L.job!r}: use search or server")
+    if L.job == "server" and (cfg.agent.kind != "llm" or cfg.agent.server.mode != "managed"):
+        raise LaunchError(f"launcher.job=server starts vLLM for an LLM agent's model: agent={cfg.agent.name} is kind "
+                          f"{cfg.agent.kind!r}" + (f" with agent.server.mode={cfg.agent.server.mode}"
+                                                   if cfg.agent.kind == "llm" else "")
+                          + " (choose an agent with kind llm and leave agent.server.mode=managed; searches that use "
+                            "the server take mode=external)")
+    if L.name == "slurm" and L.signal_delay_s + 30 >= L.timeout_min * 60:
+        raise LaunchError(f"launcher.signal_delay_s={L.signal_delay_s} leaves no time to run within "
+                          f"launcher.timeout_min={L.timeout_min}; keep the delay + 30 s well under the limit")
+
+
 def launch(cfg):
-    name, kind = cfg.launcher.name, cfg.launcher.get("job", "search")
-    if kind not in ("search", "server"):
-        raise LaunchError(f"launcher.job={kind!r}: use search or server")
+    name = cfg.launcher.name
     if name == "local":
         from avo.launcher.local import run_local
 
@@ -22,4 +38,4 @@ def launch(cfg):
         from avo.launcher.slurm import submit
 
         return submit(cfg)
-    raise LaunchError(f"launcher={name!r}: use local or slurm")
+    raise LaunchError(f"launcher={name!r}: use local or slurm")  # (validate said so before anything ran)

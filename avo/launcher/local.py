@@ -5,6 +5,6 @@ from avo.launcher.job import SearchJob, ServerJob, current_hydra
 
 
 def run_local(cfg):
-    if cfg.launcher.get("job", "search") == "server":
+    if cfg.launcher.job == "server":
         return ServerJob(cfg, cfg.launcher.server_url_file)()
     return SearchJob(cfg, current_hydra())()

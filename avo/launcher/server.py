@@ -40,12 +40,6 @@ def serve(cfg: DictConfig, url_file: Path) -> dict:
     """Start vLLM, publish http://<this host>:<port>/v1 in url_file, and keep it alive until the job ends."""
     from avo.agent.server import ServerError
 
-    if cfg.agent.get("kind") != "llm":
-        raise LaunchError(f"launcher.job=server serves an LLM agent's model; agent={cfg.agent.name} is "
-                          f"kind {cfg.agent.get('kind')!r} (choose an agent with kind llm)")
-    if cfg.agent.server.get("mode") != "managed":
-        raise LaunchError("launcher.job=server starts vLLM itself: leave agent.server.mode=managed for the "
-                          "server job (searches use mode=external)")
     log_dir = url_file.parent / f"{url_file.stem}.logs"
     server = _public_server(cfg, log_dir)
     host = public_host()

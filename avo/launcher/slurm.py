@@ -63,9 +63,6 @@ def _refuse_if_active(folder: Path, run_dir: Path) -> None:
 
 def _executor(cfg, folder: Path, name: str, comment: str, gpus: int) -> submitit.SlurmExecutor:
     L = cfg.launcher
-    if L.signal_delay_s + 30 >= L.timeout_min * 60:
-        raise LaunchError(f"launcher.signal_delay_s={L.signal_delay_s} leaves no time to run within "
-                          f"launcher.timeout_min={L.timeout_min}; keep the delay + 30 s well under the limit")
     if shutil.which("sbatch") is None or shutil.which("srun") is None:
         raise LaunchError("launcher=slurm: `sbatch`/`srun` are not on PATH (not a Slurm login node?); "
                           "use launcher=local, or slurm/cluster.sh start for a one-machine cluster")
@@ -208,7 +205,7 @@ def _submit(ex: submitit.SlurmExecutor, fn) -> submitit.Job:
 def submit(cfg):
     L = cfg.launcher
     hydra_cfg = current_hydra()
-    if L.get("job", "search") == "server":
+    if L.job == "server":
         url_file = Path(L.server_url_file).expanduser().resolve()
         folder = url_file.parent / f"{url_file.stem}.slurm"
         name, fn, gpus, run_dir = f"avo.server.{cfg.agent.name}", ServerJob(cfg, url_file), int(L.gpus_per_node), None
@@ -226,7 +223,7 @@ def submit(cfg):
     ex = _executor(cfg, folder, name, comment, gpus)
     _check_feasible(ex, L, gpus, asks)
     job = _submit(ex, fn)
-    record = {"job_id": job.job_id, "name": name, "kind": L.get("job", "search"), "run_dir": str(run_dir or ""),
+    record = {"job_id": job.job_id, "name": name, "kind": L.job, "run_dir": str(run_dir or ""),
               "url_file": comment if run_dir is None else "", "stdout": str(job.paths.stdout),
               "stderr": str(job.paths.stderr), "submitted_at": datetime.now(timezone.utc).isoformat(),
               "overrides": list(hydra_cfg.overrides.task) if hydra_cfg is not None else []}
