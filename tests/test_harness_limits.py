@@ -177,3 +177,53 @@ def test_the_screen_of_a_seed_paired_evaluation_is_held_to_the_benchmarks_limit(
     timed = Reference("incumbent", 3, "", {"verify": 0.7, "screen": 0.3, "bench": 3.4})
     assert h.limits([timed])["screen"] == 10.0  # its own screen time, at least the floor
     assert h.limits(None) == {"compile": 60.0}
+
+
+def test_a_worker_outlives_the_thread_that_started_it_and_dies_with_the_process(tmp_path):
+    """A spare is forked by whichever search worker's thread refilled the pool and may run another
+    thread's job: it must not die when its forking thread ends (PR_SET_PDEATHSIG follows the thread:
+    seen on the H200 as 'worker died (signal 9)' at the end of a four-worker search), only with the process."""
+    import subprocess
+    import sys
+    import textwrap
+    import threading
+
+    from avo.harness.sandbox import _kill_group, spawn
+
+    procs = []
+
+    def start():  # a standby worker waits for its job on stdin (here it finds no GPU and waits anyway)
+        with open(tmp_path / "spare.log", "wb") as log:
+            procs.append(spawn(["--standby", "0", str(tmp_path / "gpu.lock")], log, stdin=subprocess.PIPE))
+
+    t = threading.Thread(target=start)
+    t.start()
+    t.join()
+    time.sleep(1.5)
+    assert procs[0].poll() is None, (tmp_path / "spare.log").read_text()
+    _kill_group(procs[0])
+
+    # and a parent process that dies takes its workers with it
+    parent = textwrap.dedent(f"""
+        import subprocess, sys, time
+        from avo.harness.sandbox import spawn
+        p = spawn(["--standby", "0", {str(tmp_path / "gpu.lock")!r}], open({str(tmp_path / "p.log")!r}, "wb"),
+                  stdin=subprocess.PIPE)
+        print(p.pid, flush=True)
+        time.sleep(60)
+    """)
+    outer = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    pid = int(outer.stdout.readline())
+    outer.kill()
+    outer.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split()[2] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"worker {pid} outlived its parent process")

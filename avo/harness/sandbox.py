@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from avo.types import EvalResult, Status
@@ -56,13 +57,19 @@ def run_worker(job_dir: Path, timeout_s: float, env: dict[str, str] | None = Non
                            done_on_result=prefix is None, max_host_gb=max_host_gb)
 
 
+# Workers are forked on one thread that lives as long as the process. PR_SET_PDEATHSIG fires when the *thread*
+# that forked a process ends, not the process: a spare forked by one search worker's thread and handed to
+# another's job was killed mid-evaluation (signal 9, recorded as crashed) when the first thread finished.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avo-spawn")
+
+
 def spawn(args: list[str], log, env: dict[str, str] | None = None, prefix: list[str] | None = None,
           stdin=subprocess.DEVNULL) -> subprocess.Popen:
     """The one way a worker starts: `python -m avo.harness.worker ARGS` in its own process group
-    (so a kill reaches everything it started), dying with its parent, output to `log`."""
-    return subprocess.Popen([*(prefix or []), sys.executable, "-m", "avo.harness.worker", *args], stdout=log,
-                            stderr=subprocess.STDOUT, stdin=stdin, start_new_session=True,
-                            preexec_fn=_die_with_parent, env={**os.environ, **(env or {})})
+    (so a kill reaches everything it started), dying with its parent process, output to `log`."""
+    return _SPAWNER.submit(subprocess.Popen, [*(prefix or []), sys.executable, "-m", "avo.harness.worker", *args],
+                           stdout=log, stderr=subprocess.STDOUT, stdin=stdin, start_new_session=True,
+                           preexec_fn=_die_with_parent, env={**os.environ, **(env or {})}).result()
 
 
 def wait_worker(proc: subprocess.Popen, job_dir: Path, timeout_s: float, t0: float,
