@@ -16,9 +16,7 @@ import signal
 import threading
 from contextlib import contextmanager
 
-from avo.types import Decision, EvalResult, Status
-
-INTERRUPTED = Decision.INTERRUPTED.value  # the decision (and the status) of an attempt cut off by a stop
+from avo.types import EvalResult, Status
 
 
 class Interrupted(BaseException):

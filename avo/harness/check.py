@@ -271,9 +271,10 @@ def judge(o, lse, t: Truth, atol: float, lse_atol: float) -> tuple[bool, float, 
     # plus one BF16 ulp of each value: an honest kernel whose FP32 result lands near a rounding midpoint
     # rounds to the neighbouring BF16 number, which near the largest outputs can exceed err_mult times
     # the reference's own largest rounding error (seen: 1.44e-2 against 1.39e-2 where |O| is in [2, 4))
-    over = diff > t.tol + bf16_ulp(t.o)
+    ulp = bf16_ulp(t.o)
+    over = diff > t.tol + ulp
     if over.any():
-        worst = float((diff - bf16_ulp(t.o)).max())
+        worst = float((diff - ulp).max())
         return False, err, (f"max|O - ref| = {err:.3e} > tolerance {t.tol:.3e} (beyond one BF16 ulp of the value "
                             f"by up to {worst:.3e}, at {int(over.sum())} elements)")
     # per row, relative to the row's own magnitude: (B, rows, H)
