@@ -18,6 +18,9 @@
 // The online softmax rescales O lazily: a row keeps its running max until a new one exceeds it by
 // more than 2^RESCALE_LOG2 (probabilities then stay <= 2^RESCALE_LOG2, exact in FP32 sums), and a
 // warp whose rows all keep theirs skips the O rescale.
+// The first block of a tile (the last keys) is usually ragged: with TAIL_TRIM its QK^T and PV run
+// only as wide as the keys it holds (the narrowest of 32, 64, 96, 128 and the block width that
+// covers them), so a 4096-key row no longer computes 128 of its last 176 keys for nothing.
 // Requires sm_90a (wgmma, setmaxnreg). Head dim 128.
 #include <avo/attention.cuh>
 
@@ -36,6 +39,7 @@ static_assert(HEAD_DIM == 128, "sm90 seed: only head dim 128 is implemented (the
 #define BLOCK_N_FULL 176      // @tunable 128 176
 #define BLOCK_N_CAUSAL 176    // @tunable 128 176
 #define RESCALE_LOG2 8       // @tunable 0 8
+#define TAIL_TRIM 1          // @tunable 0 1
 
 #define BLOCK_M 128          // 2 consumer warpgroups x 64 rows
 #define BLOCK_N_MAX (BLOCK_N_FULL > BLOCK_N_CAUSAL ? BLOCK_N_FULL : BLOCK_N_CAUSAL)
@@ -165,6 +169,102 @@ __device__ __forceinline__ unsigned long long smem_desc(unsigned addr, unsigned 
   return d;
 }
 
+// D[64x32] (+)= A[64x16] * B[16x32], A and B K-major in shared memory.
+__device__ __forceinline__ void wgmma_ss_n32(float (&d)[16], unsigned long long a, unsigned long long b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15} "
+      ", %16, %17, p, 1, 1, 0, 0;\n}\n"
+      :
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+
+// D[64x32] = A[64x16] * B[16x32], A and B K-major in shared memory.
+__device__ __forceinline__ void wgmma_ss0_n32(float (&d)[16], unsigned long long a, unsigned long long b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15} "
+      ", %16, %17, p, 1, 1, 0, 0;\n}\n"
+      :
+      "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]),
+      "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15])
+      : "l"(a), "l"(b), "r"(0));
+}
+
+// D[64x64] (+)= A[64x16] * B[16x64], A and B K-major in shared memory.
+__device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], unsigned long long a, unsigned long long b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31} "
+      ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+      :
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+
+// D[64x64] = A[64x16] * B[16x64], A and B K-major in shared memory.
+__device__ __forceinline__ void wgmma_ss0_n64(float (&d)[32], unsigned long long a, unsigned long long b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31} "
+      ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+      :
+      "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]),
+      "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]),
+      "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]),
+      "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
+      : "l"(a), "l"(b), "r"(0));
+}
+
+// D[64x96] (+)= A[64x16] * B[16x96], A and B K-major in shared memory.
+__device__ __forceinline__ void wgmma_ss_n96(float (&d)[48], unsigned long long a, unsigned long long b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %50, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47} "
+      ", %48, %49, p, 1, 1, 0, 0;\n}\n"
+      :
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+
+// D[64x96] = A[64x16] * B[16x96], A and B K-major in shared memory.
+__device__ __forceinline__ void wgmma_ss0_n96(float (&d)[48], unsigned long long a, unsigned long long b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %50, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47} "
+      ", %48, %49, p, 1, 1, 0, 0;\n}\n"
+      :
+      "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]),
+      "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]),
+      "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]),
+      "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]),
+      "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]),
+      "=f"(d[40]), "=f"(d[41]), "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47])
+      : "l"(a), "l"(b), "r"(0));
+}
+
 // D[64x128] (+)= A[64x16] * B[16x128], A and B K-major in shared memory.
 __device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], unsigned long long a, unsigned long long b, int accumulate) {
   asm volatile(
@@ -172,6 +272,15 @@ __device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], unsigned long long
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "l"(a), "l"(b), "r"(accumulate));
+}
+
+// D[64x128] = A[64x16] * B[16x128], A and B K-major in shared memory.
+__device__ __forceinline__ void wgmma_ss0_n128(float (&d)[64], unsigned long long a, unsigned long long b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]), "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63])
+      : "l"(a), "l"(b), "r"(0));
 }
 
 // D[64x176] (+)= A[64x16] * B[16x176], A and B K-major in shared memory.
@@ -183,6 +292,15 @@ __device__ __forceinline__ void wgmma_ss_n176(float (&d)[88], unsigned long long
       : "l"(a), "l"(b), "r"(accumulate));
 }
 
+// D[64x176] = A[64x16] * B[16x176], A and B K-major in shared memory.
+__device__ __forceinline__ void wgmma_ss0_n176(float (&d)[88], unsigned long long a, unsigned long long b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n176k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87}, %88, %89, p, 1, 1, 0, 0;\n}\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]), "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63]), "=f"(d[64]), "=f"(d[65]), "=f"(d[66]), "=f"(d[67]), "=f"(d[68]), "=f"(d[69]), "=f"(d[70]), "=f"(d[71]), "=f"(d[72]), "=f"(d[73]), "=f"(d[74]), "=f"(d[75]), "=f"(d[76]), "=f"(d[77]), "=f"(d[78]), "=f"(d[79]), "=f"(d[80]), "=f"(d[81]), "=f"(d[82]), "=f"(d[83]), "=f"(d[84]), "=f"(d[85]), "=f"(d[86]), "=f"(d[87])
+      : "l"(a), "l"(b), "r"(0));
+}
+
 // D[64x128] += A[64x16] * B[16x128], A in registers, B MN-major in shared memory.
 __device__ __forceinline__ void wgmma_rs_n128(float (&d)[64], const unsigned (&a)[4], unsigned long long b) {
   asm volatile(
@@ -192,16 +310,57 @@ __device__ __forceinline__ void wgmma_rs_n128(float (&d)[64], const unsigned (&a
 }
 
 template <int BN> struct Gemm;
+template <> struct Gemm<32> {
+  static __device__ __forceinline__ void ss(float (&d)[16], unsigned long long a, unsigned long long b, int acc) {
+    wgmma_ss_n32(d, a, b, acc);
+  }
+  static __device__ __forceinline__ void ss0(float (&d)[16], unsigned long long a, unsigned long long b) {
+    wgmma_ss0_n32(d, a, b);
+  }
+};
+template <> struct Gemm<64> {
+  static __device__ __forceinline__ void ss(float (&d)[32], unsigned long long a, unsigned long long b, int acc) {
+    wgmma_ss_n64(d, a, b, acc);
+  }
+  static __device__ __forceinline__ void ss0(float (&d)[32], unsigned long long a, unsigned long long b) {
+    wgmma_ss0_n64(d, a, b);
+  }
+};
+template <> struct Gemm<96> {
+  static __device__ __forceinline__ void ss(float (&d)[48], unsigned long long a, unsigned long long b, int acc) {
+    wgmma_ss_n96(d, a, b, acc);
+  }
+  static __device__ __forceinline__ void ss0(float (&d)[48], unsigned long long a, unsigned long long b) {
+    wgmma_ss0_n96(d, a, b);
+  }
+};
 template <> struct Gemm<128> {
   static __device__ __forceinline__ void ss(float (&d)[64], unsigned long long a, unsigned long long b, int acc) {
     wgmma_ss_n128(d, a, b, acc);
+  }
+  static __device__ __forceinline__ void ss0(float (&d)[64], unsigned long long a, unsigned long long b) {
+    wgmma_ss0_n128(d, a, b);
   }
 };
 template <> struct Gemm<176> {
   static __device__ __forceinline__ void ss(float (&d)[88], unsigned long long a, unsigned long long b, int acc) {
     wgmma_ss_n176(d, a, b, acc);
   }
+  static __device__ __forceinline__ void ss0(float (&d)[88], unsigned long long a, unsigned long long b) {
+    wgmma_ss0_n176(d, a, b);
+  }
 };
+
+// The first W columns of an S block, and the first W / 16 k16 steps of its P (the same registers).
+template <int W, int N> __device__ __forceinline__ float (&cols(float (&s)[N]))[W / 2] {
+  static_assert(W / 2 <= N, "a view within the block");
+  return *reinterpret_cast<float(*)[W / 2]>(&s[0]);
+}
+template <int W, int N> __device__ __forceinline__ unsigned (&steps(unsigned (&p)[N][4]))[W / 16][4] {
+  static_assert(W / 16 <= N, "a view within the block");
+  return *reinterpret_cast<unsigned(*)[W / 16][4]>(&p[0][0]);
+}
+template <int N> struct Width { enum { value = N }; };
 
 __device__ __forceinline__ float ex2(float x) {
   float y;
@@ -230,7 +389,8 @@ __device__ __forceinline__ void gemm_qk(float (&s)[BN / 2], unsigned q_base, uns
     for (int k = 0; k < BOX_COLS / 16; ++k) {
       const unsigned long long a = smem_desc(q_base + c * BLOCK_M * 128 + k * 32, 16, 1024);
       const unsigned long long b = smem_desc(k_base + c * BLOCK_N_MAX * 128 + k * 32, 16, 1024);
-      Gemm<BN>::ss(s, a, b, c > 0 || k > 0);
+      if (c == 0 && k == 0) Gemm<BN>::ss0(s, a, b);  // S is only written: no false read of its registers
+      else Gemm<BN>::ss(s, a, b, 1);
     }
   }
 }
@@ -348,7 +508,7 @@ __device__ __forceinline__ void rescale_o(float (&o)[64], const float (&corr)[2]
 // The kernel
 // ---------------------------------------------------------------------------------------------
 struct Tile {
-  int m_block, h, b, hkv, n_blocks;
+  int m_block, h, b, hkv, n_keys, n_blocks;  // n_keys: the keys the tile's last row sees
 };
 
 // Tile `idx` of num_m * Hq * B. The (head, batch) pairs go in chunks of HEAD_CHUNK: CTAs running
@@ -368,6 +528,7 @@ __device__ __forceinline__ Tile tile_at(const AvoAttnParams& p, int idx, int num
   t.hkv = t.h / (p.heads_q / p.heads_kv);
   int n_keys = p.seqlen_k;
   if (p.causal) n_keys = min(n_keys, max(0, (t.m_block + 1) * BLOCK_M + p.seqlen_k - p.seqlen_q));
+  t.n_keys = n_keys;
   t.n_blocks = (n_keys + BN - 1) / BN;
   return t;
 }
@@ -432,18 +593,141 @@ __device__ __forceinline__ void produce(const AvoAttnParams& p, const Smem& sm, 
   }
 }
 
+// One consumer warpgroup's pass over the key blocks of one tile: O, the row max and sum, and the
+// S and P registers. Member templates, not generic lambdas: NVRTC treats the operator() of a generic
+// lambda as a host function.
+template <int BN>
+struct TileLoop {
+  const AvoAttnParams& p;
+  const Smem& sm;
+  const Tile& t;
+  const int kv_it, row0, cw, lane;
+  float o[64], m[2], l[2], corr[2];
+  float s[BN / 2];
+  unsigned pr[BN / 16][4];
+
+  __device__ __forceinline__ TileLoop(const AvoAttnParams& p_, const Smem& sm_, const Tile& t_, int kv_it_, int row0_,
+                                      int cw_, int lane_)
+      : p(p_), sm(sm_), t(t_), kv_it(kv_it_), row0(row0_), cw(cw_), lane(lane_) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.f;
+    m[0] = m[1] = NEG_INF;
+    l[0] = l[1] = 0.f;
+  }
+
+  // Ping-pong: a warpgroup issues its GEMMs only in its turn and hands the turn on right after,
+  // so one warpgroup's softmax runs while the other's GEMMs occupy the tensor cores.
+  __device__ __forceinline__ void turn_begin() const { if (PINGPONG) bar_sync(1 + cw, 256); }
+  __device__ __forceinline__ void turn_end() const { if (PINGPONG) bar_arrive(1 + (cw ^ 1), 256); }
+  __device__ __forceinline__ void release(unsigned bar) const {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
+  }
+  __device__ __forceinline__ unsigned q_base() const { return sm.base + OFF_Q + 64 * cw * 128; }
+  __device__ __forceinline__ int causal_off() const { return p.seqlen_k - p.seqlen_q; }
+  // A block computed w keys wide needs masking if it reaches past seqlen_k or (causal) past the
+  // tile's first row.
+  __device__ __forceinline__ bool needs_mask(int n0, int w) const {
+    return n0 + w > p.seqlen_k || (p.causal && n0 + w - 1 > t.m_block * BLOCK_M + causal_off());
+  }
+
+  // The first (last-in-sequence) block, W keys wide: S, softmax, P.
+  template <int W>
+  __device__ __forceinline__ void first() {
+    const int n0 = (t.n_blocks - 1) * BN;
+    const int sk = kv_it % STAGES;
+    float(&sw)[W / 2] = cols<W>(s);
+    mbar_wait(sm.full_k(sk), (kv_it / STAGES) & 1);
+    turn_begin();
+    wgmma_fence();
+    gemm_qk<W>(sw, q_base(), sm.base + OFF_K + sk * KV_BYTES);
+    wgmma_commit();
+    turn_end();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < W / 2; ++i) reg_fence(sw[i]);
+    release(sm.empty_k(sk));
+    if (t.n_blocks == 1) release(sm.empty_q());
+    if (needs_mask(n0, W)) apply_mask<W>(sw, n0, row0, p.seqlen_k, causal_off(), p.causal);
+    softmax_step<true, W>(sw, m, l, corr, p.softmax_scale_log2);
+    to_bf16<W>(sw, steps<W>(pr));
+  }
+
+  // Block i: S_i = Q K_i^T beside O += P_{i-1} V_{i-1}, block i-1 having been WP keys wide.
+  template <int WP>
+  __device__ __forceinline__ void step(int i) {
+    const int n0 = (t.n_blocks - 1 - i) * BN;
+    const int it_k = kv_it + i, it_v = kv_it + i - 1;
+    const int sk = it_k % STAGES, sv = it_v % STAGES;
+    mbar_wait(sm.full_k(sk), (it_k / STAGES) & 1);
+    turn_begin();
+    wgmma_fence();
+    gemm_qk<BN>(s, q_base(), sm.base + OFF_K + sk * KV_BYTES);  // S_i
+    wgmma_commit();
+    mbar_wait(sm.full_v(sv), (it_v / STAGES) & 1);
+    gemm_pv<WP>(o, steps<WP>(pr), sm.base + OFF_V + sv * KV_BYTES);  // overlaps the softmax below
+    wgmma_commit();
+    turn_end();
+    wgmma_wait<1>();                                             // S_i ready
+#pragma unroll
+    for (int j = 0; j < BN / 2; ++j) reg_fence(s[j]);
+    release(sm.empty_k(sk));
+    if (i == t.n_blocks - 1) release(sm.empty_q());              // last use of Q: next tile's Q may load
+    if (needs_mask(n0, BN)) apply_mask<BN>(s, n0, row0, p.seqlen_k, causal_off(), p.causal);
+    const bool rescale = softmax_step<false, BN>(s, m, l, corr, p.softmax_scale_log2);
+    wgmma_wait<0>();                                             // PV done: O and P registers are free
+#pragma unroll
+    for (int j = 0; j < 64; ++j) reg_fence(o[j]);
+#pragma unroll
+    for (int k = 0; k < WP / 16; ++k)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) reg_fence(pr[k][r]);
+    release(sm.empty_v(sv));
+    if (rescale) rescale_o(o, corr);
+    to_bf16<BN>(s, pr);
+  }
+
+  // The last PV, of a block WP keys wide.
+  template <int WP>
+  __device__ __forceinline__ void last_pv() {
+    const int it_v = kv_it + t.n_blocks - 1;
+    const int sv = it_v % STAGES;
+    mbar_wait(sm.full_v(sv), (it_v / STAGES) & 1);
+    turn_begin();
+    wgmma_fence();
+    gemm_pv<WP>(o, steps<WP>(pr), sm.base + OFF_V + sv * KV_BYTES);
+    wgmma_commit();
+    turn_end();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int j = 0; j < 64; ++j) reg_fence(o[j]);
+    release(sm.empty_v(sv));
+  }
+
+  // The first block and whatever reads its P (block 1's step, or the last PV), at width W.
+  template <int W>
+  __device__ __forceinline__ void head() {
+    first<W>();
+    if (t.n_blocks > 1) step<W>(1);
+    else last_pv<W>();
+  }
+
+  __device__ __forceinline__ void run() {
+    const int w = t.n_keys - (t.n_blocks - 1) * BN;  // visible keys of the first block, 1..BN
+    if (TAIL_TRIM && w <= 32) head<32>();
+    else if (TAIL_TRIM && w <= 64) head<64>();
+    else if (TAIL_TRIM && w <= 96) head<96>();
+    else if (TAIL_TRIM && BN > 128 && w <= 128) head<128>();
+    else head<BN>();
+    for (int i = 2; i < t.n_blocks; ++i) step<BN>(i);
+    if (t.n_blocks > 1) last_pv<BN>();
+  }
+};
+
 // A consumer warpgroup: rows 64*cw .. 64*cw+63 of every tile the producer hands over.
 template <int BN>
 __device__ __forceinline__ void consume(const AvoAttnParams& p, const Smem& sm, unsigned char* smem, int cw) {
   const int warp = (threadIdx.x / 32) & 3, lane = threadIdx.x & 31;
-  const unsigned q_base = sm.base + OFF_Q + 64 * cw * 128;
-  const int causal_off = p.seqlen_k - p.seqlen_q;
-  const float scale_log2 = p.softmax_scale_log2;
-
-  // Ping-pong: a warpgroup issues its GEMMs only in its turn and hands the turn on right after,
-  // so one warpgroup's softmax runs while the other's GEMMs occupy the tensor cores.
-  auto turn_begin = [&]() { if (PINGPONG) bar_sync(1 + cw, 256); };
-  auto turn_end = [&]() { if (PINGPONG) bar_arrive(1 + (cw ^ 1), 256); };
   auto release = [&](unsigned bar) {
     __syncwarp();
     if (lane == 0) mbar_arrive(bar);
@@ -461,88 +745,12 @@ __device__ __forceinline__ void consume(const AvoAttnParams& p, const Smem& sm, 
     const Tile t = tile_at<BN>(p, idx, num_m);
     if (t.n_blocks == 0) release(sm.empty_q());  // nothing loaded; the slot is read
     const int row0 = t.m_block * BLOCK_M + 64 * cw + 16 * warp + lane / 4;  // this thread's first row
-    // A block needs masking if it reaches past seqlen_k or (causal) past the tile's first row.
-    auto needs_mask = [&](int n0) {
-      return n0 + BN > p.seqlen_k || (p.causal && n0 + BN - 1 > t.m_block * BLOCK_M + causal_off);
-    };
-    float o[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) o[i] = 0.f;
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f}, corr[2];
-
-    if (t.n_blocks > 0) {
-      float s[BN / 2];
-      unsigned pr[BN / 16][4];
-
-      // first (last-in-sequence) block: S, softmax, P
-      {
-        const int n0 = (t.n_blocks - 1) * BN;
-        const int sk = kv_it % STAGES;
-        mbar_wait(sm.full_k(sk), (kv_it / STAGES) & 1);
-        turn_begin();
-        wgmma_fence();
-        gemm_qk<BN>(s, q_base, sm.base + OFF_K + sk * KV_BYTES);
-        wgmma_commit();
-        turn_end();
-        wgmma_wait<0>();
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) reg_fence(s[i]);
-        release(sm.empty_k(sk));
-        if (t.n_blocks == 1) release(sm.empty_q());
-        if (needs_mask(n0)) apply_mask<BN>(s, n0, row0, p.seqlen_k, causal_off, p.causal);
-        softmax_step<true, BN>(s, m, l, corr, scale_log2);
-        to_bf16<BN>(s, pr);
-      }
-
-      for (int i = 1; i < t.n_blocks; ++i) {
-        const int n0 = (t.n_blocks - 1 - i) * BN;
-        const int it_k = kv_it + i, it_v = kv_it + i - 1;
-        const int sk = it_k % STAGES, sv = it_v % STAGES;
-        mbar_wait(sm.full_k(sk), (it_k / STAGES) & 1);
-        turn_begin();
-        wgmma_fence();
-        gemm_qk<BN>(s, q_base, sm.base + OFF_K + sk * KV_BYTES);  // S_i
-        wgmma_commit();
-        mbar_wait(sm.full_v(sv), (it_v / STAGES) & 1);
-        gemm_pv<BN>(o, pr, sm.base + OFF_V + sv * KV_BYTES);      // O += P_{i-1} V_{i-1}, overlaps the softmax below
-        wgmma_commit();
-        turn_end();
-        wgmma_wait<1>();                                           // S_i ready
-#pragma unroll
-        for (int j = 0; j < BN / 2; ++j) reg_fence(s[j]);
-        release(sm.empty_k(sk));
-        if (i == t.n_blocks - 1) release(sm.empty_q());            // last use of Q: next tile's Q may load
-        if (needs_mask(n0)) apply_mask<BN>(s, n0, row0, p.seqlen_k, causal_off, p.causal);
-        const bool rescale = softmax_step<false, BN>(s, m, l, corr, scale_log2);
-        wgmma_wait<0>();                                           // PV done: O and P registers are free
-#pragma unroll
-        for (int j = 0; j < 64; ++j) reg_fence(o[j]);
-#pragma unroll
-        for (int k = 0; k < BN / 16; ++k)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) reg_fence(pr[k][r]);
-        release(sm.empty_v(sv));
-        if (rescale) rescale_o(o, corr);
-        to_bf16<BN>(s, pr);
-      }
-
-      // last PV
-      {
-        const int it_v = kv_it + t.n_blocks - 1;
-        const int sv = it_v % STAGES;
-        mbar_wait(sm.full_v(sv), (it_v / STAGES) & 1);
-        turn_begin();
-        wgmma_fence();
-        gemm_pv<BN>(o, pr, sm.base + OFF_V + sv * KV_BYTES);
-        wgmma_commit();
-        turn_end();
-        wgmma_wait<0>();
-#pragma unroll
-        for (int j = 0; j < 64; ++j) reg_fence(o[j]);
-        release(sm.empty_v(sv));
-      }
-      kv_it += t.n_blocks;
-    }
+    TileLoop<BN> loop(p, sm, t, kv_it, row0, cw, lane);
+    if (t.n_blocks > 0) loop.run();
+    kv_it += t.n_blocks;
+    float(&o)[64] = loop.o;
+    float(&m)[2] = loop.m;
+    float(&l)[2] = loop.l;
 
     // ------------------------------- epilogue -------------------------------
     // Full row sums across the 4 lanes of a row; rows with no visible key (l = 0) write 0 / -inf.
@@ -563,7 +771,7 @@ __device__ __forceinline__ void consume(const AvoAttnParams& p, const Smem& sm, 
           *reinterpret_cast<unsigned*>(orow + 8 * j) = pack_bf16(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
         if ((lane & 3) == 0) {
           p.lse[t.b * p.lse_batch_stride + t.h * p.lse_head_stride + row] =
-              l[h] > 0.f ? (m[h] * scale_log2 + __log2f(l[h])) * 0.69314718055994531f : NEG_INF;
+              l[h] > 0.f ? (m[h] * p.softmax_scale_log2 + __log2f(l[h])) * 0.69314718055994531f : NEG_INF;
         }
       }
     }
