@@ -15,6 +15,7 @@ Every other argument is a Hydra override of conf/config.yaml (kernel, group, har
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,16 +31,19 @@ from avo.paired import annotate, geomean_ratio  # noqa: E402
 from avo.seeds import resolve  # noqa: E402
 from avo.types import ConfigResult, EvalResult, Status  # noqa: E402
 
-SLOW_AT = "softmax_step<false>(s, m, l, corr, scale_log2);"
+# the statement of the steady-state softmax (any template arguments, any result variable)
+SLOW_AT = re.compile(r"[^;{}]*softmax_step<false\b[^;]*\(s, m, l, corr, scale_log2\);")
 
 
 def slowed(source: str, n: int) -> str:
     """The kernel with n dependent FMAs after each block's softmax (kept alive by a dead branch)."""
-    if SLOW_AT not in source:
-        raise SystemExit(f"commit_rule: the kernel has no `{SLOW_AT}` to slow down")
-    spin = (f"{SLOW_AT}\n        {{ float z = l[0]; for (int r = 0; r < {n}; ++r) z = fmaf(z, 1.0000001f, 1e-9f);"
+    at = SLOW_AT.search(source)
+    if at is None:
+        raise SystemExit("commit_rule: the kernel has no `softmax_step<false...>(s, m, l, corr, scale_log2);` "
+                         "statement to slow down")
+    spin = (f"\n        {{ float z = l[0]; for (int r = 0; r < {n}; ++r) z = fmaf(z, 1.0000001f, 1e-9f);"
             " if (z == -1.f) l[1] = z; }")
-    return source.replace(SLOW_AT, spin, 1)
+    return source[:at.end()] + spin + source[at.end():]
 
 
 def main(argv: list[str]) -> int:
