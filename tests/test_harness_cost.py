@@ -1,0 +1,74 @@
+"""CPU tests of the harness's cost cuts: each computes what the code it replaced computed."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from avo.harness.check import logit_bound
+from avo.harness.reference import attention_refs
+
+
+def _refs_pair_by_pair(q, k, v, causal, scale=None, rows=None, heads_per_chunk=4):
+    """attention_refs as it was: a loop over batches and chunks of four heads (the oracle)."""
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    row_idx = rows if rows is not None else torch.arange(sq)
+    qs, n = q[:, row_idx], len(row_idx)
+    out, out_bf = torch.empty(b, n, hq, d), torch.empty(b, n, hq, d)
+    lse = torch.empty(b, hq, n)
+    mask = torch.arange(sk)[None, :] > (row_idx[:, None] + sk - sq) if causal else None
+    for bi in range(b):
+        for h0 in range(0, hq, heads_per_chunk):
+            hs = slice(h0, min(h0 + heads_per_chunk, hq))
+            kv_heads = torch.arange(hs.start, hs.stop) // group
+            qh = qs[bi, :, hs].transpose(0, 1).float()
+            kh, vh = (t[bi][:, kv_heads].transpose(0, 1).float() for t in (k, v))
+            s = torch.matmul(qh, kh.transpose(1, 2)) * scale
+            if mask is not None:
+                s.masked_fill_(mask, float("-inf"))
+            m = s.amax(dim=-1, keepdim=True)
+            m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+            p = torch.exp(s - m_safe)
+            denom = p.sum(dim=-1, keepdim=True)
+            lse[bi, hs] = (torch.log(denom) + m_safe).squeeze(-1)
+            p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+            out[bi, :, hs] = torch.matmul(p, vh).transpose(0, 1)
+            out_bf[bi, :, hs] = torch.matmul(p.bfloat16().float(), vh).bfloat16().float().transpose(0, 1)
+    return out, lse, out_bf
+
+
+def _bound_pair_by_pair(q, k, scale, rows=None):
+    b, hq, hkv = q.shape[0], q.shape[2], k.shape[2]
+    qs = q if rows is None else q[:, rows]
+    out = torch.empty(b, hq, qs.shape[1])
+    for bi in range(b):
+        for h in range(hq):
+            out[bi, h] = (qs[bi, :, h].float().abs() @ k[bi, :, h // (hq // hkv)].float().abs().T).amax(-1)
+    return scale * out
+
+
+@pytest.mark.parametrize("b, sq, sk, hq, hkv, causal, rows", [
+    (2, 37, 37, 4, 4, False, None), (3, 50, 30, 6, 2, True, None), (2, 30, 70, 4, 1, True, [0, 5, 29]),
+    (1, 129, 129, 2, 2, True, [0, 64, 128])])
+@pytest.mark.parametrize("budget", [1, 5000, 2 ** 26])
+def test_batched_reference_and_bound_match_the_pair_by_pair_loop(b, sq, sk, hq, hkv, causal, rows, budget):
+    """Chunks of (batch, head) pairs, one pair to all of them at once, give the loop's truth, its BF16
+    answer (to one BF16 ulp: P may round the other way) and its LSE bound, rows with no visible key included."""
+    gen = torch.Generator().manual_seed(b * sq + sk)
+    q, k, v = (torch.randn(b, s, h, 64, generator=gen).bfloat16() for s, h in ((sq, hq), (sk, hkv), (sk, hkv)))
+    r = None if rows is None else torch.tensor(rows)
+    o, lse, o_bf, lse_bf = attention_refs(q, k, v, causal, 0.3, r, budget=budget)
+    want_o, want_lse, want_bf = _refs_pair_by_pair(q, k, v, causal, 0.3, r)
+    assert o.shape == want_o.shape and o.is_contiguous() and lse.shape == want_lse.shape and lse_bf is lse
+    assert torch.allclose(o, want_o, rtol=1e-6, atol=1e-6)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
+    fin = torch.isfinite(want_lse)
+    assert torch.allclose(lse[fin], want_lse[fin], rtol=1e-6, atol=1e-6)
+    assert ((o_bf - want_bf).abs() <= want_bf.abs() * 2 ** -8 + 1e-6).all()
+    if causal and sq > sk and r is None:  # bottom-right aligned: the first rows see no key
+        assert (o[:, : sq - sk] == 0).all() and torch.isneginf(lse[:, :, : sq - sk]).all()
+    assert torch.allclose(logit_bound(q, k, 0.3, r), _bound_pair_by_pair(q, k, 0.3, r), rtol=1e-6)
