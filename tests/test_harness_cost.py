@@ -72,3 +72,41 @@ def test_batched_reference_and_bound_match_the_pair_by_pair_loop(b, sq, sk, hq, 
     if causal and sq > sk and r is None:  # bottom-right aligned: the first rows see no key
         assert (o[:, : sq - sk] == 0).all() and torch.isneginf(lse[:, :, : sq - sk]).all()
     assert torch.allclose(logit_bound(q, k, 0.3, r), _bound_pair_by_pair(q, k, 0.3, r), rtol=1e-6)
+
+
+def test_the_stopwatch_is_a_no_op_unless_started_and_files_pieces_under_their_parents():
+    from avo.harness import stopwatch as sw
+
+    assert sw.piece("x") is sw.piece("y")  # one shared no-op
+    syncs = []
+    watch = sw.start(lambda: syncs.append(1))
+    try:
+        with sw.piece("evaluation"):
+            for shape in ("@a", "@b"):
+                with sw.piece("bench"), sw.piece(shape), sw.piece("launch:candidate"):
+                    pass
+    finally:
+        assert sw.stop() is watch
+    assert set(watch.totals) == {"evaluation", "evaluation/bench", "evaluation/bench/@a", "evaluation/bench/@b",
+                                 "evaluation/bench/@a/launch:candidate", "evaluation/bench/@b/launch:candidate"}
+    assert len(syncs) == 2 * 7 and watch.totals["evaluation/bench"][0] == 2
+    folded = sw.merged(watch.totals)
+    assert folded["evaluation/bench/@*"][0] == 2 and folded["evaluation/bench/@*/launch:candidate"][0] == 2
+
+
+def test_the_cost_table_nests_pieces_slowest_first_with_the_rest_of_each_parent():
+    from avo.harness.stopwatch import render, rows
+
+    totals = {"evaluation": [2, 10.0], "evaluation/bench": [2, 6.0], "evaluation/verify": [2, 3.0],
+              "evaluation/bench/launch:candidate": [20, 4.0], "evaluation/bench/x/orphan": [4, 1.0],
+              "process/warm-up": [1, 0.5]}
+    table = rows(totals, evaluations=2)
+    assert [r.piece for r in table] == [
+        "evaluation", "evaluation/bench", "evaluation/bench/launch:candidate", "evaluation/bench/x/orphan",
+        "evaluation/bench/(rest)", "evaluation/verify", "evaluation/(rest)", "process/warm-up"]
+    by = {r.piece: r for r in table}
+    assert by["evaluation/bench/(rest)"].total_s == pytest.approx(1.0)
+    assert by["evaluation/(rest)"].total_s == pytest.approx(1.0) and by["evaluation/(rest)"].share == pytest.approx(0.1)
+    assert by["evaluation/bench"].per_eval_s == 3.0 and by["process/warm-up"].share == 0.05
+    text = render(table)
+    assert text.splitlines()[0].startswith("piece") and "    launch:candidate" in text and "60.0%" in text

@@ -28,6 +28,7 @@ from avo.harness.devlock import gpu_lock
 from avo.harness.launch import Kernel
 from avo.harness.nvrtc import Compiled, compile_candidate, local_memory_error
 from avo.harness.reference import REFERENCE, sdpa_baseline
+from avo.harness.stopwatch import piece
 from avo.harness.verify import Checks
 from avo.paired import geomean_ratio, screen_out
 from avo.types import ConfigResult, EvalResult, Problem, Shape, Status, geomean
@@ -78,7 +79,7 @@ def prepare(source: str, problem: Problem, hc: dict, arch: str, cache_dir, allow
         res.status, res.error = Status.COMPILE_ERROR, c.error or "compile error"
         return None, res
     res.smem_bytes, res.threads = c.launch.smem, c.launch.threads
-    with gpu_lock(lock, exclusive=False):
+    with gpu_lock(lock, exclusive=False), piece("module load"):
         kernel = Kernel(c.cubin, hc.get("device", 0))
     local = kernel.attribute("LOCAL_SIZE_BYTES")  # the driver's own figure, whatever ptxas printed
     why = local_memory_error(max(local, res.stack_bytes or 0), False, hc["max_local_bytes"])
@@ -145,18 +146,21 @@ def evaluate(source: str, problem: Problem, hc: dict, arch: str, cache_dir, chec
     # the candidate is compiled once (a cache of every candidate would grow by 175 KB an sm90 attempt,
     # without bound); the versions beside it (cache_dir) are compiled for every evaluation they join
     checks = Checks(problem, hc)
-    kernel, res = prepare(source, problem, hc, arch, None, check_only, log, lock, checks)
+    with piece("compile"):
+        kernel, res = prepare(source, problem, hc, arch, None, check_only, log, lock, checks)
     if kernel is None:
         return res
     phase(LOCK_WAIT)  # waiting for the device is no stage of the candidate's: it has no limit of its own
     with gpu_lock(lock, exclusive=False):
         phase("verify")
-        if not run_checks(kernel, problem, hc, res, log, checks) or check_only:
-            return res
+        with piece("verify"):
+            if not run_checks(kernel, problem, hc, res, log, checks) or check_only:
+                return res
     kernels = {"candidate": kernel}
     for name, src in (others or {}).items():
         phase("compile")
-        k2, r2 = prepare(src, problem, hc, arch, cache_dir, False, lambda m, n=name: log(f"{n}: {m}"), lock)
+        with piece(name):
+            k2, r2 = prepare(src, problem, hc, arch, cache_dir, False, lambda m, n=name: log(f"{n}: {m}"), lock)
         if k2 is None:
             res.status, res.error = Status.UNAVAILABLE, (f"the {name} no longer passes this harness "
                                                           f"({r2.status.value}: {r2.error}); resume from a version "
@@ -170,13 +174,15 @@ def evaluate(source: str, problem: Problem, hc: dict, arch: str, cache_dir, chec
             return res
         phase("bench")
         t0 = time.perf_counter()
-        b = benchmark(kernels, problem.bench, hc, log, {"candidate"}, baselines=[] if paired else None,
-                      reference="incumbent")
+        with piece("bench"):
+            b = benchmark(kernels, problem.bench, hc, log, {"candidate"}, baselines=[] if paired else None,
+                          reference="incumbent")
         res.stage = "bench"
         finish(res, b.configs["candidate"], b.errors.get("candidate"), b.sensed, time.perf_counter() - t0)
         _pair(res, b, [n for n in kernels if n != "candidate"])
         if paired and res.ok:
-            _baselines(kernel, problem, hc, res, log, commit)
+            with piece("baselines"):
+                _baselines(kernel, problem, hc, res, log, commit)
             res.bench_s = time.perf_counter() - t0
     return res
 
@@ -189,8 +195,9 @@ def _screened(kernels: dict, problem: Problem, hc: dict, res: EvalResult, log, p
         return False
     phase("screen")
     t0 = time.perf_counter()
-    b = benchmark({n: kernels[n] for n in ("candidate", "incumbent")}, _screen_shapes(problem), hc, log,
-                  {"candidate"}, iters=screen["iters"], warmup=1, baselines=[], reference="incumbent")
+    with piece("screen"):
+        b = benchmark({n: kernels[n] for n in ("candidate", "incumbent")}, _screen_shapes(problem), hc, log,
+                      {"candidate"}, iters=screen["iters"], warmup=1, baselines=[], reference="incumbent")
     res.screen_s = time.perf_counter() - t0
     if "candidate" in b.errors:
         finish(res, b.configs["candidate"], b.errors["candidate"], b.sensed, 0.0)

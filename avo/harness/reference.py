@@ -5,7 +5,6 @@ import math
 
 import torch
 
-
 # Elements of one chunk's largest FP32 temporary: the logits of a few (batch, head) pairs at full rows (three
 # of 4097 x 4097), or every pair of a benchmark shape at its sampled rows, which was 128 pairs at 4k launched
 # one by one (their ~2500 small launches, not the arithmetic, were what a truth cost).
