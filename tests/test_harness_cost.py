@@ -74,6 +74,41 @@ def test_batched_reference_and_bound_match_the_pair_by_pair_loop(b, sq, sk, hq, 
     assert torch.allclose(logit_bound(q, k, 0.3, r), _bound_pair_by_pair(q, k, 0.3, r), rtol=1e-6)
 
 
+class _Flash:
+    """sdpa_baseline's stand-in: exact attention, counting its calls (the probe included)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, name, q, k, v, causal, scale):
+        def run():
+            self.calls += 1
+            o, lse, _, _ = attention_refs(q, k, v, causal, scale())
+            return o.bfloat16(), lse
+        run()
+        return run
+
+
+def test_fa2_is_called_beside_an_incumbent_only_when_the_incumbent_fails_the_fp32_check(monkeypatch):
+    import random
+
+    from avo.harness import benchmark as bm
+    from tests.test_harness_bench import HC, SHAPE, Attention, Timer
+
+    def run(incumbent):
+        flash = _Flash()
+        monkeypatch.setattr(bm, "sdpa_baseline", flash)
+        kernels = {"candidate": Attention(), "incumbent": incumbent}
+        stage = bm._Shape(kernels, SHAPE, HC, lambda line: None, {"candidate"}, Timer(), random.Random(0),
+                          torch.Generator().manual_seed(0), [], "incumbent")
+        return stage, stage.run()[1], flash.calls
+
+    stage, problems, calls = run(Attention())
+    assert calls == 0 and stage.ref_name == "incumbent" and problems["candidate"][0] == ""
+    stage, problems, calls = run(Attention(lambda n, o: o.mul_(1.1)))  # wrong: FA2 becomes the reference
+    assert stage.ref_name == "flash" and problems["candidate"][0] == "" and calls == 1 + Timer().launches
+
+
 def test_the_stopwatch_is_a_no_op_unless_started_and_files_pieces_under_their_parents():
     from avo.harness import stopwatch as sw
 

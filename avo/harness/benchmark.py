@@ -174,7 +174,10 @@ class _Shape:
         self.prep = {n: (lambda n=n: self.outs[n].poison()) for n in live}
         self.post = {n: (lambda n=n: self._hide(n)) for n in live if n not in checked}
         self.flash = None  # FlashAttention-2 on the iteration's inputs, when it is an untimed reference
-        for bname in dict.fromkeys([*baselines, REFERENCE]):
+        # beside a reference kernel (the incumbent) FA2 is only the fallback for a reference that fails the
+        # FP32 check: its first call (sdpa_baseline's probe, a launch of 2-25 ms on a benchmark shape) is
+        # made then, not on every shape of every paired screen and benchmark
+        for bname in dict.fromkeys([*baselines, *([REFERENCE] if self.ref_name == REFERENCE else [])]):
             fn = self._baseline(bname)
             if fn is None:
                 continue
@@ -242,12 +245,14 @@ class _Shape:
     def _calibrate(self) -> None:
         t = self._truth()
         self.tol, why = tolerances(t, self.ref, self.hc["atol"], self.hc["err_mult"])
-        if why and self.ref_name != REFERENCE and self.flash is not None:
-            self.log(f"  the {self.ref_name}'s output on {self.shape.key} fails the FP32 check ({why}): "
-                     f"checking against {REFERENCE} instead")
-            self.ref_name = REFERENCE  # _hide and _reference follow the name
-            self.ref = self.flash()
-            self.tol, why = tolerances(t, self.ref, self.hc["atol"], self.hc["err_mult"])
+        if why and self.ref_name != REFERENCE:
+            self.flash = self.flash or self._baseline(REFERENCE)
+            if self.flash is not None:
+                self.log(f"  the {self.ref_name}'s output on {self.shape.key} fails the FP32 check ({why}): "
+                         f"checking against {REFERENCE} instead")
+                self.ref_name = REFERENCE  # _hide and _reference follow the name
+                self.ref = self.flash()
+                self.tol, why = tolerances(t, self.ref, self.hc["atol"], self.hc["err_mult"])
         if why:
             raise NoReference(f"the reference {self.ref_name} fails the FP32 check on {self.shape.key} ({why}): "
                               "nothing trustworthy to check against")
