@@ -189,3 +189,24 @@ def test_the_cost_table_nests_pieces_slowest_first_with_the_rest_of_each_parent(
     assert by["evaluation/bench"].per_eval_s == 3.0 and by["process/warm-up"].share == 0.05
     text = render(table)
     assert text.splitlines()[0].startswith("piece") and "    launch:candidate" in text and "60.0%" in text
+
+
+def test_nvml_is_opened_once_per_process_and_device(monkeypatch):
+    """benchmark() ran Sensors() (nvmlInit and a handle) inside every timed stage; the worker now opens it once,
+    before the exclusive lock."""
+    import sys
+    from types import SimpleNamespace
+
+    from avo.harness import timing
+
+    inits = []
+    nvml = SimpleNamespace(nvmlInit=lambda: inits.append(1), nvmlDeviceGetHandleByIndex=lambda i: i,
+                           nvmlDeviceGetHandleByUUID=lambda u: u)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    timing._sensors.cache_clear()
+    try:
+        first = timing.sensors({"device": 0})
+        assert timing.sensors({"device": 0, "device_uuid": ""}) is first and len(inits) == 1
+        assert timing.sensors({"device": 1}) is not first and len(inits) == 2
+    finally:
+        timing._sensors.cache_clear()

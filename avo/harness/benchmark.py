@@ -31,7 +31,7 @@ import torch
 from avo.harness.check import Outputs, Truth, judge, random_scale, truth
 from avo.harness.reference import REFERENCE, sdpa_baseline
 from avo.harness.stopwatch import piece
-from avo.harness.timing import Sensors, Timer, hidden_work
+from avo.harness.timing import Timer, hidden_work, sensors
 from avo.harness.verify import LSE_ATOL
 from avo.types import ConfigResult, Shape, Status
 
@@ -111,7 +111,7 @@ def benchmark(kernels: dict, shapes: tuple[Shape, ...], hc: dict, log, checked: 
     with piece("alloc"):
         timer = Timer(hc["flush_l2"])
     with piece("sensors"):
-        nvml = Sensors(hc.get("device", 0), hc.get("device_uuid", ""))
+        nvml = sensors(hc)
     rng = random.Random(time.time_ns())
     gen = torch.Generator(device="cuda")
     gen.manual_seed(rng.getrandbits(62))

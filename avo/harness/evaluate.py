@@ -29,6 +29,7 @@ from avo.harness.launch import Kernel
 from avo.harness.nvrtc import Compiled, compile_candidate, local_memory_error
 from avo.harness.reference import REFERENCE, sdpa_baseline
 from avo.harness.stopwatch import piece
+from avo.harness.timing import sensors
 from avo.harness.verify import Checks
 from avo.paired import geomean_ratio, screen_out
 from avo.types import ConfigResult, EvalResult, Problem, Shape, Status, geomean
@@ -156,6 +157,8 @@ def evaluate(source: str, problem: Problem, hc: dict, arch: str, cache_dir, chec
         with piece("verify"):
             if not run_checks(kernel, problem, hc, res, log, checks) or check_only:
                 return res
+        with piece("sensors"):
+            sensors(hc)  # NVML starts here (if the worker's warm-up did not), not in a timed stage
     kernels = {"candidate": kernel}
     for name, src in (others or {}).items():
         phase("compile")

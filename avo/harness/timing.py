@@ -23,6 +23,7 @@ Worker-side.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import random
 import time
@@ -185,3 +186,13 @@ class Sensors:
         return (float(nv.nvmlDeviceGetClockInfo(self._h, nv.NVML_CLOCK_SM)),
                 nv.nvmlDeviceGetPowerUsage(self._h) / 1e3)
 
+
+@functools.lru_cache(maxsize=None)
+def _sensors(device: int, driver_uuid: str) -> Sensors:
+    return Sensors(device, driver_uuid)
+
+
+def sensors(hc: dict) -> Sensors:
+    """The harness device's Sensors, opened once per process: NVML's start-up is paid where a worker first
+    asks (its warm-up, or its verify stage, under the shared lock), not inside a timed stage."""
+    return _sensors(int(hc.get("device", 0)), hc.get("device_uuid", ""))
