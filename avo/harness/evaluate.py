@@ -244,16 +244,20 @@ def _screen_shapes(problem: Problem) -> tuple[Shape, ...]:
 
 
 def warm_up(problem: Problem, hc: dict, lock: str | None, interrupted) -> int:
-    """Pay a fresh worker's one-time costs for `problem` while it waits for its job: the reference
-    baseline's first call on each shape, cuBLAS and the caching allocator (the FP32 truth). cuDNN is
-    left cold: it is timed only beside a seed or a would-be commit, and its plans (0.3 s a shape) would
-    hold the device from timings for every spare started. Shape by shape under the shared device lock,
-    stopping as soon as the job arrives (interrupted()). A refusal of a shape is left for the job to
-    report. Returns the number of shapes warmed."""
+    """Pay a fresh worker's one-time costs for `problem` while it waits for its job: NVML, cuBLAS and the
+    kernels of the FP32 truth, and the reference baseline's first call, on the cheapest shape of each mask
+    (FlashAttention-2 runs the same kernels at every length of a mask, and beside an incumbent it is only a
+    fallback: warming every benchmark shape held the device for an estimated 0.1 s a spare, every attempt).
+    cuDNN is left cold: it is timed only beside a seed or a would-be commit, and its plans (0.3 s a shape)
+    would hold the device from timings for every spare started. Shape by shape under the shared device lock,
+    stopping as soon as the job arrives (interrupted()). A refusal of a shape is left for the job to report.
+    Returns the number of shapes warmed."""
+    with gpu_lock(lock, exclusive=False):
+        sensors(hc)
     gen = torch.Generator(device="cuda")
     gen.manual_seed(0)
     n = 0
-    for shape in dict.fromkeys([*_screen_shapes(problem), *problem.bench]):
+    for shape in _screen_shapes(problem):
         if interrupted():
             break
         with gpu_lock(lock, exclusive=False):
