@@ -150,16 +150,19 @@ def report(per_eval: list[dict], results: list[dict], process: dict, by_shape: b
             entry[0] += calls
             entry[1] += s
     n = len(per_eval)
-    shown = {**stopwatch.merged(total, by_shape), **process}
+    table = stopwatch.rows(stopwatch.merged(total, by_shape), n)
+    # every attempt of the search runs in its own worker process: these are paid once an attempt
+    mean = total["evaluation"][1] / n
+    once = stopwatch.rows(process, 1, base=mean)
     print(f"eval_cost: {problem.name}, {len(problem.bench)} benchmark shapes, {n} instrumented evaluations\n")
-    print(stopwatch.render(stopwatch.rows(shown, n)))
+    print(stopwatch.render(table))
+    print(f"\nper worker process, once an attempt (share: of the mean instrumented evaluation, {mean:.3f} s)")
+    print(stopwatch.render(once))
     merged = stopwatch.merged(total)
     exclusive, shared = held(merged, EXCLUSIVE) / n, held(merged, SHARED) / n
     base = merged.get("evaluation/baselines", [0, 0.0])[1] / n
     print(f"\nper evaluation: exclusive lock {exclusive:.3f} s (of it the baseline pass {base:.3f} s, timed in the "
-          f"search only beside a would-be commit and a sampled fraction), shared lock {shared:.3f} s; per worker "
-          f"process: context start-up {process['process/context start-up'][1]:.3f} s, warm-up "
-          f"{process['process/spare warm-up'][1]:.3f} s, reset {process['process/context reset'][1]:.3f} s")
+          f"search only beside a would-be commit and a sampled fraction), shared lock {shared:.3f} s")
     for i, r in enumerate(results, 1):
         k = r["timed_kernels_s"]
         print(f"evaluation {i}{'' if r['instrumented'] else ' (stopwatch off)'}: {r['wall_s']:.2f} s; compile "
@@ -169,7 +172,7 @@ def report(per_eval: list[dict], results: list[dict], process: dict, by_shape: b
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({
             "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "problem": problem.name, "evaluations": n,
-            "rows": [vars(r) for r in stopwatch.rows(shown, n)], "per_evaluation": per_eval, "process": process,
+            "rows": [vars(r) for r in table + once], "per_evaluation": per_eval, "process": process,
             "results": results, "exclusive_s": exclusive, "shared_s": shared, "baselines_s": base}, indent=1))
         print(f"\nsaved {out}")
 

@@ -188,7 +188,8 @@ def test_the_cost_table_nests_pieces_slowest_first_with_the_rest_of_each_parent(
     assert by["evaluation/(rest)"].total_s == pytest.approx(1.0) and by["evaluation/(rest)"].share == pytest.approx(0.1)
     assert by["evaluation/bench"].per_eval_s == 3.0 and by["process/warm-up"].share == 0.05
     text = render(table)
-    assert text.splitlines()[0].startswith("piece") and "    launch:candidate" in text and "60.0%" in text
+    assert text.splitlines()[0].startswith("piece") and "\n    launch:candidate " in text and "60.0%" in text
+    assert "\n    orphan " in text and "\nwarm-up " in text  # indented by the pieces shown around it
 
 
 def test_nvml_is_opened_once_per_process_and_device(monkeypatch):
@@ -210,3 +211,99 @@ def test_nvml_is_opened_once_per_process_and_device(monkeypatch):
         assert timing.sensors({"device": 1}) is not first and len(inits) == 2
     finally:
         timing._sensors.cache_clear()
+
+
+def test_the_harness_names_its_pieces_while_a_stopwatch_runs(monkeypatch):
+    """Verify (truths ahead and after) and a benchmark shape, run with the stopwatch on: the pieces
+    benchmarks/eval_cost.py reports, and the same verdicts as with it off."""
+    import random
+
+    from avo.harness import benchmark as bm
+    from avo.harness import envelope, stopwatch
+    from avo.harness.verify import Checks
+    from avo.types import Problem, Shape
+    from tests.test_harness_bench import HC, SHAPE, Attention, Timer
+    from tests.test_harness_checks import HC as CHECK_HC
+    from tests.test_harness_checks import Attention as CheckAttention
+
+    monkeypatch.setattr(envelope, "LONG_MIN", 200)  # the real cases at CPU sizes (test_harness_checks' `small`)
+    monkeypatch.setattr(envelope, "FAR_STRIDE", 2**18 + 64)
+    bench = tuple(Shape(1, 128, 128, 2, 2, 64, c) for c in (False, True))
+    problem = Problem("t", 2, 2, 64, bench, tuple(Shape(2, 17, 17, 2, 2, 64, c) for c in (False, True)))
+    watch = stopwatch.start()
+    try:
+        with stopwatch.piece("evaluation"), stopwatch.piece("compile"):
+            checks = Checks(problem, CHECK_HC, seed=1, device="cpu")
+            checks.prepare(None, stop=lambda: len(checks.truths) >= 3)
+        with stopwatch.piece("evaluation"), stopwatch.piece("verify"):
+            assert checks.run(CheckAttention(), log=lambda line: None).ok
+        monkeypatch.setattr(bm, "sdpa_baseline", _Flash())
+        with stopwatch.piece("evaluation"), stopwatch.piece("bench"), stopwatch.piece(f"@{SHAPE.key}"):
+            stage = bm._Shape({"candidate": Attention(), "incumbent": Attention()}, SHAPE, HC, lambda line: None,
+                              {"candidate"}, Timer(), random.Random(0), torch.Generator().manual_seed(0), [],
+                              "incumbent")
+            assert stage.run()[1]["candidate"][0] == ""
+    finally:
+        stopwatch.stop()
+    names = set(stopwatch.merged(watch.totals))
+    for piece in ("compile/draw", "compile/truth to host", "verify/draw", "verify/place", "verify/launch",
+                  "verify/guards and inputs", "verify/truth to device", "verify/judge", "verify/module check",
+                  "bench/@*/alloc", "bench/@*/inputs", "bench/@*/reference", "bench/@*/truth", "bench/@*/checks",
+                  "bench/@*/module check"):
+        assert f"evaluation/{piece}" in names, (piece, sorted(names))
+    assert any(n.startswith("evaluation/compile/truth:") for n in names)
+    assert any(n.startswith("evaluation/verify/truth:") for n in names)  # those not computed ahead
+
+
+def _eval_cost():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_cost.py"
+    spec = importlib.util.spec_from_file_location("eval_cost", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_cost_sums_each_lock_once_and_writes_its_tables(tmp_path, capsys):
+    import json
+
+    from avo.types import Problem, Shape
+
+    ec = _eval_cost()
+    one = {"evaluation": [1, 6.0], "evaluation/compile": [1, 1.5], "evaluation/compile/truth:4097x4097": [8, 0.2],
+           "evaluation/compile/truth to host": [8, 0.05], "evaluation/compile/module load": [1, 0.01],
+           "evaluation/verify": [1, 0.4], "evaluation/verify/judge": [60, 0.1], "evaluation/incumbent": [1, 0.2],
+           "evaluation/incumbent/module load": [1, 0.01], "evaluation/screen": [1, 0.1],
+           "evaluation/bench": [1, 1.2], "evaluation/bench/@full": [1, 1.1],
+           "evaluation/bench/@full/launch:candidate": [13, 0.5],
+           "evaluation/baselines": [1, 2.0]}
+    merged = {k: list(v) for k, v in one.items()}
+    assert ec.held(merged, ec.EXCLUSIVE) == pytest.approx(3.3)
+    assert ec.held(merged, ec.SHARED) == pytest.approx(0.2 + 0.05 + 0.01 + 0.4 + 0.01)
+    results = [{"instrumented": True, "wall_s": 6.0, "compile_s": 1.5, "verify_s": 0.4, "screen_s": 0.1,
+                "bench_s": 3.2, "timed_kernels_s": {"candidate": 0.4, "incumbent": 0.4}}]
+    process = {"process/context start-up": [1, 0.4], "process/spare warm-up": [2, 0.05],
+               "process/context reset": [1, 0.1]}
+    problem = Problem("mha", 16, 16, 128, (Shape(8, 4096, 4096, 16, 16, 128, False),), ())
+    ec.report([one, one], results, process, False, tmp_path / "cost.json", problem)
+    text = capsys.readouterr().out
+    assert "exclusive lock 3.300 s" in text and "each shape" in text and "context start-up" in text
+    saved = json.loads((tmp_path / "cost.json").read_text())
+    assert saved["evaluations"] == 2 and saved["exclusive_s"] == pytest.approx(3.3)
+    assert {r["piece"] for r in saved["rows"]} >= {"evaluation/bench/@*/launch:candidate", "process/context reset"}
+
+
+def test_eval_cost_without_cuda_stops_with_one_line():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "eval_cost.py")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "eval_cost.py: no CUDA GPU here (torch.cuda.is_available() is False); run it on the GPU machine: "
+        "bash benchmarks/cost_device.sh"]

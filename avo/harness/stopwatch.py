@@ -79,12 +79,14 @@ class Row:
     total_s: float
     per_eval_s: float
     share: float    # of the `whole` piece's total
+    depth: int = 0  # pieces it runs inside, in the table
 
 
-def rows(totals: dict[str, list], evaluations: int, whole: str = "evaluation") -> list[Row]:
+def rows(totals: dict[str, list], evaluations: int, whole: str = "evaluation", base: float | None = None) -> list[Row]:
     """Table rows in tree order (children after their parent, slowest first), with a "(rest)" row under every
-    parent for its time outside its children (host work between pieces, or what no piece names)."""
-    base = totals.get(whole, [0, 0.0])[1] or 1.0
+    parent for its time outside its children (host work between pieces, or what no piece names). The share
+    is of `base` seconds, by default the `whole` piece's total."""
+    base = base or totals.get(whole, [0, 0.0])[1] or 1.0
     children: dict[str, list[str]] = {}
     for path in totals:  # under the nearest enclosing piece that was timed
         parts = path.split("/")
@@ -92,23 +94,23 @@ def rows(totals: dict[str, list], evaluations: int, whole: str = "evaluation") -
         children.setdefault(parent, []).append(path)
     out: list[Row] = []
 
-    def walk(parent: str) -> None:
+    def walk(parent: str, depth: int) -> None:
         for path in sorted(children.get(parent, []), key=lambda p: -totals[p][1]):
             calls, s = totals[path]
-            out.append(Row(path, calls, s, s / max(evaluations, 1), s / base))
+            out.append(Row(path, calls, s, s / max(evaluations, 1), s / base, depth))
             kids = children.get(path)
             if kids:
-                walk(path)
+                walk(path, depth + 1)
                 rest = s - sum(totals[k][1] for k in kids)
-                out.append(Row(f"{path}/(rest)", calls, rest, rest / max(evaluations, 1), rest / base))
+                out.append(Row(f"{path}/(rest)", calls, rest, rest / max(evaluations, 1), rest / base, depth + 1))
 
-    walk("")
+    walk("", 0)
     return out
 
 
 def render(table: list[Row]) -> str:
     """The rows as a fixed-width table, each piece indented by its depth."""
-    names = ["  " * r.piece.count("/") + r.piece.rsplit("/", 1)[-1].replace(SHAPE + "*", "each shape") for r in table]
+    names = ["  " * r.depth + r.piece.rsplit("/", 1)[-1].replace(SHAPE + "*", "each shape") for r in table]
     w = max([len("piece"), *map(len, names)])
     lines = [f"{'piece':<{w}}  {'calls':>6}  {'total s':>9}  {'s per eval':>10}  {'share':>7}"]
     for name, r in zip(names, table, strict=True):
