@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from avo.harness import envelope
-from avo.harness.reference import attention_refs
+from avo.harness.reference import attention_refs, head_pairs
 from avo.types import Shape
 
 GUARD = 4096  # elements of NaN guard band on each side of every output
@@ -234,14 +234,14 @@ ACC_EPS = 2.0 ** -14
 
 
 def logit_bound(q, k, scale: float, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, H, R): scale * max_j sum_i |q_i k_ji| over the keys j of each row, head by head (as attention_refs)."""
+    """(B, H, R): scale * max_j sum_i |q_i k_ji| over the keys j of each row, in chunks of (batch, head) pairs
+    as attention_refs computes them."""
     b, hq, hkv = q.shape[0], q.shape[2], k.shape[2]
     qs = q if rows is None else q[:, rows]
-    out = torch.empty(b, hq, qs.shape[1], dtype=torch.float32, device=q.device)
-    for bi in range(b):
-        for h in range(hq):
-            out[bi, h] = (qs[bi, :, h].float().abs() @ k[bi, :, h // (hq // hkv)].float().abs().T).amax(-1)
-    return scale * out
+    out = torch.empty(b * hq, qs.shape[1], dtype=torch.float32, device=q.device)
+    for at, bi, h, kv in head_pairs(b, hq, hkv, k.shape[1] * max(qs.shape[1], q.shape[3]), q.device):
+        out[at] = torch.matmul(qs[bi, :, h].float().abs_(), k[bi, :, kv].float().abs_().transpose(1, 2)).amax(-1)
+    return scale * out.view(b, hq, -1)
 
 
 def truth(q, k, v, causal: bool, err_mult: float, atol: float, rows: torch.Tensor | None = None,

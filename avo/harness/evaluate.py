@@ -28,6 +28,8 @@ from avo.harness.devlock import gpu_lock
 from avo.harness.launch import Kernel
 from avo.harness.nvrtc import Compiled, compile_candidate, local_memory_error
 from avo.harness.reference import REFERENCE, sdpa_baseline
+from avo.harness.stopwatch import piece
+from avo.harness.timing import sensors
 from avo.harness.verify import Checks
 from avo.paired import geomean_ratio, screen_out
 from avo.types import ConfigResult, EvalResult, Problem, Shape, Status, geomean
@@ -78,7 +80,7 @@ def prepare(source: str, problem: Problem, hc: dict, arch: str, cache_dir, allow
         res.status, res.error = Status.COMPILE_ERROR, c.error or "compile error"
         return None, res
     res.smem_bytes, res.threads = c.launch.smem, c.launch.threads
-    with gpu_lock(lock, exclusive=False):
+    with gpu_lock(lock, exclusive=False), piece("module load"):
         kernel = Kernel(c.cubin, hc.get("device", 0))
     local = kernel.attribute("LOCAL_SIZE_BYTES")  # the driver's own figure, whatever ptxas printed
     why = local_memory_error(max(local, res.stack_bytes or 0), False, hc["max_local_bytes"])
@@ -145,18 +147,23 @@ def evaluate(source: str, problem: Problem, hc: dict, arch: str, cache_dir, chec
     # the candidate is compiled once (a cache of every candidate would grow by 175 KB an sm90 attempt,
     # without bound); the versions beside it (cache_dir) are compiled for every evaluation they join
     checks = Checks(problem, hc)
-    kernel, res = prepare(source, problem, hc, arch, None, check_only, log, lock, checks)
+    with piece("compile"):
+        kernel, res = prepare(source, problem, hc, arch, None, check_only, log, lock, checks)
     if kernel is None:
         return res
     phase(LOCK_WAIT)  # waiting for the device is no stage of the candidate's: it has no limit of its own
     with gpu_lock(lock, exclusive=False):
         phase("verify")
-        if not run_checks(kernel, problem, hc, res, log, checks) or check_only:
-            return res
+        with piece("verify"):
+            if not run_checks(kernel, problem, hc, res, log, checks) or check_only:
+                return res
+        with piece("sensors"):
+            sensors(hc)  # NVML starts here (if the worker's warm-up did not), not in a timed stage
     kernels = {"candidate": kernel}
     for name, src in (others or {}).items():
         phase("compile")
-        k2, r2 = prepare(src, problem, hc, arch, cache_dir, False, lambda m, n=name: log(f"{n}: {m}"), lock)
+        with piece(name):
+            k2, r2 = prepare(src, problem, hc, arch, cache_dir, False, lambda m, n=name: log(f"{n}: {m}"), lock)
         if k2 is None:
             res.status, res.error = Status.UNAVAILABLE, (f"the {name} no longer passes this harness "
                                                           f"({r2.status.value}: {r2.error}); resume from a version "
@@ -164,20 +171,22 @@ def evaluate(source: str, problem: Problem, hc: dict, arch: str, cache_dir, chec
             return res
         kernels[name] = k2
     paired = "incumbent" in kernels
+    planned = 0.0 if paired else _first_calls(problem, hc, lock, phase)  # unpaired, the baselines are timed now
     phase(LOCK_WAIT)
     with gpu_lock(lock, exclusive=True):
         if paired and _screened(kernels, problem, hc, res, log, phase):
             return res
         phase("bench")
         t0 = time.perf_counter()
-        b = benchmark(kernels, problem.bench, hc, log, {"candidate"}, baselines=[] if paired else None,
-                      reference="incumbent")
+        with piece("bench"):
+            b = benchmark(kernels, problem.bench, hc, log, {"candidate"}, baselines=[] if paired else None,
+                          reference="incumbent")
         res.stage = "bench"
-        finish(res, b.configs["candidate"], b.errors.get("candidate"), b.sensed, time.perf_counter() - t0)
+        finish(res, b.configs["candidate"], b.errors.get("candidate"), b.sensed, planned + time.perf_counter() - t0)
         _pair(res, b, [n for n in kernels if n != "candidate"])
-        if paired and res.ok:
-            _baselines(kernel, problem, hc, res, log, commit)
-            res.bench_s = time.perf_counter() - t0
+    if paired and res.ok:
+        with piece("baselines"):
+            _baselines(kernel, problem, hc, res, log, commit, lock, phase)
     return res
 
 
@@ -189,8 +198,9 @@ def _screened(kernels: dict, problem: Problem, hc: dict, res: EvalResult, log, p
         return False
     phase("screen")
     t0 = time.perf_counter()
-    b = benchmark({n: kernels[n] for n in ("candidate", "incumbent")}, _screen_shapes(problem), hc, log,
-                  {"candidate"}, iters=screen["iters"], warmup=1, baselines=[], reference="incumbent")
+    with piece("screen"):
+        b = benchmark({n: kernels[n] for n in ("candidate", "incumbent")}, _screen_shapes(problem), hc, log,
+                      {"candidate"}, iters=screen["iters"], warmup=1, baselines=[], reference="incumbent")
     res.screen_s = time.perf_counter() - t0
     if "candidate" in b.errors:
         finish(res, b.configs["candidate"], b.errors["candidate"], b.sensed, 0.0)
@@ -206,9 +216,11 @@ def _screened(kernels: dict, problem: Problem, hc: dict, res: EvalResult, log, p
     return True
 
 
-def _baselines(kernel: Kernel, problem: Problem, hc: dict, res: EvalResult, log, commit: dict | None) -> None:
+def _baselines(kernel: Kernel, problem: Problem, hc: dict, res: EvalResult, log, commit: dict | None,
+               lock: str | None, phase) -> None:
     """cuDNN and FA2 beside the candidate, for a would-be commit or a sampled drift check (a second pass,
-    every launch checked again; a failure there fails the candidate)."""
+    every launch checked again; a failure there fails the candidate). Their first calls come first, under
+    the shared lock (_first_calls); res.bench_s adds the seconds of both, not the waits for the lock."""
     if would_commit(res, commit):
         why = "a would-be commit"
     elif random.random() < hc["baseline_fraction"]:
@@ -217,12 +229,47 @@ def _baselines(kernel: Kernel, problem: Problem, hc: dict, res: EvalResult, log,
         log("baselines: not timed (no commit; decisions need only the incumbent)")
         return
     log(f"baselines: {', '.join(hc['baselines'])} timed beside the candidate ({why})")
-    b = benchmark({"candidate": kernel}, problem.bench, hc, log, {"candidate"})
+    planned = _first_calls(problem, hc, lock, phase)
+    phase(LOCK_WAIT)
+    with gpu_lock(lock, exclusive=True):
+        phase("bench")
+        t0 = time.perf_counter()
+        b = benchmark({"candidate": kernel}, problem.bench, hc, log, {"candidate"})
+        res.bench_s += planned + time.perf_counter() - t0
     if "candidate" in b.errors:
         res.status, res.error = b.errors["candidate"]
         return
     for c, o in zip(res.configs, b.configs["candidate"], strict=True):
         c.cudnn_tflops, c.fa2_tflops = o.cudnn_tflops, o.fa2_tflops
+
+
+def _first_calls(problem: Problem, hc: dict, lock: str | None, phase) -> float:
+    """The baselines' first call on each benchmark shape, just before they are timed: cuDNN builds its
+    execution plans there (0.3 s a shape in a fresh worker, the GPU idle), which inside the timed stage held
+    every other worker's timings back. Under the shared lock, as every first call of a baseline, shape by
+    shape (a timing waiting for the device takes it in between). Returns the seconds it held the lock."""
+    if not hc["baselines"]:
+        return 0.0
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(0)
+    held = 0.0
+    with piece("first calls"):
+        for shape in problem.bench:
+            phase(LOCK_WAIT)
+            with gpu_lock(lock, exclusive=False):
+                phase("bench")
+                t0 = time.perf_counter()
+                q, k, v = random_inputs(shape, gen)
+                for name in hc["baselines"]:
+                    try:
+                        sdpa_baseline(name, q, k, v, shape.causal, 1.0 / shape.head_dim ** 0.5)
+                    except RuntimeError:
+                        pass  # the timed pass logs the refusal
+                torch.cuda.synchronize()
+                del q, k, v
+                held += time.perf_counter() - t0
+            time.sleep(0.02)  # flock has no queue: let a timing waiting for the device take it first
+    return held
 
 
 def _screen_shapes(problem: Problem) -> tuple[Shape, ...]:
@@ -234,16 +281,20 @@ def _screen_shapes(problem: Problem) -> tuple[Shape, ...]:
 
 
 def warm_up(problem: Problem, hc: dict, lock: str | None, interrupted) -> int:
-    """Pay a fresh worker's one-time costs for `problem` while it waits for its job: the reference
-    baseline's first call on each shape, cuBLAS and the caching allocator (the FP32 truth). cuDNN is
-    left cold: it is timed only beside a seed or a would-be commit, and its plans (0.3 s a shape) would
-    hold the device from timings for every spare started. Shape by shape under the shared device lock,
-    stopping as soon as the job arrives (interrupted()). A refusal of a shape is left for the job to
-    report. Returns the number of shapes warmed."""
+    """Pay a fresh worker's one-time costs for `problem` while it waits for its job: NVML, cuBLAS and the
+    kernels of the FP32 truth, and the reference baseline's first call, on the cheapest shape of each mask
+    (FlashAttention-2 runs the same kernels at every length of a mask, and beside an incumbent it is only a
+    fallback: warming every benchmark shape held the device for an estimated 0.1 s a spare, every attempt).
+    cuDNN is left cold: it is timed only beside a seed or a would-be commit, and its plans (0.3 s a shape)
+    would hold the device from timings for every spare started. Shape by shape under the shared device lock,
+    stopping as soon as the job arrives (interrupted()). A refusal of a shape is left for the job to report.
+    Returns the number of shapes warmed."""
+    with gpu_lock(lock, exclusive=False):
+        sensors(hc)
     gen = torch.Generator(device="cuda")
     gen.manual_seed(0)
     n = 0
-    for shape in dict.fromkeys([*_screen_shapes(problem), *problem.bench]):
+    for shape in _screen_shapes(problem):
         if interrupted():
             break
         with gpu_lock(lock, exclusive=False):

@@ -23,6 +23,7 @@ Worker-side.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import random
 import time
@@ -30,6 +31,8 @@ import uuid
 from dataclasses import dataclass, field
 
 import torch
+
+from avo.harness.stopwatch import piece
 
 L2_FLUSH_BYTES = 256 << 20
 
@@ -64,25 +67,29 @@ class Timer:
         if self.flush_buf is not None:
             self.flush_buf.zero_()
 
-    def _call(self, fn, prep=None, post=None, wall: bool = False) -> tuple:
+    def _call(self, fn, prep=None, post=None, wall: bool = False, label: str = "") -> tuple:
         """Enqueue one prepared, flushed, event-bracketed call, then its post: (start, end, host ms or None).
         wall: the call alone on the device, timed by the host too (synchronizes twice)."""
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if prep is not None:
-            prep()
-        self.flush()
-        if wall:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        start.record()
-        fn()
-        end.record()
-        host = None
-        if wall:
-            torch.cuda.synchronize()
-            host = (time.perf_counter() - t0) * 1e3
+            with piece("poison"):
+                prep()
+        with piece("flush"):
+            self.flush()
+        with piece(f"{'wall' if wall else 'launch'}:{label}"):
+            if wall:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            start.record()
+            fn()
+            end.record()
+            host = None
+            if wall:
+                torch.cuda.synchronize()
+                host = (time.perf_counter() - t0) * 1e3
         if post is not None:
-            post()
+            with piece("hide"):
+                post()
         return start, end, host
 
     def interleaved(self, fns: dict, warmup: int, iters: int, budget_s: float, rng: random.Random,
@@ -105,7 +112,7 @@ class Timer:
                 if before is not None:
                     before(i)
                 order = rng.sample(names, len(names))
-                evs = {n: self._call(fns[n], prep.get(n), post.get(n), wall=i == wall_at and n in wall) for n in order}
+                evs = {n: self._call(fns[n], prep.get(n), post.get(n), i == wall_at and n in wall, n) for n in order}
                 if n_iter is None:  # the first iteration sizes the run to the budget
                     torch.cuda.synchronize()
                     per_iter_s = sum(s.elapsed_time(e) for s, e, _ in evs.values()) / 1e3
@@ -136,7 +143,7 @@ class Timer:
         gc.disable()
         try:
             for _ in range(repeats):
-                start, end, host = self._call(fn, prep, post, wall=True)
+                start, end, host = self._call(fn, prep, post, wall=True, label="again")
                 out.append((host, start.elapsed_time(end)))
         finally:
             if collecting:
@@ -178,3 +185,14 @@ class Sensors:
         nv = self._nv
         return (float(nv.nvmlDeviceGetClockInfo(self._h, nv.NVML_CLOCK_SM)),
                 nv.nvmlDeviceGetPowerUsage(self._h) / 1e3)
+
+
+@functools.lru_cache(maxsize=None)
+def _sensors(device: int, driver_uuid: str) -> Sensors:
+    return Sensors(device, driver_uuid)
+
+
+def sensors(hc: dict) -> Sensors:
+    """The harness device's Sensors, opened once per process: NVML's start-up is paid where a worker first
+    asks (its warm-up, or its verify stage, under the shared lock), not inside a timed stage."""
+    return _sensors(int(hc.get("device", 0)), hc.get("device_uuid", ""))

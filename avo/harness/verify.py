@@ -28,6 +28,7 @@ import torch
 from avo.harness.check import FAR, LAYOUTS, CheckResult, Outputs, Truth, draw, judge, place, random_scale, truth
 from avo.harness.devlock import gpu_lock
 from avo.harness.envelope import longest
+from avo.harness.stopwatch import piece
 from avo.types import Problem, Shape
 
 SAMPLED_ROWS = 512       # query rows checked against the FP32 truth on a long shape
@@ -50,6 +51,13 @@ class Case:
 
     def where(self, scale: float) -> str:
         return f"{self.shape.key} ({self.dist}, {self.layout}, scale {scale:.4f})"
+
+    @property
+    def kind(self) -> str:
+        """What its truth costs like (benchmarks/eval_cost.py): far, sampled rows, or every row of Sq x Sk."""
+        if self.layout == FAR:
+            return "far"
+        return "sampled" if self.sampled else f"{self.shape.seqlen_q}x{self.shape.seqlen_k}"
 
 
 def input_plan(shape_index: int, seeds: int) -> list[tuple[str, str, bool]]:
@@ -117,7 +125,8 @@ class Checks:
         return (q, k, v), scale, rows
 
     def _truth(self, case: Case, inputs, scale: float, rows) -> Truth:
-        return truth(*inputs, case.shape.causal, self.err_mult, self.atol, rows, scale)
+        with piece(f"truth:{case.kind}"):
+            return truth(*inputs, case.shape.causal, self.err_mult, self.atol, rows, scale)
 
     def prepare(self, lock: str | None, stop=lambda: False) -> int:
         """Compute the truths not yet known, case by case under the shared device lock, until stop();
@@ -130,11 +139,14 @@ class Checks:
             with gpu_lock(lock, exclusive=False, wait=False) as held:
                 if held:
                     case = self.cases[todo[0]]
-                    inputs, scale, rows = self._inputs(case)
+                    with piece("draw"):
+                        inputs, scale, rows = self._inputs(case)
                     t = self._truth(case, inputs, scale, rows)
-                    self.truths[todo.pop(0)] = t.to("cpu")
-                    if t.o.device.type != "cpu":
-                        t.o.zero_()  # the answer leaves no copy on the device
+                    with piece("truth to host"):
+                        self.truths[todo.pop(0)] = t.to("cpu")
+                        if t.o.device.type != "cpu":  # the answer leaves no copy on the device: the freed
+                            t.o.zero_()               # blocks stay in the allocator's cache, and a segment
+                            t.lse.zero_()             # shared with a live tensor is never given back
             if not held:
                 time.sleep(0.01)
         self.ahead_s += time.perf_counter() - t0
@@ -151,33 +163,45 @@ class Checks:
                 log(f"check {last.key}: ok (max |O - ref| {shape_worst:.2e})")
                 shape_worst = 0.0
             last = case.shape
-            inputs, scale, rows = self._inputs(case)
-            if case.reuse and held is not None:
-                for t, new in zip(held, inputs, strict=True):
-                    t.copy_(new)
-                q, k, v, out = *held, Outputs(case.shape, self.device, case.layout)
-            else:
-                q, k, v, out = place(*inputs, case.layout, case.shape)
+            with piece("draw"):
+                inputs, scale, rows = self._inputs(case)
+            with piece("place"):
+                if case.reuse and held is not None:
+                    for t, new in zip(held, inputs, strict=True):
+                        t.copy_(new)
+                    q, k, v, out = *held, Outputs(case.shape, self.device, case.layout)
+                else:
+                    q, k, v, out = place(*inputs, case.layout, case.shape)
             held = (q, k, v) if case.layout != FAR else None
-            self._sync()
-            kernel(q, k, v, out.o, out.lse, case.shape.causal, scale)
-            self._sync()
+            with piece("launch"):
+                self._sync()
+                kernel(q, k, v, out.o, out.lse, case.shape.causal, scale)
+                self._sync()
             n += 1
             where = case.where(scale)
-            if bool(out.guards_broken() | kernel.guards_broken()):
+            with piece("guards and inputs"):
+                broken = bool(out.guards_broken() | kernel.guards_broken())
+                changed = not all(torch.equal(a, b) for a, b in zip(inputs, (q, k, v), strict=True))
+            if broken:
                 return CheckResult(False, worst, f"{where}: wrote outside O, LSE or its tile counter", n)
-            if not all(torch.equal(a, b) for a, b in zip(inputs, (q, k, v), strict=True)):
+            if changed:
                 return CheckResult(False, worst, f"{where}: modified its inputs", n)
             known = self.truths.get(i)
-            t = known.to(self.device) if known is not None else self._truth(case, inputs, scale, rows)
-            ok, err, msg = judge(out.o, out.lse, t, self.atol, LSE_ATOL)
+            if known is not None:
+                with piece("truth to device"):
+                    t = known.to(self.device)
+            else:
+                t = self._truth(case, inputs, scale, rows)
+            with piece("judge"):
+                ok, err, msg = judge(out.o, out.lse, t, self.atol, LSE_ATOL)
             if not ok:
                 return CheckResult(False, err, f"{where}: {msg}", n)
             worst, shape_worst = max(worst, err), max(shape_worst, err)
             del q, k, v, out, t
         if last is not None:
             log(f"check {last.key}: ok (max |O - ref| {shape_worst:.2e})")
-        changed = kernel.module_changed()
+        with piece("module check"):
+            changed = kernel.module_changed()
         if changed:
             return CheckResult(False, worst, f"wrote into its module's memory (`{changed}`): state that outlives "
                                              "a launch", n)
@@ -190,7 +214,8 @@ class Checks:
 
     def _release(self) -> None:
         if self.device == "cuda":
-            torch.cuda.empty_cache()
+            with piece("empty_cache"):
+                torch.cuda.empty_cache()
 
 
 def _rows(shape: Shape, gen: torch.Generator) -> torch.Tensor:
