@@ -60,7 +60,8 @@ def broken_rules(log: str) -> set[str]:
 
 def _rule_lines() -> str:
     """The rules block without comments, the tunables' own #define lines and the launch metadata (not a rule)."""
-    code = (ln.split("//", 1)[0] for ln in RULES.splitlines() if "@tunable" not in ln and not ln.startswith("AVO_LAUNCH("))
+    code = (ln.split("//", 1)[0] for ln in RULES.splitlines()
+            if "@tunable" not in ln and not ln.startswith("AVO_LAUNCH("))
     return "\n".join(code)
 
 
