@@ -31,16 +31,16 @@ from avo.paired import annotate, geomean_ratio  # noqa: E402
 from avo.seeds import resolve  # noqa: E402
 from avo.types import ConfigResult, EvalResult, Status  # noqa: E402
 
-# the statement of the steady-state softmax (any template arguments, any result variable)
-SLOW_AT = re.compile(r"[^;{}]*softmax_step<false\b[^;]*\(s, m, l, corr, scale_log2\);")
+# the steady-state softmax's call (any template arguments, any scale expression, any result variable)
+SLOW_AT = re.compile(r"softmax_step<false\b[^;]*\(s, m, l, corr, [^;]*\);")
 
 
 def slowed(source: str, n: int) -> str:
     """The kernel with n dependent FMAs after each block's softmax (kept alive by a dead branch)."""
     at = SLOW_AT.search(source)
     if at is None:
-        raise SystemExit("commit_rule: the kernel has no `softmax_step<false...>(s, m, l, corr, scale_log2);` "
-                         "statement to slow down")
+        raise SystemExit("commit_rule: the kernel has no `softmax_step<false...>(s, m, l, corr, ...);` call "
+                         "to slow down")
     spin = (f"\n        {{ float z = l[0]; for (int r = 0; r < {n}; ++r) z = fmaf(z, 1.0000001f, 1e-9f);"
             " if (z == -1.f) l[1] = z; }")
     return source[:at.end()] + spin + source[at.end():]

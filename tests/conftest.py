@@ -95,3 +95,14 @@ def kill_and_resume(args: list[str], tmp_path: Path):
     assert kept.equals(before.sort("step", "attempt")), "a recorded attempt changed or went missing"
     assert (after["step"] == 0).sum() == 1, "the seed is evaluated once"
     return before, after, last, r.stdout
+
+
+def benchmark_module(name: str):
+    """benchmarks/<name>.py imported by path (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

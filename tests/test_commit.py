@@ -100,3 +100,22 @@ def test_anchor_is_the_last_significant_gain():
     vs = [Version(i, f"{i}", "", 1.0, [], gain=g) for i, g in enumerate([True, True, False, False])]
     assert anchor(vs).version == 1
     assert anchor([]) is None
+
+
+def test_the_commit_rules_slow_variant_slows_the_landed_sm90_once_and_refuses_a_kernel_without_the_statement():
+    """benchmarks/commit_rule.py puts its dependent FMAs after the steady-state softmax call, whatever its template
+    arguments and scale (the sm90 seed spells it `softmax_step<false, BN>(..., p.softmax_scale_log2)`); without one
+    it says so."""
+    import pytest
+
+    from avo.seeds import resolve
+    from tests.conftest import benchmark_module
+
+    cr = benchmark_module("commit_rule")
+    src = resolve("sm90").source
+    slow = cr.slowed(src, 40)
+    assert slow.count("for (int r = 0; r < 40; ++r)") == 1 and len(slow) > len(src)
+    at = slow.index("softmax_step<false, BN>(s, m, l, corr, p.softmax_scale_log2);")
+    assert slow.index("for (int r = 0; r < 40; ++r)") > at
+    with pytest.raises(SystemExit, match="no `softmax_step"):
+        cr.slowed(src.replace("softmax_step<false", "softmax_later<false"), 40)

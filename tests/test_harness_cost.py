@@ -256,14 +256,9 @@ def test_the_harness_names_its_pieces_while_a_stopwatch_runs(monkeypatch):
 
 
 def _eval_cost():
-    import importlib.util
-    from pathlib import Path
+    from tests.conftest import benchmark_module
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_cost.py"
-    spec = importlib.util.spec_from_file_location("eval_cost", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("eval_cost")
 
 
 def test_eval_cost_sums_each_lock_once_and_writes_its_tables(tmp_path, capsys):
