@@ -252,24 +252,44 @@ def _first_calls(problem: Problem, hc: dict, lock: str | None, phase) -> float:
         return 0.0
     gen = torch.Generator(device="cuda")
     gen.manual_seed(0)
-    held = 0.0
     with piece("first calls"):
-        for shape in problem.bench:
-            phase(LOCK_WAIT)
-            with gpu_lock(lock, exclusive=False):
-                phase("bench")
-                t0 = time.perf_counter()
-                q, k, v = random_inputs(shape, gen)
-                for name in hc["baselines"]:
-                    try:
-                        sdpa_baseline(name, q, k, v, shape.causal, 1.0 / shape.head_dim ** 0.5)
-                    except RuntimeError:
-                        pass  # the timed pass logs the refusal
-                torch.cuda.synchronize()
-                del q, k, v
-                held += time.perf_counter() - t0
-            time.sleep(0.02)  # flock has no queue: let a timing waiting for the device take it first
+        _, held = _shape_by_shape(problem.bench, lock, lambda shape: _call_once(shape, hc["baselines"], gen),
+                                  phase=phase)
     return held
+
+
+def _call_once(shape: Shape, baselines, gen, then=None) -> None:
+    """Each baseline's first call on fresh inputs of `shape` (then `then(q, k, v)`), finished on the device.
+    A refusal is left to the pass or the job that meets it again: they report it."""
+    q, k, v = random_inputs(shape, gen)
+    for name in baselines:
+        try:
+            sdpa_baseline(name, q, k, v, shape.causal, 1.0 / shape.head_dim ** 0.5)
+        except RuntimeError:
+            pass
+    if then is not None:
+        then(q, k, v)
+    torch.cuda.synchronize()
+
+
+def _shape_by_shape(shapes, lock: str | None, work, stop=lambda: False, phase=None) -> tuple[int, float]:
+    """work(shape) for each shape until stop(), each under the shared device lock on its own. Returns the
+    shapes done and the seconds the lock was held."""
+    n, held = 0, 0.0
+    for shape in shapes:
+        if stop():
+            break
+        if phase:
+            phase(LOCK_WAIT)
+        with gpu_lock(lock, exclusive=False):
+            if phase:
+                phase("bench")
+            t0 = time.perf_counter()
+            work(shape)
+            held += time.perf_counter() - t0
+        n += 1
+        time.sleep(0.02)  # flock has no queue: let a timing waiting for the device take it first
+    return n, held
 
 
 def _screen_shapes(problem: Problem) -> tuple[Shape, ...]:
@@ -293,19 +313,11 @@ def warm_up(problem: Problem, hc: dict, lock: str | None, interrupted) -> int:
         sensors(hc)
     gen = torch.Generator(device="cuda")
     gen.manual_seed(0)
-    n = 0
-    for shape in _screen_shapes(problem):
-        if interrupted():
-            break
-        with gpu_lock(lock, exclusive=False):
-            q, k, v = random_inputs(shape, gen)
-            try:
-                sdpa_baseline(REFERENCE, q, k, v, shape.causal, 1.0 / shape.head_dim ** 0.5)
-            except RuntimeError:
-                pass  # the job meets the same refusal and says so
-            truth(q, k, v, shape.causal, hc["err_mult"], hc["atol"], torch.arange(2, device="cuda"))
-            torch.cuda.synchronize()
-        n += 1
-        time.sleep(0.02)  # flock has no queue: let a timing waiting for the device take it first
+
+    def warm(shape: Shape) -> None:
+        _call_once(shape, [REFERENCE], gen, lambda q, k, v: truth(q, k, v, shape.causal, hc["err_mult"], hc["atol"],
+                                                                  torch.arange(2, device="cuda")))
+
+    n, _ = _shape_by_shape(_screen_shapes(problem), lock, warm, stop=interrupted)
     torch.cuda.empty_cache()  # idle spares keep nothing of the inputs' memory
     return n
