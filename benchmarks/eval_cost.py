@@ -77,15 +77,11 @@ def one(source: str, problem, hc: dict, arch: str, cache: str, log, watch: bool)
 
 
 def release(device: int) -> float:
-    """worker.release_gpu's reset of the primary context; seconds. torch cannot use the GPU afterwards."""
-    import torch
-    from cuda.bindings import driver as drv
-
-    from avo.harness.abi import check
+    """The seconds of worker.release_gpu's reset of the primary context. torch cannot use the GPU afterwards."""
+    from avo.harness.worker import reset_context
 
     t0 = time.perf_counter()
-    torch.cuda.synchronize()
-    check(drv.cuDevicePrimaryCtxReset(check(drv.cuDeviceGet(device))))
+    reset_context(device)
     return time.perf_counter() - t0
 
 
@@ -144,12 +140,7 @@ def main() -> None:
 
 def report(per_eval: list[dict], results: list[dict], process: dict, by_shape: bool, out: Path | None,
            problem) -> None:
-    total: dict[str, list] = {}
-    for totals in per_eval:
-        for path, (calls, s) in totals.items():
-            entry = total.setdefault(path, [0, 0.0])
-            entry[0] += calls
-            entry[1] += s
+    total = stopwatch.summed(per_eval)
     n = len(per_eval)
     table = stopwatch.rows(stopwatch.merged(total, by_shape), n)
     # every attempt of the search runs in its own worker process: these are paid once an attempt

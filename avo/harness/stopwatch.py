@@ -61,15 +61,22 @@ def piece(name: str):
     return _NOOP if _running is None else _running.piece(name)
 
 
+def summed(many: list[dict[str, list]], key=lambda path: path) -> dict[str, list]:
+    """Several stopwatches' totals added up piece by piece, each path filed under key(path)."""
+    out: dict[str, list] = {}
+    for totals in many:
+        for path, (calls, s) in totals.items():
+            entry = out.setdefault(key(path), [0, 0.0])
+            entry[0] += calls
+            entry[1] += s
+    return out
+
+
 def merged(totals: dict[str, list], shapes: bool = False) -> dict[str, list]:
     """The totals with the shapes of each stage summed into one piece, "@*" (shapes=True: kept apart)."""
-    out: dict[str, list] = {}
-    for path, (calls, s) in totals.items():
-        key = path if shapes else "/".join(SHAPE + "*" if p.startswith(SHAPE) else p for p in path.split("/"))
-        entry = out.setdefault(key, [0, 0.0])
-        entry[0] += calls
-        entry[1] += s
-    return out
+    if shapes:
+        return summed([totals])
+    return summed([totals], lambda path: "/".join(SHAPE + "*" if p.startswith(SHAPE) else p for p in path.split("/")))
 
 
 @dataclass

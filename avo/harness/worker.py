@@ -194,23 +194,29 @@ def bound_device_memory(job: Job) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, job.harness["max_device_gb"] * 2**30 / total), job.device)
 
 
+def reset_context(device: int) -> None:
+    """Finish the device's work and reset its primary context: torch cannot use the GPU afterwards."""
+    import torch
+    from cuda.bindings import driver as drv
+
+    from avo.harness.abi import check
+
+    torch.cuda.synchronize()
+    check(drv.cuDevicePrimaryCtxReset(check(drv.cuDeviceGet(device))))
+
+
 def release_gpu(job: Job) -> None:
     """Give the GPU back before exiting, under the shared device lock: a context torn down by the
     driver after a kill frees (and scrubs) its memory whenever it happens, beside another worker's
     timed launch. The result is already written; any failure here only ends the process sooner."""
     if "torch" not in sys.modules or job.mode in ("compile", "profile"):
         return
-    import torch
-    from cuda.bindings import driver as drv
-
-    from avo.harness.abi import check
     from avo.harness.devlock import gpu_lock
 
     t0 = time.perf_counter()
     try:
         with gpu_lock(job.lock, exclusive=False):
-            torch.cuda.synchronize()
-            check(drv.cuDevicePrimaryCtxReset(check(drv.cuDeviceGet(job.device))))
+            reset_context(job.device)
         _log(f"released the GPU in {time.perf_counter() - t0:.2f} s")
     except Exception as e:  # noqa: BLE001 - a broken context is gone with the process anyway
         _log(f"releasing the GPU failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); exiting")
