@@ -6,6 +6,11 @@ the operators and the harness close (an MCP endpoint removes its files), and the
 with one line and exit status 128 + the signal's number. Further signals are ignored until then, so
 that clean-up (bounded: each part has its own timeout) is not cut short half-way.
 
+With several workers the signal reaches the main thread while the others are mid-attempt: they get
+GRACE_S to end (an attempt that ends is judged as usual), the ones still busy then are recorded as
+interrupted and disowned, and only then does the harness close. The interpreter must not exit with
+a thread inside native code (the compiler, Parquet): that aborts the process.
+
 On Slurm, submitit's timeout path (its USR2 handler checkpoints, requeues and exits) reaches the
 search as SystemExit; that attempt is recorded as interrupted too, and the requeued job resumes the
 lineage. A resumed search may submit an interrupted attempt's source again: it was never judged.
@@ -26,6 +31,10 @@ class Interrupted(BaseException):
         self.signum = signum
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
+
+# how long a stop waits for work it cannot cut short (a compile, the other workers' attempts in flight):
+# under Slurm's default KillWait of 30 s, so the lineage is written before the SIGKILL
+GRACE_S = 25.0
 
 # what ends a search from outside: our signals, a KeyboardInterrupt before they are handled, submitit's exit
 STOPS = (Interrupted, KeyboardInterrupt, SystemExit)

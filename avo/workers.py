@@ -54,6 +54,9 @@ class Workers:
         self.finished: str | None = None     # set: no worker takes another step
         self.error: BaseException | None = None
         self.inflight: set[str] = set()      # sources proposed but not yet recorded
+        self.flight: dict[int, tuple] = {}   # worker -> its attempt in flight (what a stop signal records)
+        self.disowned: set[int] = set()      # workers whose attempt a stop signal recorded: they record nothing
+        self.signalled = False               # a stop signal reached the main thread: no review after it
         rows, s = search.state.rows, search.s
         self.islands = s.islands
         self.reviewing = [threading.Lock() for _ in range(self.islands)]  # held while an island is reviewed
@@ -75,12 +78,33 @@ class Workers:
                        for w in range(len(self.ops))]
             for t in threads:
                 t.start()
-            for t in threads:
-                while t.is_alive():
-                    t.join(0.5)  # short joins: Ctrl-C and the job's signals reach the main thread
+            try:
+                for t in threads:
+                    while t.is_alive():
+                        t.join(0.5)  # short joins: Ctrl-C and the job's signals reach the main thread
+            except interrupt.STOPS as e:
+                self._drain(threads, e)
+                raise
         if self.error is not None:
             raise self.error
         return self.stop or self.finished or "every worker stopped"
+
+    def _drain(self, threads: list[threading.Thread], e: BaseException) -> None:
+        """A stop signal reached the main thread: let the attempts in flight end (bounded), then record the
+        ones still running as interrupted and disown them. Leaving while a worker is inside the compiler
+        would abort the process when the interpreter exits, and the harness closes after this."""
+        with self.lock:
+            self.stop, self.signalled = self.stop or interrupt.reason(e), True
+        deadline = time.monotonic() + interrupt.GRACE_S
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        with self.lock:
+            for w, (step, attempt, proposal, parent, started, t0, propose_s) in sorted(self.flight.items()):
+                self.search.record(step, attempt, proposal, interrupt.result(e), Decision.INTERRUPTED, parent, started,
+                                   time.monotonic() - t0 if propose_s is None else propose_s, self.ops[w], w,
+                                   island_of(w, self.islands))
+                self.disowned.add(w)
+            self.flight.clear()
 
     def _worker(self, w: int) -> None:
         try:
@@ -125,6 +149,8 @@ class Workers:
             if self._attempt(w, step, attempt)["committed"]:
                 break
         island = island_of(w, self.islands)
+        if self.signalled:
+            return
         if self.reviewing[island].acquire(blocking=False):  # a review of this island now covers this step too
             try:
                 with self.sup_lock:
@@ -137,41 +163,54 @@ class Workers:
     # -- one attempt ---------------------------------------------------------------------------
     def _attempt(self, w: int, step: int, attempt: int) -> dict:
         s, island = self.search, island_of(w, self.islands)
+        started = datetime.now(timezone.utc)
+        t = time.monotonic()
         with self.lock:  # the state this attempt starts from
             chain = s.state.chain(island)
             parent = s.state.start(island)
             ctx = s.context(step, attempt, island, self.rngs[w], self.inflight)
-        started = datetime.now(timezone.utc)
-        t = time.monotonic()
-        try:
-            proposal = self.ops[w].propose(ctx)
-        except ProposalError as e:
-            with self.lock:
-                return s.record(step, attempt, e.proposal or Proposal("", message=""),
-                                EvalResult(Status.INVALID, error=str(e)), Decision.INVALID, parent, started,
-                                time.monotonic() - t, self.ops[w], w, island)
-        except interrupt.STOPS as e:  # the attempt in flight is on record before the search stops
-            with self.lock:
-                s.record(step, attempt, Proposal(""), interrupt.result(e), Decision.INTERRUPTED, parent, started,
-                         time.monotonic() - t, self.ops[w], w, island)
-            raise
-        propose_s = time.monotonic() - t
-        sha = lineage.sha256(proposal.source)
-        with self.lock:
-            self.inflight.add(sha)
+            self.flight[w] = (step, attempt, Proposal(""), parent, started, t, None)
         try:
             try:
-                result = s.evaluate(proposal.source, chain, parent)
-            except interrupt.STOPS as e:
-                with self.lock:
-                    s.record(step, attempt, proposal, interrupt.result(e), Decision.INTERRUPTED, parent, started,
-                             propose_s, self.ops[w], w, island)
+                proposal = self.ops[w].propose(ctx)
+            except ProposalError as e:
+                return self._record(w, step, attempt, e.proposal or Proposal("", message=""),
+                                    EvalResult(Status.INVALID, error=str(e)), Decision.INVALID, parent, started,
+                                    time.monotonic() - t)
+            except interrupt.STOPS as e:  # the attempt in flight is on record before the search stops
+                self._record(w, step, attempt, Proposal(""), interrupt.result(e), Decision.INTERRUPTED, parent,
+                             started, time.monotonic() - t)
                 raise
+            propose_s = time.monotonic() - t
+            sha = lineage.sha256(proposal.source)
             with self.lock:
-                return self._decide(w, step, attempt, proposal, result, chain, parent, started, propose_s)
+                self.inflight.add(sha)
+                self.flight[w] = (step, attempt, proposal, parent, started, t, propose_s)
+            try:
+                try:
+                    result = s.evaluate(proposal.source, chain, parent)
+                except interrupt.STOPS as e:
+                    self._record(w, step, attempt, proposal, interrupt.result(e), Decision.INTERRUPTED, parent,
+                                 started, propose_s)
+                    raise
+                with self.lock:
+                    if w in self.disowned:
+                        return {"committed": False}
+                    return self._decide(w, step, attempt, proposal, result, chain, parent, started, propose_s)
+            finally:
+                with self.lock:
+                    self.inflight.discard(sha)
         finally:
             with self.lock:
-                self.inflight.discard(sha)
+                self.flight.pop(w, None)
+
+    def _record(self, w: int, step: int, attempt: int, proposal: Proposal, result: EvalResult, decision: str,
+                parent: Version, started, propose_s: float) -> dict:
+        with self.lock:
+            if w in self.disowned:  # a stop signal recorded this attempt already
+                return {"committed": False}
+            return self.search.record(step, attempt, proposal, result, decision, parent, started, propose_s,
+                                      self.ops[w], w, island_of(w, self.islands))
 
     def _decide(self, w, step, attempt, proposal: Proposal, result: EvalResult, chain: list[Version],
                 parent: Version, started, propose_s: float) -> dict:

@@ -232,3 +232,58 @@ def test_the_core_and_migrations_use_only_the_lineage_states_public_api():
         private = re.findall(r"\b(?:s|search|st|state|self\.search)\.(_\w+)", text)
         assert not private, f"avo/{name} reaches into {private}"
         assert ".versions.append(" not in text and ".rows = " not in text
+
+
+class Signalling(Fixed):
+    """Once `ready` is set, sends this process SIGTERM and stays in its step past the stop's grace. Test double only."""
+
+    def __init__(self, source, ready, hold_s):
+        super().__init__(source)
+        self.ready, self.hold_s, self.returned = ready, hold_s, threading.Event()
+
+    def propose(self, ctx):
+        import os
+        import signal
+
+        self.ready.wait(10)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(self.hold_s)
+        self.returned.set()
+        return super().propose(ctx)
+
+
+class Announcing(RacingHarness):
+    """RacingHarness that sets `ready` when a candidate's evaluation starts. Test double only."""
+
+    def __init__(self, ready, delay):
+        super().__init__(delay)
+        self.ready = ready
+
+    def evaluate(self, source, problem, mode=None, against=None, deadline=None):
+        if against:
+            self.ready.set()
+        return super().evaluate(source, problem, mode, against, deadline)
+
+
+def test_a_stop_signal_lets_the_attempts_in_flight_end_and_records_the_ones_past_its_grace(
+        cfg_factory, tmp_path, monkeypatch):
+    """The CI once aborted ("exception not rethrown") when the interpreter exited while a worker was still in
+    native code: a signal now waits for the other workers (bounded), and one still busy after the grace is
+    recorded as interrupted and disowned, so nothing it does later reaches the lineage."""
+    from avo import interrupt
+
+    monkeypatch.setattr(interrupt, "GRACE_S", 1.0)
+    ready = threading.Event()
+    fast = set_tunables(SEED_SRC, {"BLOCK_M": "128"})
+    slow = Signalling(set_tunables(SEED_SRC, {"BLOCK_N": "128"}), ready, hold_s=2.5)
+    with pytest.raises(interrupt.Interrupted), interrupt.on_signals():
+        search(cfg_factory, tmp_path, Announcing(ready, 0.2), [Fixed(fast), slow], "search.workers=2",
+               "search.max_steps=50", "search.attempts_per_step=1")
+    rows = lineage.read_run(tmp_path).filter(pl.col("step") > 0)
+    by_worker = {w: r["decision"].to_list() for w, r in rows.group_by("worker")}
+    assert by_worker[(0,)] == ["committed"], by_worker  # its evaluation ended inside the grace: judged
+    assert by_worker[(1,)] == ["interrupted"], by_worker
+    assert "interrupted by SIGTERM" in rows.filter(pl.col("worker") == 1)["error"][0]
+    assert slow.returned.wait(10)
+    time.sleep(0.5)  # the disowned worker evaluates its proposal now, and must record nothing
+    assert lineage.read_run(tmp_path).filter(pl.col("step") > 0).height == 2

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from avo import interrupt
 from avo.harness.abi import arch_name
 from avo.harness.benchmark import Bench, benchmark
 from avo.harness.check import random_inputs, truth
@@ -58,9 +59,15 @@ def _compiled(source: str, problem: Problem, hc: dict, arch: str, cache_dir, all
 
     thread = threading.Thread(target=work, name="avo-nvrtc", daemon=True)
     thread.start()
-    if checks is not None:
-        checks.prepare(lock, stop=lambda: not thread.is_alive())
-    thread.join()
+    try:
+        if checks is not None:
+            checks.prepare(lock, stop=lambda: not thread.is_alive())
+        thread.join()
+    except BaseException:
+        # NVRTC cannot be cut short, and a thread inside it when the interpreter exits aborts the process
+        # ("exception not rethrown"): a stop signal waits for the compiler first
+        thread.join(interrupt.GRACE_S)
+        raise
     if "e" in box:
         raise box["e"]
     return box["c"], box["s"]
