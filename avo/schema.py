@@ -31,7 +31,8 @@ WIDE_COLUMNS = ("configs", "message", "error", "extra")  # lists and free text: 
 TS = pa.timestamp("us", tz="UTC")
 # fields of the dataclasses that are no column of their own, and where their value goes
 NOT_STORED = {"EvalResult.log": "its last 2000 characters: extra.log_tail",
-              "Proposal.source": "lineage/sources/<source_sha>.cu", "Proposal.meta": "extra (JSON)"}
+              "EvalResult.compiler": "extra.compiler", "Proposal.source": "lineage/sources/<source_sha>.cu",
+              "Proposal.meta": "extra (JSON)"}
 
 
 def _arrow(hint, ints: pa.DataType) -> pa.DataType:
@@ -116,9 +117,10 @@ DOCS = {
     "group": "heads_q / heads_kv", "directive": "the supervisor's directive in force",
     "started_at": "when the attempt began (UTC)", "finished_at": "when it was recorded (UTC)",
     "host": "the machine the search ran on",
-    "extra": "JSON: `log_tail` and the operator's metadata; for a candidate whose parent was no longer the head at "
-             "its decision `stale_from`, `stale_ratio`, `stale_lo`, `stale_eval_s`, `rechecked`; for a migration "
-             "`migrated_from` (the version copied) and `from_island`",
+    "extra": "JSON: `log_tail`, `compiler` (what built the cubin, e.g. `nvrtc 13.0`) and the operator's metadata; "
+             "for a candidate whose parent was no longer the head at its decision `stale_from`, `stale_ratio`, "
+             "`stale_lo`, `stale_eval_s`, `rechecked`; for a migration `migrated_from` (the version copied) and "
+             "`from_island`",
     "worker": "which of the `search.workers` operators proposed it (0 with one)",
     "island": "which lineage of the run it belongs to (`search.islands`; 0 with one; v0 belongs to all)",
     # supervisor rows
@@ -136,6 +138,10 @@ def _value(v):
         isinstance(v[0], ConfigResult) else v
 
 
+def _compiler(result) -> dict:
+    return {"compiler": result.compiler} if result.compiler else {}
+
+
 def attempt_row(*, run_id: str, step: int, attempt: int, parent, version: int | None, decision: str, result,
                 proposal, operator, problem, directive: str | None, started, propose_s: float, source_sha: str,
                 worker: int = 0, island: int = 0) -> dict:
@@ -151,7 +157,7 @@ def attempt_row(*, run_id: str, step: int, attempt: int, parent, version: int | 
         "propose_s": propose_s, "kernel": problem.name, "heads_q": problem.heads_q, "heads_kv": problem.heads_kv,
         "head_dim": problem.head_dim, "group": problem.group, "directive": directive, "started_at": started,
         "finished_at": datetime.now(timezone.utc), "host": socket.gethostname(),
-        "extra": json.dumps({"log_tail": result.log[-2000:], **proposal.meta}, default=str),
+        "extra": json.dumps({"log_tail": result.log[-2000:], **_compiler(result), **proposal.meta}, default=str),
         "worker": worker, "island": island,
     }
 

@@ -135,6 +135,9 @@ class Search:
             transfer.carry_knowledge(seed.run_dir, self.run_dir)
         started = datetime.now(timezone.utc)
         result = self.harness.evaluate(seed.source, self.problem)
+        note = transfer.compiler_note(seed.run_dir, result.compiler) if seed.run_dir is not None else None
+        if note:
+            self.progress.line(note)
         proposal = Proposal(seed.source, message=f"seed {seed.origin}",
                             meta=transfer.seed_meta(seed.run_dir, seed.version))
         row = self.record(0, attempt, proposal, result, Decision.SEED if result.ok else Decision.FAILED, None,

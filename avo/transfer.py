@@ -98,6 +98,18 @@ def seed_meta(run_dir: Path | None, version: int | None) -> dict:
                          "kernel": info.get("kernel"), "group": info.get("group")}}
 
 
+def compiler_note(run_dir: Path, here: str) -> str | None:
+    """A line when the run a seed comes from built its candidates with another compiler than this harness:
+    NVRTC versions differ in what they accept and in what ptxas reports, so a candidate checked here may
+    fail there (a CPU checkout checking candidates for a GPU run is the usual case)."""
+    rows = lineage.read_run(run_dir)
+    theirs = rows["extra"].str.json_path_match("$.compiler").drop_nulls().unique().sort().to_list() if len(rows) else []
+    if not here or not theirs or theirs == [here]:
+        return None
+    return (f"the seed's run {run_dir} compiled with {', '.join(theirs)} and this harness with {here}: what "
+            "compiles here may not compile there, and registers, spills and ptxas's notes can differ")
+
+
 def failed_seed(rows: pl.DataFrame) -> dict | None:
     """The step-0 row of a transferred seed that failed here, while the lineage has no version yet."""
     if rows.is_empty() or rows["committed"].any():

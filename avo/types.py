@@ -132,6 +132,7 @@ class EvalResult:
     verify_s: float = 0.0
     bench_s: float = 0.0
     gpu: str = ""
+    compiler: str = ""              # what built the cubin ("nvrtc 13.0"): versions differ in what they accept
     device: int | None = None       # the CUDA device index it ran on (harness.devices); None: no GPU
     sm_clock_mhz: float | None = None
     power_w: float | None = None

@@ -140,3 +140,30 @@ def test_lessons_list_every_committed_version_with_its_gain(mha_run, tmp_path):
     assert "Speed: x1.0100 [1.0040, 1.0160] over v0 side by side" in text and "%" not in text
     assert "Score: 99.0 TFLOPS in its own evaluation" in text
     assert "causal_b1_s32768_h16-16_d128 110.0 (cuDNN 400.0)" in text and "Two stages, 64-row tiles." in text
+
+
+def test_the_compiler_is_recorded_and_a_seed_built_by_another_is_named(mha_run, tmp_path):
+    """Every attempt records what built it (extra.compiler); a seed whose run was compiled by another NVRTC
+    (a GPU node's, checked here on a CPU checkout) gets one line saying so, and the run goes on."""
+    from avo.harness.nvrtc import compiler
+
+    here = compiler()
+    assert here.startswith("nvrtc 13.")
+    rows = lineage.read_run(mha_run)
+    assert set(rows["extra"].str.json_path_match("$.compiler").drop_nulls()) == {here}
+    other = tmp_path / "gpu-run"
+    (other / "lineage").mkdir(parents=True)
+    (other / "run.json").write_bytes((mha_run / "run.json").read_bytes())
+    for f in (mha_run / "lineage").rglob("*"):
+        if f.suffix == ".cu":
+            dst = other / f.relative_to(mha_run)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(f.read_bytes())
+    for row in rows.with_columns(pl.col("extra").str.replace(here, "nvrtc 12.4", literal=True)).to_dicts():
+        lineage.append(other, row)
+    quiet = launch("harness=compile", f"seed={mha_run}", "search.max_steps=0", f"hydra.run.dir={tmp_path / 'same'}")
+    assert "compiled with" not in quiet.stdout
+    r = launch("harness=compile", f"seed={other}", "search.max_steps=0", f"hydra.run.dir={tmp_path / 'new'}")
+    assert f"compiled with nvrtc 12.4 and this harness with {here}" in r.stdout, r.stdout
+    x0 = lineage.read_run(tmp_path / "new").row(0, named=True)
+    assert x0["status"] == "ok" and json.loads(x0["extra"])["compiler"] == here

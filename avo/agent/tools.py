@@ -325,7 +325,7 @@ def format_eval(r: EvalResult, what: str, ctx: StepContext) -> str:
            "smem_bytes": r.smem_bytes, "threads": r.threads}
     known = ", ".join(f"{k}={v}" for k, v in res.items() if v is not None)
     if known:
-        lines.append(f"resources: {known}")
+        lines.append(f"resources: {known}" + (f" ({r.compiler})" if r.compiler else ""))
     if r.error:
         lines.append(f"error: {r.error}")
     if not r.ok and r.log:

@@ -27,7 +27,7 @@ from avo.harness.benchmark import Bench, benchmark
 from avo.harness.check import random_inputs, truth
 from avo.harness.devlock import gpu_lock
 from avo.harness.launch import Kernel
-from avo.harness.nvrtc import Compiled, compile_candidate, local_memory_error
+from avo.harness.nvrtc import Compiled, compile_candidate, compiler, local_memory_error
 from avo.harness.reference import REFERENCE, sdpa_baseline
 from avo.harness.stopwatch import piece
 from avo.harness.timing import sensors
@@ -81,7 +81,7 @@ def prepare(source: str, problem: Problem, hc: dict, arch: str, cache_dir, allow
         arch = device_arch(hc.get("device", 0))
     c, compile_s = _compiled(source, problem, hc, arch, cache_dir, allow_printf, checks, lock)
     res = EvalResult(Status.OK, log=c.log[-8000:], registers=c.registers, spill_bytes=c.spill_bytes,
-                     stack_bytes=c.stack_bytes, compile_s=compile_s,
+                     stack_bytes=c.stack_bytes, compile_s=compile_s, compiler=compiler(),
                      gpu=torch.cuda.get_device_name(hc.get("device", 0)))
     if not c.ok:
         res.status, res.error = Status.COMPILE_ERROR, c.error or "compile error"

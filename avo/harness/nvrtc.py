@@ -54,6 +54,12 @@ def nvrtc_version() -> tuple[int, int]:
                            "install cuda-bindings with the NVRTC wheels (pip install -e '.[nvrtc]')") from None
 
 
+def compiler() -> str:
+    """What builds the cubins here, as the lineage records it (extra.compiler)."""
+    major, minor = nvrtc_version()
+    return f"nvrtc {major}.{minor}"
+
+
 def _options(arch: str, head_dim: int, extra_defines: dict[str, str] | None) -> list[str]:
     return compile_options(arch, head_dim, [str(INCLUDE_DIR), cuda_include_dir()], extra_defines)
 

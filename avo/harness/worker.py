@@ -17,7 +17,7 @@ from pathlib import Path
 
 from avo.fsutil import atomic_write_json, atomic_write_text
 from avo.harness.job import JOB_FILE, Job
-from avo.harness.nvrtc import compile_candidate, nvrtc_version
+from avo.harness.nvrtc import compile_candidate, compiler, nvrtc_version
 from avo.harness.sandbox import PHASE, RESULT, _die_with_parent
 from avo.types import EvalResult, Status
 
@@ -30,7 +30,7 @@ def compile_only(source: str, job: Job) -> EvalResult:
                           max_local_bytes=job.harness["max_local_bytes"])
     dt = time.perf_counter() - t0
     common = dict(log=c.log[-8000:], registers=c.registers, spill_bytes=c.spill_bytes,
-                  stack_bytes=c.stack_bytes, compile_s=dt)
+                  stack_bytes=c.stack_bytes, compile_s=dt, compiler=compiler())
     if not c.ok:
         return EvalResult(Status.COMPILE_ERROR, error=c.error or "compile error", **common)
     return EvalResult(Status.OK, ranked=False, smem_bytes=c.launch.smem, threads=c.launch.threads, **common)
