@@ -272,10 +272,10 @@ def test_a_stop_signal_lets_the_attempts_in_flight_end_and_records_the_ones_past
     recorded as interrupted and disowned, so nothing it does later reaches the lineage."""
     from avo import interrupt
 
-    monkeypatch.setattr(interrupt, "GRACE_S", 1.0)
+    monkeypatch.setattr(interrupt, "GRACE_S", 3.0)
     ready = threading.Event()
     fast = set_tunables(SEED_SRC, {"BLOCK_M": "128"})
-    slow = Signalling(set_tunables(SEED_SRC, {"BLOCK_N": "128"}), ready, hold_s=2.5)
+    slow = Signalling(set_tunables(SEED_SRC, {"BLOCK_N": "128"}), ready, hold_s=6.0)
     with pytest.raises(interrupt.Interrupted), interrupt.on_signals():
         search(cfg_factory, tmp_path, Announcing(ready, 0.2), [Fixed(fast), slow], "search.workers=2",
                "search.max_steps=50", "search.attempts_per_step=1")
