@@ -237,3 +237,32 @@ def test_a_stdio_agent_and_the_shell_cli_work_steps_with_the_same_records(cfg_fa
     assert [e["name"] for e in shell] == ["edit", "compile", "compile", "submit"]
     rc, out = cli("compile")  # the search has ended: one clear line
     assert rc == 2 and "is a search with agent=external running in that run directory?" in out
+
+
+def test_the_cli_submits_a_batch_of_candidates_and_reads_each_verdict_from_the_lineage(cfg_factory, tmp_path):
+    """`avo.tool <run> --batch FILE`: candidates written ahead of time go in one per step; one that does not
+    compile is not submitted and the same step takes the next file; each verdict is the lineage's row."""
+    run = tmp_path / "run"
+    search = SearchThread(cfg_factory, run, "search.max_steps=2")
+    files = {name: tmp_path / f"{name}.cu" for name in ("rows8", "broken", "rows2")}
+    files["rows8"].write_text(NAIVE.replace(GOOD["search"], GOOD["replace"]))
+    files["broken"].write_text(NAIVE.replace(BROKEN["search"], BROKEN["replace"]))
+    files["rows2"].write_text(NAIVE.replace(GOOD["search"], GOOD["replace"].replace("ROWS_PER_BLOCK 8",
+                                                                                     "ROWS_PER_BLOCK 2")))
+    listing = tmp_path / "batch.txt"
+    listing.write_text(f"# written between device calls\n{files['rows8']} ROWS_PER_BLOCK 8\n\n"
+                       f"{files['broken']} a typo\n{files['rows2']} ROWS_PER_BLOCK 2\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-m", "avo.tool", str(run), "--batch", str(listing), "--model", "batch-model",
+                        "--wait", "120"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    rows = search.finish()
+    assert r.returncode == 1, r.stdout + r.stderr  # one file of three was not submitted
+    table = r.stdout[r.stdout.index("| file | verdict |"):]
+    assert f"| {files['rows8']} | 00001.00 unranked |" in table
+    assert f"| {files['broken']} | not submitted: compile: compile_error" in table
+    assert f"| {files['rows2']} | 00002.00 unranked |" in table
+    assert rows["message"].to_list() == ["ROWS_PER_BLOCK 8", "ROWS_PER_BLOCK 2"]
+    assert rows["model"].to_list() == ["batch-model", "batch-model"]
+    bad = subprocess.run([sys.executable, "-m", "avo.tool", str(run), "--batch", str(tmp_path / "none.txt")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "cannot read" in bad.stderr and "Traceback" not in bad.stderr
