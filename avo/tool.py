@@ -92,6 +92,11 @@ def read_batch(path: str) -> list[tuple[str, str]]:
     return out
 
 
+def first_line(text: str | None, limit: int = 300) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[0][:limit] if lines else ""
+
+
 def submitted_source(path: str) -> str:
     """The working copy that `rewrite source=@path` makes, whose hash the lineage records."""
     from avo.agent.tools import apply_tool_edit
@@ -113,9 +118,9 @@ def verdict(run_dir: str, source: str, since: datetime, wait_s: float) -> str | 
             r = rows.sort("finished_at").row(-1, named=True)
             out = f"{r['candidate_id']} {r['decision']}" + (f" as v{r['version']}" if r["version"] is not None else "")
             if r["paired_ratio"] is not None:
-                out += f", x{r['paired_ratio']:.4f} [{r['paired_lo']:.4f}, {r['paired_hi']:.4f}] the incumbent"
+                out += f", x{r['paired_ratio']:.4f} [{r['paired_lo']:.4f}, {r['paired_hi']:.4f}] over its parent"
             if r["status"] != "ok":
-                out += f" ({r['status']}: {(r['error'] or '').strip().splitlines()[0][:200] if r['error'] else ''})"
+                out += f" ({r['status']}: {first_line(r['error'], 200)})"
             return out
         if time.monotonic() >= end:
             return None
@@ -169,7 +174,7 @@ def batch(run_dir: str, items: list[tuple[str, str]], model: str, wait_s: float,
             since = datetime.now(timezone.utc)
             text, ok = tool("submit", f"message={msg}")
         if not ok:  # the step stays open for the next file
-            first = text.strip().splitlines()[0][:300] if text.strip() else "failed"
+            first = first_line(text) or "failed"
             outcome[n] = first if first.startswith("not submitted") else f"not submitted: {first}"
             say(f"{src}: {outcome[n]}")
             continue
