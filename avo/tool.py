@@ -148,13 +148,13 @@ def batch(run_dir: str, items: list[tuple[str, str]], model: str, wait_s: float,
 
     outcome = ["not submitted"] * len(items)
     judged: set[int] = set()
-    pending = None  # (index, when it was submitted): its row is on record once the next step opens
+    pending = None  # (index, the source submitted, when): its row is on record once the next step opens
 
     def settle(wait: float) -> None:
         nonlocal pending
         if pending is not None:
-            n, since = pending
-            v = verdict(run_dir, submitted_source(items[n][0]), since, wait)
+            n, source, since = pending
+            v = verdict(run_dir, source, since, wait)
             outcome[n] = v or "submitted; no verdict on record yet"
             judged.update([n] if v else [])
             say(f"{items[n][0]}: {outcome[n]}")
@@ -171,14 +171,14 @@ def batch(run_dir: str, items: list[tuple[str, str]], model: str, wait_s: float,
         if ok:
             text, ok = tool("compile")
         if ok:
-            since = datetime.now(timezone.utc)
+            source, since = submitted_source(src), datetime.now(timezone.utc)
             text, ok = tool("submit", f"message={msg}")
         if not ok:  # the step stays open for the next file
             first = first_line(text) or "failed"
             outcome[n] = first if first.startswith("not submitted") else f"not submitted: {first}"
             say(f"{src}: {outcome[n]}")
             continue
-        pending, step_open = (n, since), False
+        pending, step_open = (n, source, since), False
         say(f"{src}: submitted")
     settle(step_timeout_s)  # the last one: no further step is opened to wait for it
     say("\n| file | verdict |\n|---|---|")

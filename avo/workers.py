@@ -29,6 +29,7 @@ import random
 import threading
 import time
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 import polars as pl
 
@@ -45,6 +46,17 @@ def unfinished_steps(rows: pl.DataFrame, per_step: int) -> list[tuple[int, int]]
     return sorted((s, a + 1) for s, c, a in done.iter_rows() if not c and a + 1 < per_step)
 
 
+class Flight(NamedTuple):
+    """A worker's attempt in flight: what a stop signal records for it (propose_s None: still proposing)."""
+    step: int
+    attempt: int
+    proposal: Proposal
+    parent: Version
+    started: datetime
+    t0: float
+    propose_s: float | None = None
+
+
 class Workers:
     def __init__(self, search):
         self.search, self.ops = search, search.operators
@@ -54,7 +66,7 @@ class Workers:
         self.finished: str | None = None     # set: no worker takes another step
         self.error: BaseException | None = None
         self.inflight: set[str] = set()      # sources proposed but not yet recorded
-        self.flight: dict[int, tuple] = {}   # worker -> its attempt in flight (what a stop signal records)
+        self.flight: dict[int, Flight] = {}  # worker -> its attempt in flight
         self.disowned: set[int] = set()      # workers whose attempt a stop signal recorded: they record nothing
         self.signalled = False               # a stop signal reached the main thread: no review after it
         rows, s = search.state.rows, search.s
@@ -99,10 +111,9 @@ class Workers:
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
         with self.lock:
-            for w, (step, attempt, proposal, parent, started, t0, propose_s) in sorted(self.flight.items()):
-                self.search.record(step, attempt, proposal, interrupt.result(e), Decision.INTERRUPTED, parent, started,
-                                   time.monotonic() - t0 if propose_s is None else propose_s, self.ops[w], w,
-                                   island_of(w, self.islands))
+            for w, f in sorted(self.flight.items()):
+                self._record(w, f.step, f.attempt, f.proposal, interrupt.result(e), Decision.INTERRUPTED, f.parent,
+                             f.started, time.monotonic() - f.t0 if f.propose_s is None else f.propose_s)
                 self.disowned.add(w)
             self.flight.clear()
 
@@ -169,7 +180,7 @@ class Workers:
             chain = s.state.chain(island)
             parent = s.state.start(island)
             ctx = s.context(step, attempt, island, self.rngs[w], self.inflight)
-            self.flight[w] = (step, attempt, Proposal(""), parent, started, t, None)
+            self.flight[w] = Flight(step, attempt, Proposal(""), parent, started, t)
         try:
             try:
                 proposal = self.ops[w].propose(ctx)
@@ -185,7 +196,7 @@ class Workers:
             sha = lineage.sha256(proposal.source)
             with self.lock:
                 self.inflight.add(sha)
-                self.flight[w] = (step, attempt, proposal, parent, started, t, propose_s)
+                self.flight[w] = self.flight[w]._replace(proposal=proposal, propose_s=propose_s)
             try:
                 try:
                     result = s.evaluate(proposal.source, chain, parent)
