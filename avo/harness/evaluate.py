@@ -94,8 +94,6 @@ def prepare(source: str, problem: Problem, hc: dict, arch: str, cache_dir, allow
     if why:
         res.status, res.error = Status.COMPILE_ERROR, f"rejected after loading: the kernel {why}"
         return None, res
-    if res.registers is None:  # some NVRTC builds return no ptxas report: ask the loaded function
-        res.registers, res.stack_bytes = kernel.attribute("NUM_REGS"), local
     ahead = f"; {len(checks.truths)} check truths computed meanwhile" if checks is not None else ""
     log(f"compiled for {arch} in {res.compile_s:.2f} s{' (cached)' if c.cached else ''}: "
         f"{res.registers} registers, {res.spill_bytes} spill bytes, {res.stack_bytes} stack bytes, {c.launch}{ahead}")

@@ -60,13 +60,19 @@ def compiler() -> str:
     return f"nvrtc {major}.{minor}"
 
 
+# On a machine with a driver, NVRTC answers a PTX the driver's compute cache has seen (an earlier compile
+# of the same candidate, even in another process) with that cubin and an empty log: no ptxas report, so
+# no stack bound, registers or spills, and a compile time that is a cache read. The harness always compiles.
+HARNESS_FLAGS = ("--no-cache",)
+
+
 def _options(arch: str, head_dim: int, extra_defines: dict[str, str] | None) -> list[str]:
-    return compile_options(arch, head_dim, [str(INCLUDE_DIR), cuda_include_dir()], extra_defines)
+    return [*compile_options(arch, head_dim, [str(INCLUDE_DIR), cuda_include_dir()], extra_defines), *HARNESS_FLAGS]
 
 
 def cache_key(source: str, arch: str, head_dim: int, extra_defines: dict | None = None) -> str:
     h = hashlib.sha256()
-    for part in (source, arch, str(head_dim), repr(sorted((extra_defines or {}).items())),
+    for part in (source, compiler(), *_options(arch, head_dim, extra_defines),
                  *(p.read_text() for p in sorted(INCLUDE_DIR.rglob("*.cuh")))):
         h.update(part.encode())
         h.update(b"\0")
@@ -141,6 +147,8 @@ def compile_candidate(source: str, arch: str, head_dim: int, cache_dir=None, all
     c = compile_source(source, arch, head_dim, cache_dir)
     if c.ok:
         why = check_ptx(c.ptx, allow_printf=allow_printf)
+        if why is None and c.registers is None:  # the stack bound below needs it
+            why = "NVRTC returned no ptxas resource report (--ptxas-options=-v), so its local memory cannot be bounded"
         if why is None and max_local_bytes is not None:
             why = local_memory_error(c.stack_bytes, c.dynamic_stack, max_local_bytes)
             why = f"the kernel {why}" if why else None

@@ -17,16 +17,16 @@ from tests.conftest import adversarial_sources, open_gpu_harness
 ROOT = Path(__file__).resolve().parents[2]
 ADVERSARIAL = adversarial_sources()
 NAIVE = (ROOT / "kernels_cuda" / "naive" / "naive.cu").read_text()
-SEEDS = {n: (ROOT / "kernels_cuda" / n / f"{n}.cu").read_text() for n in ("naive", "sm80", "sm90")}
+SEEDS = {n: (ROOT / "kernels_cuda" / n / f"{n}.cu").read_text() for n in ("naive", "sm80", "sm90", "sm90_d64", "sm90_hdim")}
 
 pytestmark = pytest.mark.gpu
 
 
-def _problem(heads_q: int, heads_kv: int, bench: tuple[Shape, ...] = ()) -> Problem:
-    check = tuple(Shape(2, sq, sk, heads_q, heads_kv, 128, c)
+def _problem(heads_q: int, heads_kv: int, bench: tuple[Shape, ...] = (), head_dim: int = 128) -> Problem:
+    check = tuple(Shape(2, sq, sk, heads_q, heads_kv, head_dim, c)
                   for sq, sk in ((1, 1), (17, 17), (1000, 1000), (4097, 4097), (128, 300), (300, 128))
                   for c in (False, True))
-    return Problem("test", heads_q, heads_kv, 128, bench, check)
+    return Problem("test", heads_q, heads_kv, head_dim, bench, check)
 
 
 MHA = _problem(4, 4, bench=(Shape(2, 2048, 2048, 16, 16, 128, False), Shape(2, 2048, 2048, 16, 16, 128, True)))
@@ -67,6 +67,13 @@ def test_seeds_pass_every_check(harness, name, problem):
     """Strided layouts, drawn softmax scales, large logits, empty rows: the seeds pass them all."""
     r = harness.evaluate(SEEDS[name], problem, mode="check")
     assert r.status == Status.OK, f"{name}: {r.error}"
+
+
+@pytest.mark.parametrize("name,head_dim", [("sm90_d64", 64), ("sm90_hdim", 64), ("sm90_hdim", 256)])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+def test_head_dim_seeds_pass_every_check(harness, name, head_dim, heads):
+    r = harness.evaluate(SEEDS[name], _problem(*heads, head_dim=head_dim), mode="check")
+    assert r.status == Status.OK, f"{name} d{head_dim}: {r.error}"
 
 
 def test_paired_against_itself(harness):
@@ -125,6 +132,20 @@ def test_an_evaluation_over_its_device_memory_bound_is_an_error_that_names_it(ha
     finally:
         harness.cfg.max_device_gb = saved
     assert r.status == Status.ERROR and "harness.max_device_gb=2.0" in r.error, r.error
+
+
+def test_a_candidate_compiled_before_gets_the_same_report(harness):
+    """The driver's compute cache would answer a PTX it has seen with its cubin and an empty log (no
+    registers, spills or stack bound, a compile time that is a cache read): the harness compiles anew."""
+    source = NAIVE.replace("// naive:", "// naive (compiled twice):", 1)
+    first, again = (harness.evaluate(source, MHA, mode="compile") for _ in range(2))
+    for r in (first, again):
+        assert r.status == Status.OK and r.registers and r.spill_bytes is not None, r.error
+        assert "Used" in r.log and r.compile_s > 0.05, r.log[-500:]
+    assert (again.registers, again.spill_bytes, again.stack_bytes) == (first.registers, first.spill_bytes,
+                                                                       first.stack_bytes)
+    twice = ADVERSARIAL["recursion_seen_before"]
+    assert [harness.evaluate(twice, MHA, mode="check").status for _ in range(2)] == [Status.COMPILE_ERROR] * 2
 
 
 def test_check_mode_does_not_time(harness):
