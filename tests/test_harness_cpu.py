@@ -163,7 +163,7 @@ def test_bench_is_a_hydra_app_that_stops_with_one_line(tmp_path):
                         f"out={tmp_path / 'b'}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.strip().splitlines()[-1] == ("avo.bench: error: seed=sm90 supports head dims [128], not 64; "
-                                                 "seeds that do: naive, sm80, sm90_hdim")
+                                                 "seeds that do: naive, sm80, sm90_d64, sm90_hdim")
     assert (tmp_path / "b" / ".hydra" / "config.yaml").exists()  # the composed config, beside the results
 
 

@@ -60,7 +60,7 @@ def test_a_seed_that_cannot_run_the_problem_stops_the_launch_with_one_line(cfg_f
     from avo.errors import SeedError
 
     with pytest.raises(SeedError, match=r"seed=sm90 supports head dims \[128\], not 64; "
-                                        r"seeds that do: naive, sm80, sm90_hdim"):
+                                        r"seeds that do: naive, sm80, sm90_d64, sm90_hdim"):
         validate(cfg_factory("seed=sm90", "kernel.head_dim=64", "harness=compile"))
     with pytest.raises(SeedError, match="needs sm_90a or newer, this target is sm_80"):
         validate(cfg_factory("seed=sm90", "harness=compile", "harness.arch=sm_80"))
