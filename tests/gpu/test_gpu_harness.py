@@ -17,7 +17,8 @@ from tests.conftest import adversarial_sources, open_gpu_harness
 ROOT = Path(__file__).resolve().parents[2]
 ADVERSARIAL = adversarial_sources()
 NAIVE = (ROOT / "kernels_cuda" / "naive" / "naive.cu").read_text()
-SEEDS = {n: (ROOT / "kernels_cuda" / n / f"{n}.cu").read_text() for n in ("naive", "sm80", "sm90", "sm90_d64", "sm90_hdim")}
+SEEDS = {n: (ROOT / "kernels_cuda" / n / f"{n}.cu").read_text()
+         for n in ("naive", "sm80", "sm90", "sm90_d64", "sm90_hdim")}
 
 pytestmark = pytest.mark.gpu
 
