@@ -64,6 +64,9 @@ def one(k: int, minutes: float, out: Path, gpu: bool, extra: list[str]) -> dict:
     lin = load([run_dir])
     run = lin.attempts.collect()
     rows = run.filter(pl.col("step") > 0)
+    if rows.is_empty():  # the seed's own evaluation took the whole budget
+        raise SystemExit(f"K={k}: no attempt after the seed finished within --minutes {minutes} "
+                         f"({len(run)} rows in {run_dir}); give it more minutes")
     rates = gpu_busy(lin).row(0, named=True)  # the analysis's own definitions of the rates
     wall = rates["wall_h"] * 3600
     seed = run.filter(pl.col("version") == 0)["candidate_id"].to_list()

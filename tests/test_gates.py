@@ -176,6 +176,12 @@ L1: { .reg .pred q; setp.eq.u32 q, %r1, 0; @!q bra L1; }
      "writable module variable `avo_launch`"),
     (".version 9.5\n.entry f() { call.uni nowhere, (); }", "`nowhere`, a function it does not define"),
     (".version 9.5\n.entry f() { .reg .b32 %r<2>; mov.u32 %r1, %nsmid; }", "`%nsmid`"),
+    # recursion, which NVRTC 13.0's ptxas reports as a plain stack frame: self, mutual, and a call through a register
+    (".version 9.5\n.func g();\n.func g() { call.uni g, (); }\n.entry f() { call.uni g, (); }",
+     "calls `g` recursively, so its stack size cannot be bounded"),
+    (".version 9.5\n.func h();\n.func g() { call.uni h, (); }\n.func h() { call.uni g, (); }\n"
+     ".entry f() { call.uni g, (); }", "recursively, so its stack size cannot be bounded"),
+    (".version 9.5\n.entry f() { .reg .b64 %rd<2>; call.uni %rd1, (), proto; }", "an indirect call"),
 ])
 def test_ptx_gate_rules_on_hand_written_ptx(ptx, words):
     why = check_ptx(ptx)

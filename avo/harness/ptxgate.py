@@ -76,6 +76,20 @@ def check_ptx(ptx: str, allow_printf: bool = False) -> str | None:
     return None
 
 
+def _on_cycles(calls: dict[str, set[str]]) -> set[str]:
+    """The functions from which a chain of calls leads back to themselves."""
+    def reach(f: str) -> set[str]:
+        seen, todo = set(), list(calls.get(f, ()))
+        while todo:
+            g = todo.pop()
+            if g not in seen:
+                seen.add(g)
+                todo.extend(calls.get(g, ()))
+        return seen
+
+    return {f for f in calls if f in reach(f)}
+
+
 def _extern(st: Statement) -> bool:
     return re.search(r"(^|\s)\.extern\s", st.text) is not None
 
@@ -91,6 +105,16 @@ class _Module:
         self.defined: set[str] = set()    # functions with a body here
         self.externs: set[str] = set()    # functions declared .extern (each judged where it is declared)
         self.launch_seen = False
+        calls: dict[str, set[str]] = {}  # function -> the functions its body calls
+        current = ""
+        for st in sts:
+            f = function_name(st)
+            if f is not None and st.depth == 0:  # a header: the body that follows is this function's
+                current = "" if _extern(st) else f[1]
+            elif st.kind == "instruction" and st.base == "call" and current:
+                m = _CALL_TARGET.match(st.operands)
+                calls.setdefault(current, set()).add(m.group(1) if m else "")
+        self.recursive = _on_cycles(calls)
         for st in sts:
             d = declaration(st)
             if d is not None and d.space == ".reg":
@@ -182,6 +206,11 @@ class _Module:
             target = m.group(1) if m else ""
             if target and not target.startswith("%") and target not in self.defined and target not in self.externs:
                 return f"calls `{target}`, a function it does not define (device runtime, malloc/free, launches)"
+            # ptxas bounds a stack only without recursion, and NVRTC 13.0's does not always say it could not
+            if not target or target.startswith("%"):
+                return "makes an indirect call (through a register), so its stack size cannot be bounded"
+            if target in self.recursive:
+                return f"calls `{target}` recursively, so its stack size cannot be bounded"
         return None
 
     def _register(self, name: str) -> str | None:
