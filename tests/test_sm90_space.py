@@ -13,6 +13,7 @@ import pytest
 from avo.contract import set_tunables, tunables
 from avo.harness.nvrtc import compile_source
 from avo.seeds import KERNELS_DIR
+from tests.conftest import assert_rules_cover
 
 SRC = (KERNELS_DIR / "sm90" / "sm90.cu").read_text()
 END = "// ---- end of the validity rules"
@@ -58,19 +59,8 @@ def broken_rules(log: str) -> set[str]:
     return set(re.findall(r'static assertion failed with "sm90 rule \[([^\]]+)\]', log))
 
 
-def _rule_lines() -> str:
-    """The rules block without comments, the tunables' own #define lines and the launch metadata (not a rule)."""
-    code = (ln.split("//", 1)[0] for ln in RULES.splitlines()
-            if "@tunable" not in ln and not ln.startswith("AVO_LAUNCH("))
-    return "\n".join(code)
-
-
 def test_the_declared_space_is_what_the_rules_cover():
-    assert set(RULE_KEYS) <= set(TUNABLES)
-    assert "sm90 rule [" not in SRC[SRC.index(END):], "keep every validity rule above the end marker"
-    # the rules read no other tunable, so every combination of RULE_KEYS covers every declared one
-    others = [n for n in TUNABLES if n not in RULE_KEYS and re.search(rf"\b{n}\b", _rule_lines())]
-    assert not others, f"the rules read {others}: add them to RULE_KEYS"
+    assert_rules_cover(SRC, RULE_KEYS)
 
 
 def test_every_declared_combination_meets_the_rules_or_names_the_one_it_breaks():
