@@ -70,9 +70,9 @@ def _options(arch: str, head_dim: int, extra_defines: dict[str, str] | None) -> 
     return [*compile_options(arch, head_dim, [str(INCLUDE_DIR), cuda_include_dir()], extra_defines), *HARNESS_FLAGS]
 
 
-def cache_key(source: str, arch: str, head_dim: int, extra_defines: dict | None = None) -> str:
+def cache_key(source: str, options: list[str]) -> str:
     h = hashlib.sha256()
-    for part in (source, compiler(), *_options(arch, head_dim, extra_defines),
+    for part in (source, compiler(), *options,
                  *(p.read_text() for p in sorted(INCLUDE_DIR.rglob("*.cuh")))):
         h.update(part.encode())
         h.update(b"\0")
@@ -98,14 +98,14 @@ def resources(log: str) -> dict:
 def compile_source(source: str, arch: str, head_dim: int, cache_dir: str | os.PathLike | None = None,
                    extra_defines: dict[str, str] | None = None) -> Compiled:
     """Compile to PTX and a cubin; compile errors come back in `log`, never as exceptions."""
-    key = cache_key(source, arch, head_dim, extra_defines)
-    cache = Path(cache_dir) / key if cache_dir else None
+    options = _options(arch, head_dim, extra_defines)
+    cache = Path(cache_dir) / cache_key(source, options) if cache_dir else None
     files = [cache.with_suffix(s) for s in (".cubin", ".ptx", ".log")] if cache else []
     if cache and all(f.exists() for f in files):
         cubin, ptx, log = files[0].read_bytes(), files[1].read_text(), files[2].read_text()
         cached = True
     else:
-        ok, log, ptx, cubin = nvrtc_compile(source, SOURCE_NAME, _options(arch, head_dim, extra_defines))
+        ok, log, ptx, cubin = nvrtc_compile(source, SOURCE_NAME, options)
         if not ok:  # the first diagnostic names the problem (a static_assert's rule, a typo's line)
             first = next((ln.strip() for ln in log.splitlines() if ": error" in ln), "")
             return Compiled(ok=False, log=log, error=f"compile error: {first[:300]}" if first else "compile error")

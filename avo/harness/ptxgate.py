@@ -106,15 +106,7 @@ class _Module:
         self.externs: set[str] = set()    # functions declared .extern (each judged where it is declared)
         self.launch_seen = False
         calls: dict[str, set[str]] = {}  # function -> the functions its body calls
-        current = ""
-        for st in sts:
-            f = function_name(st)
-            if f is not None and st.depth == 0:  # a header: the body that follows is this function's
-                current = "" if _extern(st) else f[1]
-            elif st.kind == "instruction" and st.base == "call" and current:
-                m = _CALL_TARGET.match(st.operands)
-                calls.setdefault(current, set()).add(m.group(1) if m else "")
-        self.recursive = _on_cycles(calls)
+        current = ""  # the function whose body the statements are in
         for st in sts:
             d = declaration(st)
             if d is not None and d.space == ".reg":
@@ -125,6 +117,12 @@ class _Module:
             f = function_name(st)
             if f is not None:
                 (self.externs if _extern(st) else self.defined).add(f[1])
+                if st.depth == 0:  # a header: the body that follows is this function's
+                    current = "" if _extern(st) else f[1]
+            elif st.kind == "instruction" and st.base == "call" and current:
+                m = _CALL_TARGET.match(st.operands)
+                calls.setdefault(current, set()).add(m.group(1) if m else "")
+        self.recursive = _on_cycles(calls)
 
     def judge(self, st: Statement) -> str | None:
         if st.kind == "directive":
