@@ -123,3 +123,18 @@ def assert_rules_cover(src: str, rule_keys: tuple[str, ...]) -> None:
                      if "@tunable" not in ln and not ln.startswith("AVO_LAUNCH("))
     others = [n for n in declared if n not in rule_keys and re.search(rf"\b{n}\b", code)]
     assert not others, f"the rules read {others}: add them to the rule keys"
+
+
+def rule_combinations(declared: dict, names: tuple[str, ...]) -> list[dict[str, str]]:
+    """Every combination of the declared values (avo.contract.tunables) of `names`."""
+    import itertools
+
+    choices = itertools.product(*(declared[n].choices for n in names))
+    return [dict(zip(names, values, strict=True)) for values in choices]
+
+
+def broken_rules(log: str) -> set[str]:
+    """The validity rules a compile's static_asserts name ("sm90 rule [name]")."""
+    import re
+
+    return set(re.findall(r'static assertion failed with "sm90 rule \[([^\]]+)\]', log))

@@ -5,15 +5,12 @@ names the broken rule. The rules block (kernels_cuda/sm90/sm90.cu, up to its end
 compiles on its own in a few hundredths of a second, so every combination is checked with
 NVRTC; the rule-relevant valid combinations are also compiled in full.
 """
-import itertools
-import re
-
 import pytest
 
 from avo.contract import set_tunables, tunables
 from avo.harness.nvrtc import compile_source
 from avo.seeds import KERNELS_DIR
-from tests.conftest import assert_rules_cover
+from tests.conftest import assert_rules_cover, broken_rules, rule_combinations
 
 SRC = (KERNELS_DIR / "sm90" / "sm90.cu").read_text()
 END = "// ---- end of the validity rules"
@@ -48,24 +45,13 @@ def expected_violations(v: dict[str, str]) -> set[str]:
     return broken
 
 
-def combinations(names: tuple[str, ...] | None = None) -> list[dict[str, str]]:
-    """Every combination of the declared values of `names` (default: all tunables)."""
-    names = names or tuple(sorted(TUNABLES))
-    choices = itertools.product(*(TUNABLES[n].choices for n in names))
-    return [dict(zip(names, values, strict=True)) for values in choices]
-
-
-def broken_rules(log: str) -> set[str]:
-    return set(re.findall(r'static assertion failed with "sm90 rule \[([^\]]+)\]', log))
-
-
 def test_the_declared_space_is_what_the_rules_cover():
     assert_rules_cover(SRC, RULE_KEYS)
 
 
 def test_every_declared_combination_meets_the_rules_or_names_the_one_it_breaks():
     rejected = set()
-    for v in combinations(RULE_KEYS):
+    for v in rule_combinations(TUNABLES, RULE_KEYS):
         c = compile_source(set_tunables(RULES, v), "sm_90a", 128)
         want = expected_violations(v)
         assert broken_rules(c.log) == want, f"{v}: expected {sorted(want) or 'valid'}\n{c.log[-1500:]}"
@@ -88,8 +74,8 @@ def _widest_block_that_fits(v: dict[str, str]) -> dict[str, str]:
     return {**v, "BLOCK_N_FULL": width, "BLOCK_N_CAUSAL": width}
 
 
-VALID = [w for w in map(_widest_block_that_fits, combinations(REGISTER_KEYS)) if not expected_violations({
-    **{k: TUNABLES[k].value for k in RULE_KEYS}, **w})]
+VALID = [w for w in map(_widest_block_that_fits, rule_combinations(TUNABLES, REGISTER_KEYS))
+         if not expected_violations({**{k: TUNABLES[k].value for k in RULE_KEYS}, **w})]
 
 
 @pytest.mark.parametrize("v", VALID, ids=lambda v: "-".join(v.values()))
