@@ -108,6 +108,14 @@ def benchmark_module(name: str):
     return module
 
 
+RULES_END = "// ---- end of the validity rules"
+
+
+def rules_block(src: str) -> str:
+    """A kernel's validity rules: the part of its source above the end marker, which compiles on its own."""
+    return src[:src.index(RULES_END)]
+
+
 def assert_rules_cover(src: str, rule_keys: tuple[str, ...]) -> None:
     """A kernel's validity rules sit above its end marker and read no tunable beyond `rule_keys`, so that every
     combination of those covers every declared one (tests/test_sm90_space.py)."""
@@ -115,11 +123,10 @@ def assert_rules_cover(src: str, rule_keys: tuple[str, ...]) -> None:
 
     from avo.contract import tunables
 
-    end = "// ---- end of the validity rules"
     declared = tunables(src)
     assert set(rule_keys) <= set(declared)
-    assert "sm90 rule [" not in src[src.index(end):], "keep every validity rule above the end marker"
-    code = "\n".join(ln.split("//", 1)[0] for ln in src[:src.index(end)].splitlines()
+    assert "sm90 rule [" not in src[src.index(RULES_END):], "keep every validity rule above the end marker"
+    code = "\n".join(ln.split("//", 1)[0] for ln in rules_block(src).splitlines()
                      if "@tunable" not in ln and not ln.startswith("AVO_LAUNCH("))
     others = [n for n in declared if n not in rule_keys and re.search(rf"\b{n}\b", code)]
     assert not others, f"the rules read {others}: add them to the rule keys"

@@ -10,11 +10,10 @@ import pytest
 from avo.contract import set_tunables, tunables
 from avo.harness.nvrtc import compile_source
 from avo.seeds import KERNELS_DIR
-from tests.conftest import assert_rules_cover, broken_rules, rule_combinations
+from tests.conftest import assert_rules_cover, broken_rules, rule_combinations, rules_block
 
 SRC = (KERNELS_DIR / "sm90" / "sm90.cu").read_text()
-END = "// ---- end of the validity rules"
-RULES = SRC[:SRC.index(END)]
+RULES = rules_block(SRC)
 TUNABLES = tunables(SRC)
 # what the rules read
 RULE_KEYS = ("STAGES", "PRODUCER_REGS", "CONSUMER_REGS", "BLOCK_N_FULL", "BLOCK_N_CAUSAL", "RESCALE_LOG2")
