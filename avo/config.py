@@ -70,6 +70,9 @@ class MutationAgentConf(AgentConf):
     kind: str = "mutation"
     max_changes: int = 2              # tunables changed per candidate (1..max_changes)
     max_tries: int = 64               # draws before giving up on finding an untried variant
+    # proposals each worker draws ahead of their evaluation, compiled meanwhile (avo.harness.ahead): a mutation
+    # does not depend on the last verdict, so NVRTC (8-12 s an sm90 candidate) runs while the GPU times another
+    ahead: int = 3
 
 
 @dataclass
@@ -195,6 +198,9 @@ class HarnessConf:
     spares: int = 2                   # GPU workers kept started ahead, per GPU (torch, CUDA and the reference
                                       # ready); conf/harness/gpu.yaml derives it from search.workers
     cache_dir: str = "~/.cache/avo/cubin"  # cubins of the versions timed beside candidates (not of every candidate)
+    # compiles run at once ahead of their evaluations (avo.harness.ahead, for an operator that proposes ahead:
+    # agent.ahead); 0: one per core but one, and no more than the host memory holds at max_host_gb each
+    ahead_jobs: int = 0
     keep_jobs: str = "failed"         # job folders kept after an evaluation: all | failed (crashed, timeout,
                                       # error, unavailable: for their worker.log) | none
     device: int = 0                   # CUDA device index the harness times on (when devices is unset)
@@ -379,6 +385,8 @@ def validate(cfg: DictConfig, check_seed: bool = True) -> None:
     if min(h.timeout_s, h.compile_timeout_s, h.stage_floor_s, h.stage_mult) <= 0 or h.iters < 1 or h.spares < 0:
         raise ConfigError("harness.timeout_s, compile_timeout_s, stage_floor_s and stage_mult must be positive, "
                           "harness.iters >= 1 and harness.spares >= 0")
+    if h.ahead_jobs < 0:
+        raise ConfigError(f"harness.ahead_jobs={h.ahead_jobs} must be >= 0 (0: chosen from the cores and memory)")
     if h.max_local_bytes < 0 or min(h.max_device_gb, h.max_host_gb) <= 0 or not 0 <= h.baseline_fraction <= 1:
         raise ConfigError("harness.max_local_bytes must be >= 0, max_device_gb and max_host_gb positive, "
                           "baseline_fraction in [0, 1]")

@@ -307,6 +307,9 @@ class Redirect:
 class Operator(Protocol):
     name: str
     model: str
+    # proposals a worker may draw before the last one is judged (avo.workers, compiled ahead by the harness):
+    # 0 for an operator whose next proposal reads the last verdict (an agent)
+    ahead: int = 0
 
     def propose(self, ctx: StepContext) -> Proposal: ...
 

@@ -57,6 +57,13 @@ class Flight(NamedTuple):
     propose_s: float | None = None
 
 
+class Queued(NamedTuple):
+    """A proposal drawn ahead of its attempt (Workers._fill) and compiling meanwhile (avo.harness.ahead)."""
+    proposal: Proposal
+    parent: str | None  # the candidate id of the head it varies: it is dropped once that is not the head
+    propose_s: float
+
+
 class Workers:
     def __init__(self, search):
         self.search, self.ops = search, search.operators
@@ -80,6 +87,10 @@ class Workers:
         self.next_step = last if migrates(last, s) else last + 1
         self.rngs = [search.rng] + [random.Random(f"{search.cfg.rng}:{len(rows)}:w{w}")
                                     for w in range(1, len(self.ops))]
+        # proposals drawn ahead per worker: an operator that allows it (agent.ahead), a harness that compiles ahead
+        compiles = getattr(search.harness, "ahead", None) is not None
+        self.ahead = [int(getattr(op, "ahead", 0)) if compiles else 0 for op in self.ops]
+        self.queued: dict[int, list[Queued]] = {w: [] for w in range(len(self.ops))}
 
     # -- the threads ---------------------------------------------------------------------------
     def run(self) -> str:
@@ -181,23 +192,32 @@ class Workers:
             parent = s.state.start(island)
             ctx = s.context(step, attempt, island, self.rngs[w], self.inflight)
             self.flight[w] = Flight(step, attempt, Proposal(""), parent, started, t)
+            queued = self._take_queued(w, parent)
+        if queued is None and self.ahead[w]:  # drawn through the queue too: checked against every worker's
+            self._fill(w, ctx, parent)
+            with self.lock:
+                queued = self._take_queued(w, parent)
         try:
-            try:
-                proposal = self.ops[w].propose(ctx)
-            except ProposalError as e:
-                return self._record(w, step, attempt, e.proposal or Proposal("", message=""),
-                                    EvalResult(Status.INVALID, error=str(e)), Decision.INVALID, parent, started,
-                                    time.monotonic() - t)
-            except interrupt.STOPS as e:  # the attempt in flight is on record before the search stops
-                self._record(w, step, attempt, Proposal(""), interrupt.result(e), Decision.INTERRUPTED, parent,
-                             started, time.monotonic() - t)
-                raise
-            propose_s = time.monotonic() - t
+            if queued is not None:
+                proposal, propose_s = queued.proposal, queued.propose_s
+            else:
+                try:
+                    proposal = self.ops[w].propose(ctx)
+                except ProposalError as e:
+                    return self._record(w, step, attempt, e.proposal or Proposal("", message=""),
+                                        EvalResult(Status.INVALID, error=str(e)), Decision.INVALID, parent, started,
+                                        time.monotonic() - t)
+                except interrupt.STOPS as e:  # the attempt in flight is on record before the search stops
+                    self._record(w, step, attempt, Proposal(""), interrupt.result(e), Decision.INTERRUPTED, parent,
+                                 started, time.monotonic() - t)
+                    raise
+                propose_s = time.monotonic() - t
             sha = lineage.sha256(proposal.source)
             with self.lock:
                 self.inflight.add(sha)
                 self.flight[w] = self.flight[w]._replace(proposal=proposal, propose_s=propose_s)
             try:
+                self._fill(w, ctx, parent)
                 try:
                     result = s.evaluate(proposal.source, chain, parent)
                 except interrupt.STOPS as e:
@@ -214,6 +234,37 @@ class Workers:
         finally:
             with self.lock:
                 self.flight.pop(w, None)
+
+    # -- proposals drawn ahead -----------------------------------------------------------------
+    def _take_queued(self, w: int, parent: Version | None) -> Queued | None:
+        """The worker's next proposal drawn ahead, if it still varies the head; the caller holds self.lock. The
+        head moved on since they were drawn: all of them are dropped (their compiles forgotten)."""
+        queue, head = self.queued[w], parent.candidate_id if parent else None
+        if queue and queue[0].parent != head:
+            for q in queue:
+                self.inflight.discard(lineage.sha256(q.proposal.source))
+                self.search.harness.ahead.forget(q.proposal.source)
+            queue.clear()
+        return queue.pop(0) if queue else None
+
+    def _fill(self, w: int, ctx, parent: Version | None) -> None:
+        """Draw proposals from this attempt's context until agent.ahead of them wait, and start compiling each.
+        An operator that runs out says so again when an attempt of its own asks it, and that is recorded."""
+        head, queue = parent.candidate_id if parent else None, self.queued[w]
+        while len(queue) < self.ahead[w] and self.stop is None:
+            t = time.monotonic()
+            try:
+                proposal = self.ops[w].propose(ctx)
+            except ProposalError:
+                return
+            sha = lineage.sha256(proposal.source)
+            ctx.tried.add(sha)  # the next draw from this context must differ
+            with self.lock:
+                if sha in self.inflight or sha in self.search.state.tried:  # another worker drew it since ctx
+                    continue
+                self.inflight.add(sha)
+                queue.append(Queued(proposal, head, time.monotonic() - t))
+            self.search.harness.ahead.start(proposal.source, self.search.problem)
 
     def _record(self, w: int, step: int, attempt: int, proposal: Proposal, result: EvalResult, decision: str,
                 parent: Version, started, propose_s: float) -> dict:

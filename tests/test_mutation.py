@@ -18,7 +18,7 @@ def ctx(source, tried=(), seed=0):
 
 
 def op(max_changes=2):
-    return MutationOperator(SimpleNamespace(max_changes=max_changes, max_tries=64))
+    return MutationOperator(SimpleNamespace(max_changes=max_changes, max_tries=64, ahead=0))
 
 
 def test_tunables_are_parsed_and_set_in_place():

@@ -287,3 +287,58 @@ def test_a_stop_signal_lets_the_attempts_in_flight_end_and_records_the_ones_past
     assert slow.returned.wait(10)
     time.sleep(0.5)  # the disowned worker evaluates its proposal now, and must record nothing
     assert lineage.read_run(tmp_path).filter(pl.col("step") > 0).height == 2
+
+
+class AheadHarness(RacingHarness):
+    """RacingHarness that says which sources a worker asked it to compile ahead, and which it forgot, in the
+    order of the calls beside the evaluations. Test double only."""
+
+    def __init__(self):
+        super().__init__(delay=0.005)
+        self.ahead, self.events = self, []
+
+    def start(self, source, problem):
+        with self.lock:
+            self.events.append(("start", source))
+
+    def forget(self, source):
+        with self.lock:
+            self.events.append(("forget", source))
+
+    def evaluate(self, source, problem, mode=None, against=None, deadline=None):
+        with self.lock:
+            self.events.append(("evaluate", source))
+        return super().evaluate(source, problem, mode, against, deadline)
+
+
+@pytest.mark.parametrize("workers,ahead", [(1, 2), (3, 2), (3, 0)])
+def test_proposals_drawn_ahead_are_compiled_first_and_dropped_when_the_head_moves(cfg_factory, tmp_path, workers,
+                                                                                   ahead):
+    h = AheadHarness()
+    search(cfg_factory, tmp_path, h, None, f"search.workers={workers}", "search.max_steps=14",
+           "search.attempts_per_step=3", f"agent.ahead={ahead}")
+    df = lineage.read_run(tmp_path)
+    assert_one_lineage(df)
+    evaluated_rows = df.filter((pl.col("step") > 0) & (pl.col("decision") != "invalid"))
+    # drawn through the queue, a proposal is checked against every worker's in flight and on record
+    assert evaluated_rows["source_sha"].is_unique().all() or not ahead
+    started, forgotten, evaluated = ({s for e, s in h.events if e == kind} for kind in ("start", "forget", "evaluate"))
+    if not ahead:
+        assert not started and not forgotten
+        return
+    ahead = started & evaluated
+    assert len(ahead) >= evaluated_rows.height // 3, "most attempts should take a proposal compiled ahead"
+    for s in ahead:  # its compile was started (and not forgotten since) before the evaluation asked for it
+        mine = [e for e, x in h.events if x == s]
+        assert mine[mine.index("evaluate") - 1] == "start"  # (a stale would-be commit is evaluated again)
+    # the head moved on (commits): what was drawn from the older head was forgotten, never evaluated after
+    assert df.filter(pl.col("committed") & (pl.col("step") > 0)).height >= 1 and forgotten
+    for s in forgotten & evaluated:
+        mine = [e for e, x in h.events if x == s]
+        assert mine.index("forget") > mine.index("evaluate") or mine[mine.index("evaluate") - 1] == "start"
+
+
+def test_agent_ahead_0_draws_nothing_ahead(cfg_factory, tmp_path):
+    h = AheadHarness()
+    search(cfg_factory, tmp_path, h, None, "search.max_steps=4", "agent.ahead=0")
+    assert not [e for e, _ in h.events if e != "evaluate"]

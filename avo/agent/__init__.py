@@ -40,8 +40,8 @@ def check(a) -> None:
     if a.kind not in ("mutation", "llm", "external"):
         raise ConfigError(f"agent.kind={a.kind!r}: use mutation, llm or external")
     if a.kind == "mutation":
-        if a.max_changes < 1 or a.max_tries < 1:
-            raise ConfigError("agent.max_changes and agent.max_tries must be >= 1")
+        if a.max_changes < 1 or a.max_tries < 1 or a.ahead < 0:
+            raise ConfigError("agent.max_changes and agent.max_tries must be >= 1, agent.ahead >= 0")
         return
     from avo.agent.tools import NAMES
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from avo.errors import HarnessUnavailable
 from avo.fsutil import atomic_write_text
+from avo.harness.ahead import ANSWERS, COMPILED, START_S, Ahead
 from avo.harness.job import Job, write_sources
 from avo.harness.sandbox import run_worker
 from avo.types import EvalResult, Harness, Problem, Reference, Status
@@ -33,6 +34,8 @@ class SandboxHarness:
     name = "sandbox"
     ranks = checks = profiles = False
     mode = ""
+    ahead: Ahead | None = None  # compiles started ahead of their evaluations (the GPU harness: avo.harness.ahead)
+    gpu_name = ""               # what the lineage's gpu column says of its evaluations ("": none)
 
     def __init__(self, cfg, work_dir: Path, commit=None):
         self.cfg = cfg
@@ -52,13 +55,36 @@ class SandboxHarness:
                  deadline: float | None = None) -> EvalResult:
         """mode: the worker mode; None is the harness's full evaluation ("check" = correctness only).
         against: committed versions to time side by side (only a full evaluation of a timing harness)."""
-        others = against if self.ranks and self.worker_mode(mode) == "evaluate" else None
-        with self.placement() as device:
-            job_dir = self.write_job(source, problem, mode, others=others, device=device)
-            result = self.run_job(job_dir, self.limits(others), deadline, device)
+        full = self.worker_mode(mode) == "evaluate"
+        others = against if self.ranks and full else None
+        early = self.ahead.take(source) if self.ahead is not None and full else None
+        if early is not None and early[0].status in ANSWERS:  # its compile failed: no GPU worker needed
+            self._done(early[0], early[1].parent)
+            early[0].gpu = self.gpu_name
+            return early[0]
+        compiled = early[1] if early is not None and early[0].ok else None
+        try:
+            with self.placement() as device:
+                job_dir = self.write_job(source, problem, mode, others=others, device=device,
+                                         compiled_dir=str(compiled) if compiled else None)
+                result = self.run_job(job_dir, self.limits(others), deadline, device)
+        finally:
+            if early is not None:
+                self._done(early[0], early[1].parent)
+        self._done(result, job_dir)
+        return result
+
+    def _done(self, result: EvalResult, job_dir: Path) -> None:
         if not KEEP_JOBS[self.cfg.keep_jobs](result.status):
             shutil.rmtree(job_dir, ignore_errors=True)  # a worker still exiting may hold a file open: harmless
-        return result
+
+    def _precompile(self, source: str, problem: Problem) -> tuple[EvalResult, Path]:
+        """One compile ahead (avo.harness.ahead), run to its end in its own worker process."""
+        job_dir = self.write_job(source, problem, "precompile")
+        limit = float(self.cfg.compile_timeout_s)
+        result = run_worker(job_dir, limit + START_S, env=self.env(), limits={"compile": limit},
+                            max_host_gb=self.cfg.max_host_gb, cancel=self.ahead.cancel if self.ahead else None)
+        return result, job_dir / COMPILED
 
     def placement(self):
         """The device an evaluation runs on, held for the block (None: this harness runs no kernel)."""

@@ -18,11 +18,13 @@ from __future__ import annotations
 import random
 import threading
 import time
+from pathlib import Path
 
 import torch
 
 from avo import interrupt
 from avo.harness.abi import arch_name
+from avo.harness.ahead import NVRTC_S
 from avo.harness.benchmark import Bench, benchmark
 from avo.harness.check import random_inputs, truth
 from avo.harness.devlock import gpu_lock
@@ -80,6 +82,9 @@ def prepare(source: str, problem: Problem, hc: dict, arch: str, cache_dir, allow
     if arch == "auto":
         arch = device_arch(hc.get("device", 0))
     c, compile_s = _compiled(source, problem, hc, arch, cache_dir, allow_printf, checks, lock)
+    early = c.cached and cache_dir is not None and (Path(cache_dir) / NVRTC_S).exists()
+    if early:  # compiled ahead (avo.harness.ahead): the lineage records NVRTC's own seconds
+        compile_s = float((Path(cache_dir) / NVRTC_S).read_text())
     res = EvalResult(Status.OK, log=c.log[-8000:], registers=c.registers, spill_bytes=c.spill_bytes,
                      stack_bytes=c.stack_bytes, compile_s=compile_s, compiler=compiler(),
                      gpu=torch.cuda.get_device_name(hc.get("device", 0)))
@@ -95,7 +100,7 @@ def prepare(source: str, problem: Problem, hc: dict, arch: str, cache_dir, allow
         res.status, res.error = Status.COMPILE_ERROR, f"rejected after loading: the kernel {why}"
         return None, res
     ahead = f"; {len(checks.truths)} check truths computed meanwhile" if checks is not None else ""
-    log(f"compiled for {arch} in {res.compile_s:.2f} s{' (cached)' if c.cached else ''}: "
+    log(f"compiled for {arch} in {res.compile_s:.2f} s{' ahead' if early else ' (cached)' if c.cached else ''}: "
         f"{res.registers} registers, {res.spill_bytes} spill bytes, {res.stack_bytes} stack bytes, {c.launch}{ahead}")
     return kernel, res
 
@@ -144,16 +149,17 @@ def would_commit(res: EvalResult, commit: dict | None) -> bool:
 
 def evaluate(source: str, problem: Problem, hc: dict, arch: str, cache_dir, check_only: bool, log,
              others: dict[str, str] | None = None, phase=lambda name: None, lock: str | None = None,
-             commit: dict | None = None) -> EvalResult:
+             commit: dict | None = None, compiled_dir: str | None = None) -> EvalResult:
     """The search's fitness: one candidate, timed side by side with `others` (name -> source:
     the incumbent, and the anchor of the commit rule), after a short paired screen.
-    check_only stops after correctness (ranked=False). commit: the search's rule (avo.commit)."""
+    check_only stops after correctness (ranked=False). commit: the search's rule (avo.commit).
+    compiled_dir: the candidate compiled ahead (avo.harness.ahead), loaded instead of compiled."""
     phase("compile")
     # the candidate is compiled once (a cache of every candidate would grow by 175 KB an sm90 attempt,
-    # without bound); the versions beside it (cache_dir) are compiled for every evaluation they join
+    # without bound), here or ahead; the versions beside it (cache_dir) are compiled for every evaluation they join
     checks = Checks(problem, hc)
     with piece("compile"):
-        kernel, res = prepare(source, problem, hc, arch, None, check_only, log, lock, checks)
+        kernel, res = prepare(source, problem, hc, arch, compiled_dir, check_only, log, lock, checks)
     if kernel is None:
         return res
     phase(LOCK_WAIT)  # waiting for the device is no stage of the candidate's: it has no limit of its own

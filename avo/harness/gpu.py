@@ -36,6 +36,7 @@ from pathlib import Path
 from avo.errors import ConfigError
 from avo.harness import HarnessUnavailable, SandboxHarness
 from avo.harness.abi import arch_name
+from avo.harness.ahead import Ahead, ahead_jobs
 from avo.harness.devices import Device, DevicePool, cuda_env, harness_devices, listed
 from avo.harness.job import Job
 from avo.harness.profile import ProfileError, export_csv, find_ncu, ncu_command, summarise
@@ -121,6 +122,7 @@ class GpuHarness(SandboxHarness):
         self.gpu_name = devices[0].name
         self.arch = arch_name(*cc.pop()) if cfg.arch == "auto" else cfg.arch
         self.n_spares = int(cfg.spares) if spare else 0
+        self.ahead = Ahead(self._precompile, ahead_jobs(cfg))
         self.warm_dir, self._warm_problem = self.work_dir / "warm", None  # what spares warm up for: the latest problem
         self._spares_lock = threading.Lock()  # search.workers evaluate from several threads
         with self._spares_lock:
@@ -238,6 +240,7 @@ class GpuHarness(SandboxHarness):
             log.close()
 
     def close(self) -> None:
+        self.ahead.close()
         with self._spares_lock:
             self.n_spares, spares = 0, [s for dev in self.pool.all for s in dev.spares]
             for dev in self.pool.all:
@@ -273,7 +276,7 @@ class GpuHarness(SandboxHarness):
 
     def worker_mode(self, mode: str | None) -> str:
         """None: the full evaluation; check, compile, profile; bench and trials (avo.bench, benchmarks/)."""
-        if mode not in (None, "evaluate", "check", "compile", "profile", "bench", "trials"):
+        if mode not in (None, "evaluate", "check", "compile", "precompile", "profile", "bench", "trials"):
             raise ValueError(f"mode={mode!r}: use None (full evaluation), 'check' (correctness only) "
                              "or 'compile' (NVRTC and resources only)")
         return mode or self.mode

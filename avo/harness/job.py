@@ -27,7 +27,7 @@ def write_sources(job_dir: Path, sources: dict[str, str]) -> dict[str, str]:
 
 @dataclass
 class Job:
-    mode: str                       # compile | evaluate | check | bench | trials | profile
+    mode: str                       # compile | precompile | evaluate | check | bench | trials | profile
     problem: dict                   # avo.types.Problem as a dict (problem_of() reads it back)
     arch: str                       # NVRTC target, or "auto": the device's own
     harness: dict                   # the resolved harness config (tolerances, timing, limits)
@@ -39,6 +39,7 @@ class Job:
     trials: int = 0
     commit: dict = field(default_factory=dict)  # evaluate: the search's commit rule (avo.commit); {}: none known
     shape: str = ""                 # profile: the benchmark shape's key
+    compiled_dir: str | None = None  # evaluate: the candidate compiled ahead (avo.harness.ahead), loaded from here
     job_dir: str = ""               # filled in by read(): where the job lives
 
     @property

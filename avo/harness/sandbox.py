@@ -43,10 +43,12 @@ def _tail(path: Path, n: int = 4000) -> str:
 
 def run_worker(job_dir: Path, timeout_s: float, env: dict[str, str] | None = None,
                prefix: list[str] | None = None, limits: dict[str, float] | None = None,
-               deadline: float | None = None, max_host_gb: float | None = None) -> EvalResult:
+               deadline: float | None = None, max_host_gb: float | None = None,
+               cancel: threading.Event | None = None) -> EvalResult:
     """`python -m avo.harness.worker job_dir`; the worker's only output is job_dir/result.json.
 
-    prefix: a command the worker runs under (a profiler); the timeout kills both."""
+    prefix: a command the worker runs under (a profiler); the timeout kills both. cancel: set, the worker is
+    killed (its result: timeout, "cancelled")."""
     job_dir = Path(job_dir)
     (job_dir / RESULT).unlink(missing_ok=True)
     (job_dir / PHASE).unlink(missing_ok=True)
@@ -54,7 +56,7 @@ def run_worker(job_dir: Path, timeout_s: float, env: dict[str, str] | None = Non
     with open(job_dir / "worker.log", "wb") as log:
         # under a profiler the report is written after the worker exits: wait for the exit there
         return wait_worker(spawn([str(job_dir)], log, env=env, prefix=prefix), job_dir, timeout_s, t0, limits, deadline,
-                           done_on_result=prefix is None, max_host_gb=max_host_gb)
+                           done_on_result=prefix is None, max_host_gb=max_host_gb, cancel=cancel)
 
 
 # Workers are forked on one thread that lives as long as the process. PR_SET_PDEATHSIG fires when the *thread*
@@ -74,7 +76,8 @@ def spawn(args: list[str], log, env: dict[str, str] | None = None, prefix: list[
 
 def wait_worker(proc: subprocess.Popen, job_dir: Path, timeout_s: float, t0: float,
                 limits: dict[str, float] | None = None, deadline: float | None = None,
-                done_on_result: bool = True, max_host_gb: float | None = None) -> EvalResult:
+                done_on_result: bool = True, max_host_gb: float | None = None,
+                cancel: threading.Event | None = None) -> EvalResult:
     """Wait for a started worker under its limits, end its process group, and read its result.
 
     done_on_result: the result file (written atomically) ends the wait; the worker then releases its
@@ -101,6 +104,8 @@ def wait_worker(proc: subprocess.Popen, job_dir: Path, timeout_s: float, t0: flo
             why = None
             if deadline is not None and now >= deadline:
                 why = "stopped at the search's deadline (search.max_hours)"
+            elif cancel is not None and cancel.is_set():
+                why = "cancelled: the harness closed before it finished"
             elif now - t0 >= timeout_s:
                 why = (f"killed after the {timeout_s:.0f} s hard timeout (a hang, a deadlock, or far too slow)")
             elif phase in limits and now - since >= limits[phase]:

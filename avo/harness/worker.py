@@ -16,17 +16,20 @@ import traceback
 from pathlib import Path
 
 from avo.fsutil import atomic_write_json, atomic_write_text
+from avo.harness.ahead import COMPILED, NVRTC_S
 from avo.harness.job import JOB_FILE, Job
 from avo.harness.nvrtc import compile_candidate, compiler, nvrtc_version
 from avo.harness.sandbox import PHASE, RESULT, _die_with_parent
 from avo.types import EvalResult, Status
 
 
-def compile_only(source: str, job: Job) -> EvalResult:
+def compile_only(source: str, job: Job, allow_printf: bool = True, cache_dir: str | None = None) -> EvalResult:
+    """NVRTC and its gates, nothing on a GPU. harness=compile allows printf (an operator's debugging); cache_dir:
+    where the output stays (precompile)."""
     problem = job.problem_of()
     _phase(job, "compile")
     t0 = time.perf_counter()
-    c = compile_candidate(source, job.arch, problem.head_dim, None, allow_printf=True,  # once: not cached
+    c = compile_candidate(source, job.arch, problem.head_dim, cache_dir, allow_printf=allow_printf,
                           max_local_bytes=job.harness["max_local_bytes"])
     dt = time.perf_counter() - t0
     common = dict(log=c.log[-8000:], registers=c.registers, spill_bytes=c.spill_bytes,
@@ -34,6 +37,19 @@ def compile_only(source: str, job: Job) -> EvalResult:
     if not c.ok:
         return EvalResult(Status.COMPILE_ERROR, error=c.error or "compile error", **common)
     return EvalResult(Status.OK, ranked=False, smem_bytes=c.launch.smem, threads=c.launch.threads, **common)
+
+
+def precompile(source: str, job: Job) -> EvalResult:
+    """A search worker's next candidate compiled ahead (avo.harness.ahead): NVRTC's output and its seconds in
+    JOB_DIR/compiled, for the evaluation to load; gated as the evaluation's own compile is (no printf)."""
+    # below the timing workers' priority: a host thread descheduled between a timed launch's start event and the
+    # launch itself puts idle GPU time inside the events (the seed's TFLOPS fell 0.7 % beside 8 such compiles)
+    os.nice(NICE)
+    folder = Path(job.job_dir) / COMPILED
+    res = compile_only(source, job, allow_printf=False, cache_dir=str(folder))
+    if res.ok:
+        atomic_write_text(folder / NVRTC_S, f"{res.compile_s:.6f}")
+    return res
 
 
 def _log(line: str) -> None:
@@ -49,7 +65,7 @@ def gpu_evaluate(source: str, job: Job, check_only: bool = False) -> EvalResult:
 
     others = {name: Path(path).read_text() for name, path in job.others.items()}
     return evaluate(source, job.problem_of(), job.harness, job.arch, job.cache_dir, check_only, _log, others,
-                    lambda name: _phase(job, name), job.lock, job.commit)
+                    lambda name: _phase(job, name), job.lock, job.commit, job.compiled_dir)
 
 
 def gpu_check(source: str, job: Job) -> EvalResult:
@@ -154,8 +170,10 @@ def gpu_profile(source: str, job: Job) -> EvalResult:
     return res
 
 
-MODES = {"compile": compile_only, "evaluate": gpu_evaluate, "check": gpu_check, "bench": gpu_bench,
-         "profile": gpu_profile, "trials": gpu_trials}
+MODES = {"compile": compile_only, "precompile": precompile, "evaluate": gpu_evaluate, "check": gpu_check,
+         "bench": gpu_bench, "profile": gpu_profile, "trials": gpu_trials}
+CPU_MODES = ("compile", "precompile")  # no CUDA context
+NICE = 10
 
 
 def environment(job: Job) -> None:
@@ -168,7 +186,7 @@ def environment(job: Job) -> None:
         nvrtc_version()
     except RuntimeError as e:
         raise OSError(str(e)) from None
-    if job.mode == "compile":
+    if job.mode in CPU_MODES:
         return
     try:
         import torch
@@ -209,7 +227,7 @@ def release_gpu(job: Job) -> None:
     """Give the GPU back before exiting, under the shared device lock: a context torn down by the
     driver after a kill frees (and scrubs) its memory whenever it happens, beside another worker's
     timed launch. The result is already written; any failure here only ends the process sooner."""
-    if "torch" not in sys.modules or job.mode in ("compile", "profile"):
+    if "torch" not in sys.modules or job.mode in (*CPU_MODES, "profile"):
         return
     from avo.harness.devlock import gpu_lock
 

@@ -18,6 +18,9 @@ class MutationOperator:
         self.max_changes = int(cfg.max_changes)
         self.max_tries = int(cfg.max_tries)
         self.boost = 0  # extra changes per candidate after a supervisor redirect
+        # proposals a worker may draw ahead (avo.workers): one depends on the head and the tried set, not on the
+        # last verdict, so they can be compiled while another is timed
+        self.ahead = int(cfg.ahead)
 
     def propose(self, ctx: StepContext) -> Proposal:
         source = ctx.best.source

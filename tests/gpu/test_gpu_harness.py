@@ -149,6 +149,22 @@ def test_a_candidate_compiled_before_gets_the_same_report(harness):
     assert [harness.evaluate(twice, MHA, mode="check").status for _ in range(2)] == [Status.COMPILE_ERROR] * 2
 
 
+def test_a_candidate_compiled_ahead_is_evaluated_from_its_cubin_with_nvrtcs_seconds_on_record(harness):
+    """avo.harness.ahead: the compile runs in its own process before the evaluation asks for it; the evaluation
+    loads that cubin (every gate after NVRTC again), records NVRTC's own seconds, and leaves no folder behind."""
+    source = NAIVE.replace("// naive:", "// naive (compiled ahead):", 1)
+    ref = Reference("incumbent", 0, NAIVE, {"verify": 2.0, "screen": 1.0, "bench": 3.0})
+    harness.ahead.start(source, MHA)
+    r = harness.evaluate(source, MHA, against=[ref])
+    assert r.status == Status.OK and r.ranked and r.registers, r.error
+    assert harness.ahead.take(source) is None  # the evaluation took it
+    assert r.compile_s > 0.05  # NVRTC's time, not the cache read's
+    assert not list(harness.work_dir.glob("*-precompile*"))
+    broken = NAIVE.replace("extern \"C\"", "extern \"C\" int not_a_type x;", 1)
+    harness.ahead.start(broken, MHA)
+    assert harness.evaluate(broken, MHA, against=[ref]).status == Status.COMPILE_ERROR
+
+
 def test_check_mode_does_not_time(harness):
     r = harness.evaluate(NAIVE, GQA, mode="check")
     assert r.status == Status.OK, r.error
