@@ -206,6 +206,9 @@ class HarnessConf:
     device: int = 0                   # CUDA device index the harness times on (when devices is unset)
     devices: list[int] | None = None  # several GPUs: a lock, spares and probe each; evaluations go to the least busy
     check_seeds: int = 2              # fresh random inputs per check shape
+    # input sets of the verify stage a search draws from, their FP32 truths computed once each (avo.harness.truths;
+    # 700 MB of disk each at the default MHA set); 0: fresh inputs, and their truths, in every evaluation
+    truth_pool: int = 4
     err_mult: float = 2.0             # |out-ref| <= err_mult * |bf16 ref - ref| + atol
     atol: float = 1e-4
     warmup: int = 2                   # warm-up iterations, drawn from [warmup, 2 * warmup]
@@ -385,8 +388,9 @@ def validate(cfg: DictConfig, check_seed: bool = True) -> None:
     if min(h.timeout_s, h.compile_timeout_s, h.stage_floor_s, h.stage_mult) <= 0 or h.iters < 1 or h.spares < 0:
         raise ConfigError("harness.timeout_s, compile_timeout_s, stage_floor_s and stage_mult must be positive, "
                           "harness.iters >= 1 and harness.spares >= 0")
-    if h.ahead_jobs < 0:
-        raise ConfigError(f"harness.ahead_jobs={h.ahead_jobs} must be >= 0 (0: chosen from the cores and memory)")
+    if h.ahead_jobs < 0 or h.truth_pool < 0:
+        raise ConfigError(f"harness.ahead_jobs={h.ahead_jobs} and truth_pool={h.truth_pool} must be >= 0 "
+                          "(ahead_jobs 0: chosen from the cores and memory; truth_pool 0: fresh inputs every time)")
     if h.max_local_bytes < 0 or min(h.max_device_gb, h.max_host_gb) <= 0 or not 0 <= h.baseline_fraction <= 1:
         raise ConfigError("harness.max_local_bytes must be >= 0, max_device_gb and max_host_gb positive, "
                           "baseline_fraction in [0, 1]")

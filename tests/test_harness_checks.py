@@ -185,3 +185,26 @@ def test_lse_allows_a_tensor_core_sum_of_large_logits_and_nothing_more_at_ordina
             assert "max|LSE - ref|" in msg
     assert float(ACC_EPS * logit_bound((torch.randn(*shape, generator=gen)).bfloat16(),
                                        torch.randn(*shape, generator=gen).bfloat16(), scale).max()) < 1e-3
+
+
+def test_the_truth_pool_computes_a_seeds_truths_once_and_judges_with_them_as_when_computed(small, tmp_path):
+    """avo.harness.truths: the first evaluation that meets a seed computes and saves its truths (ahead or after the
+    launches), a later one loads them all; a wrong kernel fails against loaded truths as against computed ones, and
+    a file that cannot be read is computed again."""
+    first = Checks(small, HC, seed=7, device="cpu", pool=str(tmp_path))
+    assert first.loaded == 0 and first.prepare(None, stop=lambda: len(first.truths) >= 5) >= 5  # some ahead
+    assert first.run(Attention(), log=lambda line: None).ok
+    first.save()
+    again = Checks(small, HC, seed=7, device="cpu", pool=str(tmp_path))
+    assert again.loaded == len(again.cases) == len(first.cases) and again.pool == first.pool
+    for i, t in first.truths.items():
+        assert torch.equal(again.truths[i].o, t.o) and again.truths[i].tol == t.tol
+    assert again.run(Attention(), log=lambda line: None).ok
+    again.save()  # nothing new: the file is left as it was
+    wrong = Attention(lambda q, k, v, o, causal: o[..., 0].add_(0.5) if q.shape[1] > 30 else None)
+    loaded = Checks(small, HC, seed=7, device="cpu", pool=str(tmp_path))
+    assert loaded.loaded == len(loaded.cases) and not loaded.run(wrong, log=lambda line: None).ok
+    assert Checks(small, HC, seed=8, device="cpu", pool=str(tmp_path)).loaded == 0  # other inputs, other file
+    first.pool.write_bytes(b"not a pickle")
+    assert Checks(small, HC, seed=7, device="cpu", pool=str(tmp_path)).loaded == 0
+    assert Checks(small, HC, seed=None, device="cpu", pool=str(tmp_path)).pool is None  # fresh inputs: no pool

@@ -157,7 +157,8 @@ def evaluate(source: str, problem: Problem, hc: dict, arch: str, cache_dir, chec
     phase("compile")
     # the candidate is compiled once (a cache of every candidate would grow by 175 KB an sm90 attempt,
     # without bound), here or ahead; the versions beside it (cache_dir) are compiled for every evaluation they join
-    checks = Checks(problem, hc)
+    pool = hc.get("truths") or {}  # the inputs drawn from the search's pool (avo.harness.truths), or fresh ones
+    checks = Checks(problem, hc, seed=pool.get("seed"), pool=pool.get("dir"))
     with piece("compile"):
         kernel, res = prepare(source, problem, hc, arch, compiled_dir, check_only, log, lock, checks)
     if kernel is None:
@@ -166,8 +167,11 @@ def evaluate(source: str, problem: Problem, hc: dict, arch: str, cache_dir, chec
     with gpu_lock(lock, exclusive=False):
         phase("verify")
         with piece("verify"):
-            if not run_checks(kernel, problem, hc, res, log, checks) or check_only:
-                return res
+            passed = run_checks(kernel, problem, hc, res, log, checks)
+    checks.save()  # the truths are the inputs', whatever the candidate did with them
+    if not passed or check_only:
+        return res
+    with gpu_lock(lock, exclusive=False):
         with piece("sensors"):
             sensors(hc)  # NVML starts here (if the worker's warm-up did not), not in a timed stage
     kernels = {"candidate": kernel}

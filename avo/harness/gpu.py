@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -41,6 +43,7 @@ from avo.harness.devices import Device, DevicePool, cuda_env, harness_devices, l
 from avo.harness.job import Job
 from avo.harness.profile import ProfileError, export_csv, find_ncu, ncu_command, summarise
 from avo.harness.sandbox import PHASE, RESULT, _kill_group, run_worker, spawn, wait_worker
+from avo.harness.truths import DIR as TRUTHS
 from avo.progress import harness_log as log
 from avo.types import EvalResult, Problem, Reference, Status
 
@@ -123,6 +126,8 @@ class GpuHarness(SandboxHarness):
         self.arch = arch_name(*cc.pop()) if cfg.arch == "auto" else cfg.arch
         self.n_spares = int(cfg.spares) if spare else 0
         self.ahead = Ahead(self._precompile, ahead_jobs(cfg))
+        # the verify stage's input sets (avo.harness.truths): drawn now, so that no source can know them
+        self.truth_seeds = [random.SystemRandom().getrandbits(62) for _ in range(int(cfg.truth_pool))]
         self.warm_dir, self._warm_problem = self.work_dir / "warm", None  # what spares warm up for: the latest problem
         self._spares_lock = threading.Lock()  # search.workers evaluate from several threads
         with self._spares_lock:
@@ -148,6 +153,9 @@ class GpuHarness(SandboxHarness):
         dev = device or self.pool.first()
         job = super().job(problem, mode, lock=dev.lock, **fields)
         job.place(dev.index, dev.uuid)
+        if self.truth_seeds and job.mode in ("evaluate", "check"):
+            job.harness = {**job.harness, "truths": {"seed": random.SystemRandom().choice(self.truth_seeds),
+                                                     "dir": str(self.work_dir / TRUTHS)}}
         with self._spares_lock:
             if problem != self._warm_problem:  # spares started from now on warm up for this problem
                 Job.for_problem(job.mode, problem, job.arch, job.harness).write(self.warm_dir)
@@ -241,6 +249,7 @@ class GpuHarness(SandboxHarness):
 
     def close(self) -> None:
         self.ahead.close()
+        shutil.rmtree(self.work_dir / TRUTHS, ignore_errors=True)  # computed again in a minute: not worth the disk
         with self._spares_lock:
             self.n_spares, spares = 0, [s for dev in self.pool.all for s in dev.spares]
             for dev in self.pool.all:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from avo.harness import truths
 from avo.harness.check import FAR, LAYOUTS, CheckResult, Outputs, Truth, draw, judge, place, random_scale, truth
 from avo.harness.devlock import gpu_lock
 from avo.harness.envelope import longest
@@ -108,13 +109,25 @@ def cases(problem: Problem, seeds: int, rng: random.Random) -> list[Case]:
 class Checks:
     """The verify stage of one evaluation: its cases and their FP32 truths (see the module docstring)."""
 
-    def __init__(self, problem: Problem, hc: dict, seed: int | None = None, device: str = "cuda"):
+    def __init__(self, problem: Problem, hc: dict, seed: int | None = None, device: str = "cuda",
+                 pool: str | None = None):
+        """seed: the inputs' (None: fresh ones); pool: with a seed, the folder of the truths a search reuses
+        (avo.harness.truths), loaded now and saved by save()."""
         rng = random.Random(seed if seed is not None else random.SystemRandom().getrandbits(62))
         self.device = device
         self.cases = cases(problem, hc["check_seeds"], rng)
         self.err_mult, self.atol = hc["err_mult"], hc["atol"]
-        self.truths: dict[int, Truth] = {}
+        self.pool = (truths.pool_file(pool, self.cases, self.err_mult, self.atol, device)
+                     if pool and seed is not None else None)
+        self.truths: dict[int, Truth] = truths.load(self.pool) if self.pool is not None else {}
+        self.loaded = len(self.truths)  # of them, from the pool
         self.ahead_s = 0.0  # seconds spent on truths before the candidate was ready
+
+    def save(self) -> None:
+        """Into the pool, where this evaluation computed truths it did not find there."""
+        if self.pool is not None and len(self.truths) > self.loaded:
+            with piece("truths saved"):
+                truths.save(self.pool, self.truths)
 
     def _inputs(self, case: Case):
         gen = torch.Generator(device=self.device)
@@ -192,6 +205,9 @@ class Checks:
                     t = known.to(self.device)
             else:
                 t = self._truth(case, inputs, scale, rows)
+                if self.pool is not None:  # for the later evaluations that draw these inputs
+                    with piece("truth to host"):
+                        self.truths[i] = t.to("cpu")
             with piece("judge"):
                 ok, err, msg = judge(out.o, out.lse, t, self.atol, LSE_ATOL)
             if not ok:

@@ -159,6 +159,7 @@ def test_a_candidate_compiled_ahead_is_evaluated_from_its_cubin_with_nvrtcs_seco
     assert r.status == Status.OK and r.ranked and r.registers, r.error
     assert harness.ahead.take(source) is None  # the evaluation took it
     assert r.compile_s > 0.05  # NVRTC's time, not the cache read's
+    assert list((harness.work_dir / "truths").glob("*.pt"))  # its checks' truths, for the evaluations after it
     assert not list(harness.work_dir.glob("*-precompile*"))
     broken = NAIVE.replace("extern \"C\"", "extern \"C\" int not_a_type x;", 1)
     harness.ahead.start(broken, MHA)
