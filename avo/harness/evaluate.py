@@ -38,6 +38,7 @@ from avo.paired import geomean_ratio, screen_out
 from avo.types import ConfigResult, EvalResult, Problem, Shape, Status, geomean
 
 LOCK_WAIT = "wait"  # the phase while waiting for the device lock (other workers' checks and timings)
+SAVING = "truths"  # the phase while the checks' truths go to the pool (avo.harness.truths)
 
 
 def device_arch(device: int = 0) -> str:
@@ -168,6 +169,7 @@ def evaluate(source: str, problem: Problem, hc: dict, arch: str, cache_dir, chec
         phase("verify")
         with piece("verify"):
             passed = run_checks(kernel, problem, hc, res, log, checks)
+    phase(SAVING)  # no stage limit of the candidate's: a slow disk is not its hang
     checks.save()  # the truths are the inputs', whatever the candidate did with them
     if not passed or check_only:
         return res
