@@ -70,9 +70,7 @@ class MutationAgentConf(AgentConf):
     kind: str = "mutation"
     max_changes: int = 2              # tunables changed per candidate (1..max_changes)
     max_tries: int = 64               # draws before giving up on finding an untried variant
-    # proposals each worker draws ahead of their evaluation, compiled meanwhile (avo.harness.ahead): a mutation
-    # does not depend on the last verdict, so NVRTC (8-12 s an sm90 candidate) runs while the GPU times another
-    ahead: int = 3
+    ahead: int = 3                    # proposals per worker drawn and compiled ahead (avo.harness.ahead)
 
 
 @dataclass
@@ -385,12 +383,10 @@ def validate(cfg: DictConfig, check_seed: bool = True) -> None:
     h = cfg.harness
     if h.keep_jobs not in KEEP_JOBS:
         raise ConfigError(f"harness.keep_jobs={h.keep_jobs!r}: use one of {', '.join(KEEP_JOBS)}")
-    if min(h.timeout_s, h.compile_timeout_s, h.stage_floor_s, h.stage_mult) <= 0 or h.iters < 1 or h.spares < 0:
+    if (min(h.timeout_s, h.compile_timeout_s, h.stage_floor_s, h.stage_mult) <= 0 or h.iters < 1
+            or min(h.spares, h.ahead_jobs, h.truth_pool) < 0):
         raise ConfigError("harness.timeout_s, compile_timeout_s, stage_floor_s and stage_mult must be positive, "
-                          "harness.iters >= 1 and harness.spares >= 0")
-    if h.ahead_jobs < 0 or h.truth_pool < 0:
-        raise ConfigError(f"harness.ahead_jobs={h.ahead_jobs} and truth_pool={h.truth_pool} must be >= 0 "
-                          "(ahead_jobs 0: chosen from the cores and memory; truth_pool 0: fresh inputs every time)")
+                          "harness.iters >= 1, and harness.spares, ahead_jobs and truth_pool >= 0")
     if h.max_local_bytes < 0 or min(h.max_device_gb, h.max_host_gb) <= 0 or not 0 <= h.baseline_fraction <= 1:
         raise ConfigError("harness.max_local_bytes must be >= 0, max_device_gb and max_host_gb positive, "
                           "baseline_fraction in [0, 1]")
