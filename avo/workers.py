@@ -192,33 +192,24 @@ class Workers:
             parent = s.state.start(island)
             ctx = s.context(step, attempt, island, self.rngs[w], self.inflight)
             self.flight[w] = Flight(step, attempt, Proposal(""), parent, started, t)
-            queued = self._take_queued(w, parent)
-        if queued is None and self.ahead[w]:  # drawn through the queue too: checked against every worker's
-            self._fill(w, ctx, parent)
-            with self.lock:
-                queued = self._take_queued(w, parent)
         try:
-            if queued is not None:
-                proposal, propose_s = queued.proposal, queued.propose_s
-            else:
-                try:
-                    proposal = self.ops[w].propose(ctx)
-                except ProposalError as e:
-                    return self._record(w, step, attempt, e.proposal or Proposal("", message=""),
-                                        EvalResult(Status.INVALID, error=str(e)), Decision.INVALID, parent, started,
-                                        time.monotonic() - t)
-                except interrupt.STOPS as e:  # the attempt in flight is on record before the search stops
-                    self._record(w, step, attempt, Proposal(""), interrupt.result(e), Decision.INTERRUPTED, parent,
-                                 started, time.monotonic() - t)
-                    raise
-                propose_s = time.monotonic() - t
+            try:
+                proposal, propose_s = self._proposal(w, ctx, parent, t)
+            except ProposalError as e:
+                return self._record(w, step, attempt, e.proposal or Proposal("", message=""),
+                                    EvalResult(Status.INVALID, error=str(e)), Decision.INVALID, parent, started,
+                                    time.monotonic() - t)
+            except interrupt.STOPS as e:  # the attempt in flight is on record before the search stops
+                self._record(w, step, attempt, Proposal(""), interrupt.result(e), Decision.INTERRUPTED, parent,
+                             started, time.monotonic() - t)
+                raise
             sha = lineage.sha256(proposal.source)
             with self.lock:
                 self.inflight.add(sha)
                 self.flight[w] = self.flight[w]._replace(proposal=proposal, propose_s=propose_s)
             try:
-                self._fill(w, ctx, parent)
                 try:
+                    self._fill(w, ctx, parent)  # the next ones compile while this one is evaluated
                     result = s.evaluate(proposal.source, chain, parent)
                 except interrupt.STOPS as e:
                     self._record(w, step, attempt, proposal, interrupt.result(e), Decision.INTERRUPTED, parent,
@@ -236,6 +227,19 @@ class Workers:
                 self.flight.pop(w, None)
 
     # -- proposals drawn ahead -----------------------------------------------------------------
+    def _proposal(self, w: int, ctx, parent: Version | None, t: float) -> tuple[Proposal, float]:
+        """This attempt's proposal and the seconds it took: the next one the worker drew ahead (drawn now if none
+        waits, so that it too is checked against every worker's), else the operator's answer to this context."""
+        with self.lock:
+            queued = self._take_queued(w, parent)
+        if queued is None and self.ahead[w]:
+            self._fill(w, ctx, parent)
+            with self.lock:
+                queued = self._take_queued(w, parent)
+        if queued is not None:
+            return queued.proposal, queued.propose_s
+        return self.ops[w].propose(ctx), time.monotonic() - t
+
     def _take_queued(self, w: int, parent: Version | None) -> Queued | None:
         """The worker's next proposal drawn ahead, if it still varies the head; the caller holds self.lock. The
         head moved on since they were drawn: all of them are dropped (their compiles forgotten)."""
