@@ -342,3 +342,32 @@ def test_agent_ahead_0_draws_nothing_ahead(cfg_factory, tmp_path):
     h = AheadHarness()
     search(cfg_factory, tmp_path, h, None, "search.max_steps=4", "agent.ahead=0")
     assert not [e for e, _ in h.events if e != "evaluate"]
+
+
+class StopsWhileDrawingAhead:
+    """The mutation operator, interrupted (Ctrl-C) on its `n`-th proposal. Test double only."""
+
+    def __init__(self, op, n):
+        self.op, self.n, self.calls = op, n, 0
+        self.name, self.model, self.ahead = op.name, op.model, op.ahead
+
+    def propose(self, ctx):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        return self.op.propose(ctx)
+
+    def redirect(self, ctx, reason):
+        return self.op.redirect(ctx, reason)
+
+    def close(self):
+        pass
+
+
+def test_a_stop_while_drawing_ahead_records_the_attempt_in_flight(cfg_factory, tmp_path):
+    cfg = cfg_factory("harness=compile", f"seed={SEED}", "agent.ahead=2", run_dir=tmp_path)
+    op = StopsWhileDrawingAhead(make_operators(cfg.agent, tmp_path, problem_from_cfg(cfg.kernel), 1)[0], 5)
+    with pytest.raises(KeyboardInterrupt):
+        search(cfg_factory, tmp_path, AheadHarness(), [op], "search.max_steps=6", "agent.ahead=2")
+    df = lineage.read_run(tmp_path).filter(pl.col("step") > 0)
+    assert df["decision"].to_list()[-1] == "interrupted" and df.height >= 2
