@@ -81,7 +81,7 @@ class Ahead:
         with self._lock:
             job = self._jobs.pop(key(source), None)
         if job is not None and not job.cancel():
-            job.add_done_callback(lambda f: f.exception() is None and discard(f.result()[1]))
+            job.add_done_callback(_discard_output)
 
     def close(self) -> None:
         self.cancel.set()
@@ -91,8 +91,14 @@ class Ahead:
             job.cancel()
         self._pool.shutdown(wait=True)  # the compiles in flight see `cancel` and are killed at once
         for job in jobs:
-            if job.done() and not job.cancelled() and job.exception() is None:
-                discard(job.result()[1])
+            if not job.cancelled():
+                _discard_output(job)
+
+
+def _discard_output(job: Future) -> None:
+    """Remove what a finished compile left (a compile that raised left nothing to remove)."""
+    if job.exception() is None:
+        discard(job.result()[1])
 
 
 def discard(folder: Path) -> None:

@@ -169,13 +169,13 @@ def evaluate(source: str, problem: Problem, hc: dict, arch: str, cache_dir, chec
         phase("verify")
         with piece("verify"):
             passed = run_checks(kernel, problem, hc, res, log, checks)
-    phase(SAVING)  # no stage limit of the candidate's: a slow disk is not its hang
+        if passed and not check_only:
+            with piece("sensors"):
+                sensors(hc)  # NVML starts here (if the worker's warm-up did not), not in a timed stage
+    phase(SAVING)  # outside the lock, and no stage limit of the candidate's: a slow disk is not its hang
     checks.save()  # the truths are the inputs', whatever the candidate did with them
     if not passed or check_only:
         return res
-    with gpu_lock(lock, exclusive=False):
-        with piece("sensors"):
-            sensors(hc)  # NVML starts here (if the worker's warm-up did not), not in a timed stage
     kernels = {"candidate": kernel}
     for name, src in (others or {}).items():
         phase("compile")
