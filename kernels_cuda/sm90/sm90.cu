@@ -383,12 +383,15 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
 // A K slot's 64-column boxes are BLOCK_N_MAX rows (BLOCK_N_MAX * 128 bytes) apart.
 template <int BN>
 __device__ __forceinline__ void gemm_qk(float (&s)[BN / 2], unsigned q_base, unsigned k_base) {
+  // Each step's descriptors are the base's plus a constant: the address field holds addr >> 4 and a
+  // shared address (< 256 KB) never carries out of it, so one add replaces the mask, shift and or.
+  const unsigned long long a0 = smem_desc(q_base, 16, 1024), b0 = smem_desc(k_base, 16, 1024);
 #pragma unroll
   for (int c = 0; c < KCHUNKS; ++c) {
 #pragma unroll
     for (int k = 0; k < BOX_COLS / 16; ++k) {
-      const unsigned long long a = smem_desc(q_base + c * BLOCK_M * 128 + k * 32, 16, 1024);
-      const unsigned long long b = smem_desc(k_base + c * BLOCK_N_MAX * 128 + k * 32, 16, 1024);
+      const unsigned long long a = a0 + ((c * BLOCK_M * 128 + k * 32) >> 4);
+      const unsigned long long b = b0 + ((c * BLOCK_N_MAX * 128 + k * 32) >> 4);
       if (c == 0 && k == 0) Gemm<BN>::ss0(s, a, b);  // S is only written: no false read of its registers
       else Gemm<BN>::ss(s, a, b, 1);
     }
@@ -400,9 +403,10 @@ __device__ __forceinline__ void gemm_qk(float (&s)[BN / 2], unsigned q_base, uns
 // SBO = 1024 apart.
 template <int BN>
 __device__ __forceinline__ void gemm_pv(float (&o)[64], const unsigned (&p)[BN / 16][4], unsigned v_base) {
+  const unsigned long long v0 = smem_desc(v_base, BLOCK_N_MAX * 128, 1024);  // + a constant per step, as in gemm_qk
 #pragma unroll
   for (int k = 0; k < BN / 16; ++k) {
-    wgmma_rs_n128(o, p[k], smem_desc(v_base + k * 2048, BLOCK_N_MAX * 128, 1024));
+    wgmma_rs_n128(o, p[k], v0 + ((k * 2048) >> 4));
   }
 }
 
