@@ -17,7 +17,16 @@ from avo.agent.memory import Notes
 from avo.agent.tools import Workbench
 from avo.harness import CompileHarness, HarnessBench
 from avo.harness.gpu import GpuHarness
-from avo.harness.profile import REPORT, ProfileError, export_csv, find_ncu, ncu_command, stalls, summarise
+from avo.harness.profile import (
+    REPORT,
+    ProfileError,
+    export_csv,
+    find_ncu,
+    hot_instructions,
+    ncu_command,
+    stalls,
+    summarise,
+)
 from avo.harness.sandbox import run_worker
 from avo.types import Status
 from tests.test_agent_logic import ctx
@@ -53,6 +62,19 @@ RAW = "\n".join([
     '"","","ratio","ratio","ratio","ratio","us"',
     '"0","avo_attention","0.50","0.25","1.25","0","1,234.56"',
 ])
+# ncu's source page (--page source --print-source sass) as the H200 wrote it for sm90, a few instructions and columns
+SOURCE = "\n".join([
+    '"Kernel Name","avo_attention",',
+    '"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)",'
+    '"Instructions Executed","stall_barrier","stall_long_sb","stall_wait","stall_wait (Not Issued)"',
+    '"0x7f61257a0000","      LDC R1, c[0x0][0x28]","20","20","1584","0","0","20","20"',
+    '"0x7f61257e44f0","      HGMMA.64x176x16.F32.BF16 R24, gdesc[UR20], RZ, !UPT","310","300","3014656",'
+    '"300","0","10","9"',
+    '"0x7f61257e77d0","      MUFU.EX2 R55, R86","190","150","3014656","0","0","160","150"',
+    '"0x7f61257e77f0","      MUFU.EX2 R49, R49","200","160","3014656","0","0","170","160"',
+    '"0x7f61257ebf40","@!P0  BRA 0x7f61257ecc40","280","270","385024","0","270","10","9"',
+    '"0x7f61257ebf50","      NOP","0","0","0","0","0","0","0"',
+])
 
 
 def test_summary_reads_the_first_launch_its_stalls_and_ncus_findings():
@@ -68,6 +90,24 @@ def test_summary_reads_the_first_launch_its_stalls_and_ncus_findings():
     opt = next(ln for ln in lines if "[OPT] SOLBottleneck" in ln)
     assert opt.endswith("... (ncu's estimated gain: 12.5%)") and len(opt) < 500
     assert "[INF] AchievedOccupancy: Occupancy is limited by registers." in text
+
+
+def test_the_source_page_says_which_instructions_the_warps_wait_at_and_why():
+    lines = hot_instructions(SOURCE)
+    print("\n".join(lines))
+    assert lines[0] == "Warp-stall samples by SASS instruction (1000 samples; share of all, main reasons):"
+    assert lines[1] == ("  by opcode: MUFU 39.0% (wait 33.0%); HGMMA 31.0% (barrier 30.0%, wait 1.0%); "
+                        "BRA 28.0% (long_sb 27.0%, wait 1.0%); LDC 2.0% (wait 2.0%)")
+    # offsets from the kernel's first instruction, as cuobjdump prints them; predicates stay in the text
+    assert lines[2] == ("   31.0% +0x444f0 HGMMA.64x176x16.F32.BF16 R24, gdesc[UR20], RZ, !UPT  "
+                        "(barrier 30.0%, wait 1.0%)")
+    assert lines[3] == "   28.0% +0x4bf40 @!P0 BRA 0x7f61257ecc40  (long_sb 27.0%, wait 1.0%)"
+    assert len(lines) == 7 and "NOP" not in "\n".join(lines)  # never sampled
+    assert "(Not Issued)" not in "\n".join(lines)  # a subset of the samples, not a reason of its own
+    text = summarise(DETAILS, RAW, "full_b8_s4096_h16-16_d128", SOURCE)
+    assert "\n".join(lines) in text and text.index("Warp-stall samples") < text.index("ncu's findings:")
+    assert hot_instructions("") == [] and hot_instructions(SOURCE.split("\n", 2)[0]) == []
+    assert "Warp-stall samples" not in summarise(DETAILS, RAW, "k")
 
 
 def test_a_report_without_metrics_or_columns_is_an_error():
@@ -164,10 +204,12 @@ def test_real_ncu_reads_a_report_into_a_summary(tmp_path):
     with pytest.raises(ProfileError, match="recorded no launch of avo_attention: ==ERROR== Failed to init"):
         export_csv(ncu, tmp_path)
     shutil.copy(report, tmp_path / f"{REPORT}.ncu-rep")
-    details_csv, raw_csv = export_csv(ncu, tmp_path)
+    details_csv, raw_csv, source_csv = export_csv(ncu, tmp_path)
     assert (tmp_path / "details.csv").read_text() == details_csv and (tmp_path / "raw.csv").read_text() == raw_csv
-    text = summarise(details_csv, raw_csv, "example")
+    assert (tmp_path / "source.csv").read_text() == source_csv
+    text = summarise(details_csv, raw_csv, "example", source_csv)
     print(text)
+    assert "Warp-stall samples by SASS instruction (" in text
     lines = text.splitlines()
     for line in ("GPU Speed Of Light Throughput:", "Launch Statistics:", "Occupancy:", "ncu's findings:",
                  "Warp stalls (cycles per issued instruction, largest first):"):

@@ -41,7 +41,8 @@ SCHEMAS = [
     tool_schema("benchmark", "Full evaluation of the working copy: correctness, then TFLOPS per benchmark config "
                              "and the ratio to cuDNN (slow)."),
     tool_schema("profile", "Nsight Compute summary of one launch of the working copy (throughput, occupancy, warp "
-                           "stalls, ncu's findings), where a profiler is available. Not a correctness check.",
+                           "stalls, the SASS instructions the warps wait at, ncu's findings), where a profiler is "
+                           "available. Not a correctness check.",
         {"shape": {"type": "string", "description": "a benchmark config key (default: the first one)"}}),
     tool_schema("search_knowledge", "Search the knowledge base (Hopper, PTX, FlashAttention, the kernel contract, "
                                     "this run's lessons).", {"query": {"type": "string"}}, ["query"]),

@@ -281,7 +281,8 @@ class GpuHarness(SandboxHarness):
                                 limits=self.limits(None), max_host_gb=self.cfg.max_host_gb)
         if not result.ok:
             raise ProfileError(f"no profile: {result.status.value}: {result.error}\n{result.log[-1500:]}".rstrip())
-        return summarise(*export_csv(ncu, job_dir), key)
+        details_csv, raw_csv, source_csv = export_csv(ncu, job_dir)
+        return summarise(details_csv, raw_csv, key, source_csv)
 
     def worker_mode(self, mode: str | None) -> str:
         """None: the full evaluation; check, compile, profile; bench and trials (avo.bench, benchmarks/)."""

@@ -21,14 +21,18 @@ from avo.fsutil import atomic_write_text
 from avo.harness.abi import ENTRY
 from avo.harness.sandbox import _tail
 
+# SourceCounters: warp-stall samples per SASS instruction (the source page), which say where the warps wait
 SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis",
-            "SchedulerStats", "WarpStateStats")
+            "SchedulerStats", "WarpStateStats", "SourceCounters")
+PAGES = ("details", "raw", "source")
 REPORT = "profile"          # ncu appends .ncu-rep
 IMPORT_TIMEOUT_S = 120
 _STALL = re.compile(r"^smsp__average_warps?_issue_stalled_(\w+?)_per_issue_active\.ratio$")
 _SEARCH = ("/opt/nvidia/nsight-compute/*/ncu", "/usr/local/cuda*/bin/ncu", "/usr/local/cuda*/nsight-compute*/ncu")
 RULE_CHARS = 400            # ncu's advice paragraphs are long; the first sentences carry the point
 TOP_STALLS = 6
+TOP_INSTRUCTIONS = 12
+TOP_OPCODES = 8
 
 
 class ProfileError(RuntimeError):
@@ -51,7 +55,7 @@ def ncu_command(ncu: str, job_dir: Path) -> list[str]:
     """The prefix that runs the worker under ncu and records the kernel's second launch.
 
     Clears the job's earlier report, so a run that records nothing cannot pass for one that did."""
-    for name in (f"{REPORT}.ncu-rep", "details.csv", "raw.csv"):
+    for name in (f"{REPORT}.ncu-rep", *(f"{page}.csv" for page in PAGES)):
         (Path(job_dir) / name).unlink(missing_ok=True)
     sections = [a for s in SECTIONS for a in ("--section", s)]
     return [ncu, "--export", str(Path(job_dir) / REPORT), "--force-overwrite", "--clock-control", "none",
@@ -59,17 +63,19 @@ def ncu_command(ncu: str, job_dir: Path) -> list[str]:
             *sections]
 
 
-def export_csv(ncu: str, job_dir: Path) -> tuple[str, str]:
-    """(details page, raw page) of the job's report as CSV text; also written beside the report."""
+def export_csv(ncu: str, job_dir: Path) -> tuple[str, str, str]:
+    """(details, raw, source) pages of the job's report as CSV text; also written beside the report. The source
+    page lists the SASS, an instruction a row, with its warp-stall samples."""
     report = Path(job_dir) / f"{REPORT}.ncu-rep"
     if not report.exists():
         said = [ln.strip() for ln in _tail(Path(job_dir) / "worker.log").splitlines()
                 if ln.startswith(("==ERROR==", "==WARNING=="))]
         raise ProfileError(f"ncu recorded no launch of {ENTRY}" + (": " + " ".join(said[-3:]) if said else ""))
     pages = []
-    for page in ("details", "raw"):
+    for page in PAGES:
+        sass = ["--print-source", "sass"] if page == "source" else []
         try:
-            p = subprocess.run([ncu, "--import", str(report), "--csv", "--page", page], capture_output=True,
+            p = subprocess.run([ncu, "--import", str(report), "--csv", "--page", page, *sass], capture_output=True,
                                text=True, timeout=IMPORT_TIMEOUT_S, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise ProfileError(f"`ncu --import` hung for {IMPORT_TIMEOUT_S} s on {report}") from None
@@ -77,7 +83,7 @@ def export_csv(ncu: str, job_dir: Path) -> tuple[str, str]:
             raise ProfileError(f"`ncu --import --page {page}` failed: {(p.stderr or p.stdout).strip()[-400:]}")
         atomic_write_text(Path(job_dir) / f"{page}.csv", p.stdout)
         pages.append(p.stdout)
-    return pages[0], pages[1]
+    return pages[0], pages[1], pages[2]
 
 
 def _rows(text: str) -> list[list[str]]:
@@ -150,7 +156,56 @@ def stalls(text: str) -> list[tuple[str, float]]:
     return sorted(found, key=lambda x: -x[1])
 
 
-def summarise(details_csv: str, raw_csv: str, shape_key: str) -> str:
+def hot_instructions(text: str) -> list[str]:
+    """Where the warps wait, from the source page: the samples by opcode and the most sampled SASS instructions
+    (at their offset in the kernel, as cuobjdump and nvdisasm print it), each with its main stall reasons."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('"Address"')), None)
+    if start is None:
+        return []
+    rows = list(csv.reader(io.StringIO("\n".join(lines[start:]))))
+    head = {name: i for i, name in enumerate(rows[0])}
+    # "(All Samples)" since ncu 2023, "(All Cycles)" before
+    samples = next((i for name, i in head.items() if name.startswith("Warp Stall Sampling (All")), None)
+    source, address = head.get("Source"), head.get("Address")
+    if samples is None or source is None or address is None:
+        return []
+    reasons = [(name[len("stall_"):], i) for name, i in head.items() if name.startswith("stall_") and "(" not in name]
+    found = []  # (samples, offset, instruction, {reason: samples})
+    for row in rows[1:]:
+        n = _number(row[samples]) if len(row) == len(rows[0]) else None
+        if not n:
+            continue
+        why = {r: v for r, i in reasons if (v := _number(row[i]) or 0) > 0}
+        found.append((n, int(row[address], 16) if row[address].startswith("0x") else 0, " ".join(row[source].split()),
+                      why))
+    if not found:
+        return []
+    total = sum(f[0] for f in found)
+    base = min(f[1] for f in found)  # the first sampled instruction: the kernel's first, in practice
+
+    def share(v: float) -> str:
+        return f"{100 * v / total:.1f}%"
+
+    def main(why: dict, k: int) -> str:
+        return ", ".join(f"{r} {share(v)}" for r, v in sorted(why.items(), key=lambda x: -x[1])[:k])
+
+    ops: dict[str, list] = {}
+    for n, _, ins, why in found:
+        op = next((t for t in ins.split() if not t.startswith("@")), "?").split(".")[0]
+        agg = ops.setdefault(op, [0.0, {}])
+        agg[0] += n
+        for r, v in why.items():
+            agg[1][r] = agg[1].get(r, 0) + v
+    out = [f"Warp-stall samples by SASS instruction ({total:.0f} samples; share of all, main reasons):", "  by opcode: "
+           + "; ".join(f"{op} {share(n)} ({main(why, 2)})" for op, (n, why) in
+                       sorted(ops.items(), key=lambda x: -x[1][0])[:TOP_OPCODES])]
+    out += [f"  {share(n):>6} +{off - base:#07x} {ins[:72]}  ({main(why, 3)})"
+            for n, off, ins, why in sorted(found, key=lambda f: -f[0])[:TOP_INSTRUCTIONS]]
+    return out
+
+
+def summarise(details_csv: str, raw_csv: str, shape_key: str, source_csv: str = "") -> str:
     sections, rules, ident = details(details_csv)
     if not sections:
         raise ProfileError("ncu's report holds no metrics for the kernel (the counters may be unreadable "
@@ -166,6 +221,7 @@ def summarise(details_csv: str, raw_csv: str, shape_key: str) -> str:
         total = sum(v for _, v in top)
         out.append("Warp stalls (cycles per issued instruction, largest first):")
         out += [f"  {r}: {v:.2f} ({100 * v / total:.0f}%)" for r, v in top[:TOP_STALLS]]
+    out += hot_instructions(source_csv)
     if rules:
         out.append("ncu's findings:")
         out += [f"  {r}" for r in rules]
