@@ -67,7 +67,8 @@ SOURCE = "\n".join([
     '"Kernel Name","avo_attention",',
     '"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)",'
     '"Instructions Executed","stall_barrier","stall_long_sb","stall_wait","stall_wait (Not Issued)"',
-    '"0x7f61257a0000","      LDC R1, c[0x0][0x28]","20","20","1584","0","0","20","20"',
+    '"0x7f61257a0000","      MOV R1, c[0x0][0x28]","0","0","1584","0","0","0","0"',
+    '"0x7f61257a0010","      LDC R2, c[0x0][0x30]","20","20","1584","0","0","20","20"',
     '"0x7f61257e44f0","      HGMMA.64x176x16.F32.BF16 R24, gdesc[UR20], RZ, !UPT","310","300","3014656",'
     '"300","0","10","9"',
     '"0x7f61257e77d0","      MUFU.EX2 R55, R86","190","150","3014656","0","0","160","150"',
@@ -98,11 +99,12 @@ def test_the_source_page_says_which_instructions_the_warps_wait_at_and_why():
     assert lines[0] == "Warp-stall samples by SASS instruction (1000 samples; share of all, main reasons):"
     assert lines[1] == ("  by opcode: MUFU 39.0% (wait 33.0%); HGMMA 31.0% (barrier 30.0%, wait 1.0%); "
                         "BRA 28.0% (long_sb 27.0%, wait 1.0%); LDC 2.0% (wait 2.0%)")
-    # offsets from the kernel's first instruction, as cuobjdump prints them; predicates stay in the text
+    # offsets from the kernel's first instruction (sampled or not), as cuobjdump prints them; predicates stay
     assert lines[2] == ("   31.0% +0x444f0 HGMMA.64x176x16.F32.BF16 R24, gdesc[UR20], RZ, !UPT  "
                         "(barrier 30.0%, wait 1.0%)")
     assert lines[3] == "   28.0% +0x4bf40 @!P0 BRA 0x7f61257ecc40  (long_sb 27.0%, wait 1.0%)"
-    assert len(lines) == 7 and "NOP" not in "\n".join(lines)  # never sampled
+    assert lines[6] == "    2.0% +0x00010 LDC R2, c[0x0][0x30]  (wait 2.0%)"
+    assert len(lines) == 7 and "NOP" not in "\n".join(lines) and "MOV" not in "\n".join(lines)  # never sampled
     assert "(Not Issued)" not in "\n".join(lines)  # a subset of the samples, not a reason of its own
     text = summarise(DETAILS, RAW, "full_b8_s4096_h16-16_d128", SOURCE)
     assert "\n".join(lines) in text and text.index("Warp-stall samples") < text.index("ncu's findings:")

@@ -171,18 +171,19 @@ def hot_instructions(text: str) -> list[str]:
     if samples is None or source is None or address is None:
         return []
     reasons = [(name[len("stall_"):], i) for name, i in head.items() if name.startswith("stall_") and "(" not in name]
-    found = []  # (samples, offset, instruction, {reason: samples})
+    found, base = [], None  # (samples, address, instruction, {reason: samples}); the kernel's first address
     for row in rows[1:]:
-        n = _number(row[samples]) if len(row) == len(rows[0]) else None
-        if not n:
+        if len(row) != len(rows[0]) or not row[address].startswith("0x"):
             continue
-        why = {r: v for r, i in reasons if (v := _number(row[i]) or 0) > 0}
-        found.append((n, int(row[address], 16) if row[address].startswith("0x") else 0, " ".join(row[source].split()),
-                      why))
+        at = int(row[address], 16)
+        base = at if base is None else min(base, at)
+        n = _number(row[samples])
+        if n:
+            why = {r: v for r, i in reasons if (v := _number(row[i]) or 0)}
+            found.append((n, at, " ".join(row[source].split()), why))
     if not found:
         return []
     total = sum(f[0] for f in found)
-    base = min(f[1] for f in found)  # the first sampled instruction: the kernel's first, in practice
 
     def share(v: float) -> str:
         return f"{100 * v / total:.1f}%"
