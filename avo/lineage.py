@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from avo.errors import LineageError
 from avo.fsutil import atomic_write_bytes, atomic_write_text
 from avo.schema import SCHEMA, SCHEMA_VERSION, SUPERVISOR_SCHEMA, to_frame
+from avo.types import sha256  # noqa: F401 - the lineage's name for it
 
 # rows written before a column or a per-config field existed read it as null
 OLDER_ROWS = pl.ScanCastOptions(missing_struct_fields="insert", extra_struct_fields="ignore")
@@ -39,9 +40,6 @@ MERGE_CHUNKS = 16
 def lineage_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "lineage"
 
-
-def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_source(run_dir: str | Path, source: str) -> str:

@@ -1,6 +1,7 @@
 """The small data types every part of AVO passes around."""
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from dataclasses import asdict, dataclass, field, fields
@@ -163,6 +164,12 @@ class EvalResult:
         d["status"] = Status(d["status"])
         d["configs"] = [ConfigResult(**c) for c in d.get("configs", [])]
         return cls(**d)
+
+
+def sha256(text: str) -> str:
+    """A source's identity: the lineage's source_sha, the harness's job folders and compiles ahead (here, not in
+    avo.lineage, so that the worker processes need not import polars to name a source)."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def geomean(xs: list[float]) -> float | None:

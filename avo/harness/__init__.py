@@ -7,7 +7,6 @@ GPU; with harness.devices the GPU harness spreads evaluations over several, avo.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import shutil
 import threading
 from pathlib import Path
@@ -17,7 +16,7 @@ from avo.fsutil import atomic_write_text
 from avo.harness.ahead import ANSWERS, COMPILED, START_S, Ahead
 from avo.harness.job import Job, write_sources
 from avo.harness.sandbox import run_worker
-from avo.types import EvalResult, Harness, Problem, Reference, Status
+from avo.types import EvalResult, Harness, Problem, Reference, Status, sha256
 
 # harness.keep_jobs: which evaluations' job folders stay after their result is read. Everything an
 # evaluation's row needs is in the lineage (its source, error and log tail); a folder per evaluation
@@ -93,7 +92,7 @@ class SandboxHarness:
     def write_job(self, source: str, problem: Problem, mode: str | None = None,
                   others: list[Reference] | None = None, device=None, **fields) -> Path:
         job = self.job(problem, mode, device, **fields)
-        h = hashlib.sha256(source.encode()).hexdigest()[:16]
+        h = sha256(source)[:16]
         job_dir = self.work_dir / f"{h}-{job.mode}{_thread_tag()}"
         atomic_write_text(job_dir / "source.cu", source)
         # the versions timed side by side, as files beside the candidate
@@ -166,7 +165,7 @@ class HarnessBench:
     def _run(self, source: str, purpose: str) -> EvalResult:
         from avo.paired import annotate
 
-        key = (hashlib.sha256(source.encode()).hexdigest(), purpose)
+        key = (sha256(source), purpose)
         if key not in self._results:
             full = purpose == "benchmark"
             r = self._harness.evaluate(source, self._problem, mode=None if full else purpose,

@@ -18,14 +18,13 @@ the GPU stages of the current one run, and the evaluation's worker loads the cub
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from avo.types import EvalResult, Problem, Status
+from avo.types import EvalResult, Problem, Status, sha256
 
 # a compile that ended so answers the evaluation: the candidate's own failure, the same the evaluation would meet
 ANSWERS = frozenset({Status.COMPILE_ERROR, Status.TIMEOUT})
@@ -44,10 +43,6 @@ def ahead_jobs(cfg) -> int:
     return max(1, min((os.cpu_count() or 2) - 1, int(memory_gb // cfg.max_host_gb)))
 
 
-def key(source: str) -> str:
-    return hashlib.sha256(source.encode()).hexdigest()
-
-
 class Ahead:
     """Compiles started ahead of their evaluations, by source; `compile_job(source, problem)` runs one to its end
     (the harness's sandboxed compile job) and returns (its result, the compiled folder)."""
@@ -60,7 +55,7 @@ class Ahead:
         self.cancel = threading.Event()  # set by close(): compiles in flight are killed
 
     def start(self, source: str, problem: Problem) -> None:
-        k = key(source)
+        k = sha256(source)
         with self._lock:
             if k not in self._jobs and not self.cancel.is_set():
                 self._jobs[k] = self._pool.submit(self._compile_job, source, problem)
@@ -69,7 +64,7 @@ class Ahead:
         """The compile of `source` started ahead, waited for (queued or running: its own limits bound the wait);
         None: there is none, or it did not finish (the evaluation compiles as usual)."""
         with self._lock:
-            job = self._jobs.pop(key(source), None)
+            job = self._jobs.pop(sha256(source), None)
         if job is None:
             return None
         try:
@@ -79,7 +74,7 @@ class Ahead:
 
     def forget(self, source: str) -> None:
         with self._lock:
-            job = self._jobs.pop(key(source), None)
+            job = self._jobs.pop(sha256(source), None)
         if job is not None and not job.cancel():
             job.add_done_callback(_discard_output)
 
