@@ -86,10 +86,11 @@ def export_csv(ncu: str, job_dir: Path) -> tuple[str, str, str]:
     return pages[0], pages[1], pages[2]
 
 
-def _rows(text: str) -> list[list[str]]:
-    """CSV rows from the header on: ncu may print ==PROF== lines and warnings before it."""
+def _rows(text: str, first: str = '"ID"') -> list[list[str]]:
+    """CSV rows from the header (the line that starts with `first`) on: ncu may print ==PROF== lines, warnings or the
+    kernel's name before it."""
     lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+    start = next((i for i, line in enumerate(lines) if line.startswith(first)), None)
     if start is None:
         return []
     return list(csv.reader(io.StringIO("\n".join(lines[start:]))))
@@ -159,11 +160,9 @@ def stalls(text: str) -> list[tuple[str, float]]:
 def hot_instructions(text: str) -> list[str]:
     """Where the warps wait, from the source page: the samples by opcode and the most sampled SASS instructions
     (at their offset in the kernel, as cuobjdump and nvdisasm print it), each with its main stall reasons."""
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith('"Address"')), None)
-    if start is None:
+    rows = _rows(text, '"Address"')
+    if not rows:
         return []
-    rows = list(csv.reader(io.StringIO("\n".join(lines[start:]))))
     head = {name: i for i, name in enumerate(rows[0])}
     # "(All Samples)" since ncu 2023, "(All Cycles)" before
     samples = next((i for name, i in head.items() if name.startswith("Warp Stall Sampling (All")), None)
